@@ -1,0 +1,443 @@
+"""EvictionCache: one memory-bounded transformers ``Cache`` for every eviction policy.
+
+Per evicted layer the cache stores, in preallocated buffers, post-RoPE keys and values
+(B, H_kv, slots, d), each token's absolute position (-1 for padding) and the policy's per-token
+state (TRIM-KV: log beta). When a layer holds ``budget + buffer`` tokens and more arrive, the
+policy scores the resident tokens and every (batch row, KV head) keeps its top-``budget``, in
+their original order; the rest is dropped and its memory reused. ``get_seq_length()`` is the
+number of tokens seen, so positions and generation stay logical.
+
+Eviction runs in the attention module's forward pre-hook (:mod:`trimkv.hooks`), after the previous
+step's attention is done and before this step's keys are appended; the same hook replaces the
+layer's attention mask with one built from the cache's own per-slot validity. That keeps left-padded
+batches exact and lets layers hold different token counts (PyramidKV).
+
+Resident tokens per head never exceed ``budget + buffer`` while decoding and
+``budget + buffer + chunk`` while a prompt chunk of length ``chunk`` is prefilled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from trimkv.architectures import evicted_layers, layer_types, model_fingerprint, text_config
+from trimkv.errors import TrimKVError
+from trimkv.policies import Policy, get_policy
+
+
+class EvictionLayer(CacheLayerMixin):
+    """One layer's bounded K/V store. The policy reads its attributes when scoring."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, budget: int, buffer: int, policy: Policy, sinks: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.budget = budget
+        self.buffer = buffer
+        self.policy = policy
+        self.sinks = sinks
+        self.n = 0  # resident slots (same for every head of the layer)
+        self.seen = 0  # tokens seen, padding included (= mask columns)
+        self.row_seen: torch.Tensor | None = None  # (B,) real tokens seen per row
+        self._state: dict[str, torch.Tensor] = {}  # per-token extra state, (B, H, cap)
+        self._pending: dict | None = None
+        self.recent_queries: torch.Tensor | None = None  # (B, Hq, w, d) post-RoPE
+        self.recent_query_valid: torch.Tensor | None = None  # (B, w) bool
+        # statistics
+        self.peak = 0
+        self.evicted_tokens = 0
+        self.evictions = 0
+        self.resident_sum = 0
+        self.seen_sum = 0
+        self.last_chunk = 1
+        policy.init_layer(self)
+
+    # ---------------------------------------------------------------- views the policies read
+    @property
+    def keys_(self) -> torch.Tensor:
+        return self.keys[:, :, : self.n]
+
+    @property
+    def values_(self) -> torch.Tensor:
+        return self.values[:, :, : self.n]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B, H, n) absolute positions of the resident tokens, -1 for padding slots."""
+        return self._pos[:, :, : self.n]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.positions >= 0
+
+    @property
+    def log_beta(self) -> torch.Tensor:
+        if "log_beta" not in self._state:
+            raise TrimKVError("This policy needs retention gates: attach them with "
+                              "`RetentionGates.load(...).attach(model)` before generating.")
+        return self._state["log_beta"][:, :, : self.n]
+
+    def state(self, name: str) -> torch.Tensor:
+        return self._state[name][:, :, : self.n]
+
+    def add_state(self, name: str) -> None:
+        """Declare a per-token float32 state tensor that is compacted with the keys."""
+        self._state.setdefault(name, None)  # allocated lazily with the keys
+
+    # ---------------------------------------------------------------- CacheLayerMixin contract
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        cap = self.budget + self.buffer + max(key_states.shape[2], 1)
+        self._alloc(b, h, d, value_states.shape[-1], cap)
+        if self.row_seen is None:
+            self.row_seen = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def _alloc(self, b: int, h: int, dk: int, dv: int, cap: int) -> None:
+        keys = torch.zeros(b, h, cap, dk, dtype=self.dtype, device=self.device)
+        values = torch.zeros(b, h, cap, dv, dtype=self.dtype, device=self.device)
+        pos = torch.full((b, h, cap), -1, dtype=torch.long, device=self.device)
+        state = {k: torch.zeros(b, h, cap, dtype=torch.float32, device=self.device)
+                 for k in self._state}
+        if self.is_initialized and self.n:
+            keys[:, :, : self.n] = self.keys[:, :, : self.n]
+            values[:, :, : self.n] = self.values[:, :, : self.n]
+            pos[:, :, : self.n] = self._pos[:, :, : self.n]
+            for k in state:
+                state[k][:, :, : self.n] = self._state[k][:, :, : self.n]
+        self.keys, self.values, self._pos, self._state = keys, values, pos, state
+
+    @property
+    def capacity(self) -> int:
+        return 0 if not self.is_initialized else self.keys.shape[2]
+
+    def prepare(
+        self,
+        new_valid: torch.Tensor,
+        log_beta: torch.Tensor | None,
+        queries: torch.Tensor | None,
+    ) -> None:
+        """Evict if the incoming tokens would overflow budget + buffer; stash their metadata."""
+        q = new_valid.shape[1]
+        if self.row_seen is None:
+            self.row_seen = torch.zeros(new_valid.shape[0], dtype=torch.long,
+                                        device=new_valid.device)
+        if self.n + q > self.budget + self.buffer and self.n > self.budget:
+            self.evict(self.budget)
+        pos = self.row_seen[:, None] + new_valid.long().cumsum(-1) - 1
+        pos = torch.where(new_valid, pos, torch.full_like(pos, -1))
+        if log_beta is not None:
+            self._state.setdefault("log_beta", None)
+            if self.is_initialized and self._state["log_beta"] is None:
+                self._state["log_beta"] = torch.zeros_like(self._pos, dtype=torch.float32)
+        self._pending = {"valid": new_valid, "pos": pos, "log_beta": log_beta, "queries": queries}
+        if queries is not None:
+            self._push_queries(queries, new_valid)
+
+    def _push_queries(self, queries: torch.Tensor, valid: torch.Tensor) -> None:
+        w = self.policy.query_window
+        if self.recent_queries is None:
+            self.recent_queries = queries[:, :, -w:].detach().clone()
+            self.recent_query_valid = valid[:, -w:].clone()
+        else:
+            self.recent_queries = torch.cat([self.recent_queries, queries.detach()], 2)[:, :, -w:]
+            self.recent_query_valid = torch.cat([self.recent_query_valid, valid], 1)[:, -w:]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._pending is None:
+            raise TrimKVError("EvictionCache needs trimkv's hooks on the model: build the cache with "
+                              "`EvictionCache(model, ...)` (it attaches them) and call that model.")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        pending, self._pending = self._pending, None
+        q = key_states.shape[2]
+        end = self.n + q
+        if end > self.capacity:
+            self._alloc(*key_states.shape[:2], key_states.shape[-1], value_states.shape[-1],
+                        max(end, self.budget + self.buffer + q))
+        self.keys[:, :, self.n : end] = key_states
+        self.values[:, :, self.n : end] = value_states
+        self._pos[:, :, self.n : end] = pending["pos"][:, None, :]
+        if pending["log_beta"] is not None:
+            self._state["log_beta"][:, :, self.n : end] = pending["log_beta"].detach()
+        for name, tensor in self._state.items():
+            if name != "log_beta":
+                tensor[:, :, self.n : end] = 0.0
+        self.n = end
+        self.seen += q
+        self.row_seen = self.row_seen + pending["valid"].long().sum(-1)
+        self.last_chunk = q
+        self.peak = max(self.peak, self.n)
+        self.resident_sum += self.n
+        self.seen_sum += self.seen
+        self.policy.on_update(self, pending["queries"])
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def evict(self, keep: int) -> None:
+        """Keep the top-``keep`` slots per (row, head) by policy score, in original order."""
+        n = self.n
+        if n <= keep:
+            return
+        scores = self.policy.score(self).float()
+        if torch.isnan(scores).any():
+            raise TrimKVError(
+                f"NaN eviction scores in layer {self.layer_idx} (policy {self.policy.name}): the "
+                "gates or the model produced NaN/inf; check the gate checkpoint and the inputs."
+            )
+        pos = self.positions
+        scores = torch.where(pos >= 0, scores, torch.full_like(scores, -math.inf))
+        if self.sinks:
+            scores = torch.where((pos >= 0) & (pos < self.sinks),
+                                 torch.full_like(scores, math.inf), scores)
+        # stable sort over reversed slots: among equal scores the most recent token wins
+        order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+        kept = (n - 1 - order[..., :keep]).sort(dim=-1).values  # (B, H, keep)
+        self._compact(kept)
+        self.evicted_tokens += n - keep
+        self.evictions += 1
+        # after a long full prefill, give the memory back
+        target = self.budget + self.buffer + self.last_chunk
+        if self.capacity > 2 * target:
+            b, h, _, dk = self.keys.shape
+            self._alloc(b, h, dk, self.values.shape[-1], target)
+
+    def _compact(self, kept: torch.Tensor) -> None:
+        keep = kept.shape[-1]
+        idx_k = kept[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        idx_v = kept[..., None].expand(-1, -1, -1, self.values.shape[-1])
+        self.keys[:, :, :keep] = self.keys[:, :, : self.n].gather(2, idx_k)
+        self.values[:, :, :keep] = self.values[:, :, : self.n].gather(2, idx_v)
+        self._pos[:, :, :keep] = self._pos[:, :, : self.n].gather(2, kept)
+        self._pos[:, :, keep:] = -1
+        for tensor in self._state.values():
+            if tensor is not None:
+                tensor[:, :, :keep] = tensor[:, :, : self.n].gather(2, kept)
+        self.n = keep
+
+    def attention_mask(self, new_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (B, 1, q, n + q) mask over resident + incoming tokens for this step."""
+        b, q = new_valid.shape
+        device = new_valid.device
+        if self.n:
+            stored = self._pos[:, 0, : self.n] >= 0  # padding slots are the same in every head
+            stored = stored[:, None, None, :].expand(b, 1, q, self.n)
+        else:
+            stored = torch.zeros(b, 1, q, 0, dtype=torch.bool, device=device)
+        causal = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+        new = causal[None, None] & new_valid[:, None, None, :]
+        allowed = torch.cat([stored, new], dim=-1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n + query_length, self.seen - self.n
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers < 5.18
+        return -1
+
+    # ---------------------------------------------------------------- batch manipulation
+    def _rows(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values, self._pos = fn(self.keys), fn(self.values), fn(self._pos)
+        self._state = {k: fn(v) for k, v in self._state.items() if v is not None}
+        self.row_seen = fn(self.row_seen)
+        if self.recent_queries is not None:
+            self.recent_queries = fn(self.recent_queries)
+            self.recent_query_valid = fn(self.recent_query_valid)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, max_length: int) -> None:
+        raise TrimKVError("EvictionCache cannot be cropped (evicted tokens are gone); assisted "
+                          "decoding and rollbacks need the full cache.")
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx, self.budget, self.buffer, self.policy, self.sinks)
+
+
+@dataclass
+class CacheStats:
+    """What the cache held: per evicted layer and KV head (uniform within a layer)."""
+
+    seen_tokens: int
+    resident_tokens: dict[int, int]
+    peak_tokens: dict[int, int]
+    peak_tokens_per_head: int
+    kv_bytes: int
+    peak_kv_bytes: int
+    full_kv_bytes: int
+    evicted_tokens: int
+    evictions: int
+    kv_footprint: float
+    budget: int
+    buffer: int
+    sinks: int
+    policy: str
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+class EvictionCache(Cache):
+    """A memory-bounded transformers Cache; the eviction rule is a :class:`Policy`.
+
+    Parameters
+    ----------
+    model:
+        The model this cache serves; trimkv's hooks are attached to it if needed.
+    policy:
+        A :class:`Policy` or a registered name (``trimkv``, ``streaming``, ``h2o``, ...).
+    budget:
+        M, tokens kept per (layer, KV head) after an eviction.
+    buffer:
+        b, tokens allowed to accumulate before the next eviction (eviction every b decode steps).
+    sinks:
+        Protect the first N real tokens of each row (counted inside M). ``None`` = policy default.
+
+    Usage::
+
+        cache = EvictionCache(model, "trimkv", budget=64, buffer=16)
+        model.generate(**inputs, cache=cache, max_new_tokens=1000)
+        cache.stats()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Policy | str = "trimkv",
+        *,
+        budget: int = 256,
+        buffer: int = 32,
+        sinks: int | None = None,
+        **policy_kwargs,
+    ) -> None:
+        from trimkv.hooks import ensure_attached
+
+        _check_int("budget", budget, minimum=1)
+        _check_int("buffer", buffer, minimum=0)
+        self.policy = get_policy(policy, **policy_kwargs) if isinstance(policy, str) else policy
+        sinks = min(self.policy.default_sinks, budget - 1) if sinks is None else sinks
+        _check_int("sinks", sinks, minimum=0)
+        if sinks >= budget:
+            raise TrimKVError(f"sinks ({sinks}) must be smaller than the budget ({budget}).")
+        state = ensure_attached(model)
+        if self.policy.needs_gates and state.gates is None:
+            raise TrimKVError(
+                f"Policy {self.policy.name!r} needs retention gates: load them with "
+                "`trimkv.RetentionGates.load(NAME_OR_DIR, model).attach(model)` (or train some "
+                "with `trimkv train`) before building the cache."
+            )
+        self.budget, self.buffer, self.sinks = budget, buffer, sinks
+        fp = model_fingerprint(model)
+        self._head_dim, self._kv_heads = fp["head_dim"], fp["num_kv_heads"]
+        self.evicted = evicted_layers(model)
+        cfg = text_config(model)
+        layers: list[CacheLayerMixin] = []
+        for i, kind in enumerate(layer_types(model)):
+            if kind == "full_attention":
+                m = self.policy.layer_budget(i, self.evicted, budget)
+                layers.append(EvictionLayer(i, m, buffer, self.policy, sinks))
+            else:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
+        super().__init__(layers=layers)
+        self._new_valid: torch.Tensor | None = None
+
+    # called by the model-level pre-hook once per forward
+    def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, q_len: int,
+                      device: torch.device) -> None:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            self._new_valid = attention_mask[:, -q_len:].to(device=device, dtype=torch.bool)
+        else:
+            self._new_valid = torch.ones(batch, q_len, dtype=torch.bool, device=device)
+
+    def evicts(self, layer_idx: int) -> bool:
+        return isinstance(self.layers[layer_idx], EvictionLayer)
+
+    def before_attention(
+        self,
+        layer_idx: int,
+        hidden_states: torch.Tensor,
+        log_beta: torch.Tensor | None,
+        queries: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Evict what must go, stash the new tokens' metadata; return this layer's 4D mask."""
+        b, q = hidden_states.shape[:2]
+        valid = self._new_valid
+        if valid is None or valid.shape != (b, q):
+            valid = torch.ones(b, q, dtype=torch.bool, device=hidden_states.device)
+        if log_beta is not None and not torch.isfinite(log_beta).all():
+            raise TrimKVError(f"Retention gate of layer {layer_idx} produced NaN/inf; the gate "
+                              "checkpoint is corrupt or does not fit this model.")
+        layer: EvictionLayer = self.layers[layer_idx]
+        layer.prepare(valid, log_beta, queries)
+        return layer.attention_mask(valid, hidden_states.dtype)
+
+    # ---------------------------------------------------------------- statistics
+    def stats(self) -> CacheStats:
+        ev = [layer for layer in self.layers if isinstance(layer, EvictionLayer)]
+        batch = next((layer.keys.shape[0] for layer in ev if layer.is_initialized), 1)
+        per_token = 2 * batch * self._kv_heads * self._head_dim
+        elem = next((layer.keys.element_size() for layer in ev if layer.is_initialized), 2)
+        seen = self.get_seq_length()
+        return CacheStats(
+            seen_tokens=seen,
+            resident_tokens={layer.layer_idx: layer.n for layer in ev},
+            peak_tokens={layer.layer_idx: layer.peak for layer in ev},
+            peak_tokens_per_head=max((layer.peak for layer in ev), default=0),
+            kv_bytes=sum(layer.n for layer in ev) * per_token * elem,
+            peak_kv_bytes=sum(layer.peak for layer in ev) * per_token * elem,
+            full_kv_bytes=len(ev) * seen * per_token * elem,
+            evicted_tokens=sum(layer.evicted_tokens for layer in ev),
+            evictions=sum(layer.evictions for layer in ev),
+            kv_footprint=(
+                sum(layer.resident_sum for layer in ev) / max(sum(layer.seen_sum for layer in ev), 1)
+            ),
+            budget=self.budget,
+            buffer=self.buffer,
+            sinks=self.sinks,
+            policy=self.policy.name,
+        )
+
+    def resident_positions(self, layer_idx: int) -> torch.Tensor:
+        """(B, H_kv, n) absolute positions of the tokens layer ``layer_idx`` holds now."""
+        return self.layers[layer_idx].positions.clone()
+
+
+class TrimKVCache(EvictionCache):
+    """EvictionCache with the TRIM-KV retention policy (needs gates attached to the model)."""
+
+    def __init__(self, model: nn.Module, *, budget: int = 256, buffer: int = 32,
+                 sinks: int | None = None) -> None:
+        super().__init__(model, "trimkv", budget=budget, buffer=buffer, sinks=sinks)
+
+
+def _check_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TrimKVError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise TrimKVError(f"{name} must be >= {minimum}, got {value}.")
