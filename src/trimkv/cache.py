@@ -51,6 +51,7 @@ class EvictionLayer(CacheLayerMixin):
         self._pending: dict | None = None
         self.recent_queries: torch.Tensor | None = None  # (B, Hq, w, d) post-RoPE
         self.recent_query_valid: torch.Tensor | None = None  # (B, w) bool
+        self.recent_query_pos: torch.Tensor | None = None  # (B, w) absolute, -1 = padding
         # statistics
         self.peak = 0
         self.evicted_tokens = 0
@@ -58,6 +59,7 @@ class EvictionLayer(CacheLayerMixin):
         self.resident_sum = 0
         self.seen_sum = 0
         self.last_chunk = 1
+        self.frozen = False  # no more eviction (kvpress-style "compress the context once")
         policy.init_layer(self)
 
     # ---------------------------------------------------------------- views the policies read
@@ -131,7 +133,7 @@ class EvictionLayer(CacheLayerMixin):
         if self.row_seen is None:
             self.row_seen = torch.zeros(new_valid.shape[0], dtype=torch.long,
                                         device=new_valid.device)
-        if self.n + q > self.budget + self.buffer and self.n > self.budget:
+        if not self.frozen and self.n + q > self.budget + self.buffer and self.n > self.budget:
             self.evict(self.budget)
         pos = self.row_seen[:, None] + new_valid.long().cumsum(-1) - 1
         pos = torch.where(new_valid, pos, torch.full_like(pos, -1))
@@ -141,16 +143,18 @@ class EvictionLayer(CacheLayerMixin):
                 self._state["log_beta"] = torch.zeros_like(self._pos, dtype=torch.float32)
         self._pending = {"valid": new_valid, "pos": pos, "log_beta": log_beta, "queries": queries}
         if queries is not None:
-            self._push_queries(queries, new_valid)
+            self._push_queries(queries, new_valid, pos)
 
-    def _push_queries(self, queries: torch.Tensor, valid: torch.Tensor) -> None:
+    def _push_queries(self, queries: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor) -> None:
         w = self.policy.query_window
         if self.recent_queries is None:
             self.recent_queries = queries[:, :, -w:].detach().clone()
             self.recent_query_valid = valid[:, -w:].clone()
+            self.recent_query_pos = pos[:, -w:].clone()
         else:
             self.recent_queries = torch.cat([self.recent_queries, queries.detach()], 2)[:, :, -w:]
             self.recent_query_valid = torch.cat([self.recent_query_valid, valid], 1)[:, -w:]
+            self.recent_query_pos = torch.cat([self.recent_query_pos, pos], 1)[:, -w:]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self._pending is None:
@@ -260,6 +264,7 @@ class EvictionLayer(CacheLayerMixin):
         if self.recent_queries is not None:
             self.recent_queries = fn(self.recent_queries)
             self.recent_query_valid = fn(self.recent_query_valid)
+            self.recent_query_pos = fn(self.recent_query_pos)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -396,6 +401,18 @@ class EvictionCache(Cache):
         layer: EvictionLayer = self.layers[layer_idx]
         layer.prepare(valid, log_beta, queries)
         return layer.attention_mask(valid, hidden_states.dtype)
+
+    def compress_now(self) -> None:
+        """Evict every layer down to its budget now (e.g. once after a context prefill)."""
+        for layer in self.layers:
+            if isinstance(layer, EvictionLayer) and layer.is_initialized:
+                layer.evict(layer.budget)
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or resume) evicting: the cache then grows like a full cache."""
+        for layer in self.layers:
+            if isinstance(layer, EvictionLayer):
+                layer.frozen = frozen
 
     # ---------------------------------------------------------------- statistics
     def stats(self) -> CacheStats:

@@ -1,0 +1,3 @@
+from trimkv.cli import app
+
+app(prog_name="trimkv")

@@ -1,0 +1,153 @@
+"""The ``trimkv`` command line: demo, generate, train, eval, bench, viz, models."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from trimkv.errors import TrimKVError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="trimkv: memory-bounded KV cache for Hugging Face LLMs (TRIM-KV and baselines).",
+)
+console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _command_line() -> str:
+    return "trimkv " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@app.command()
+def generate(
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt text."),
+    prompt_file: Path | None = typer.Option(None, help="Read the prompt from a file."),
+    model: str | None = typer.Option(None, help="Model name, directory, .gguf or hub id."),
+    method: str = typer.Option("trimkv", help="full|trimkv|streaming|h2o|tova|snapkv|..."),
+    gates: str | None = typer.Option(None, help="Gate directory or shipped name."),
+    budget: int = typer.Option(256, help="M: tokens kept per layer and KV head."),
+    buffer: int = typer.Option(32, help="b: tokens accumulated between evictions."),
+    chunk: int | None = typer.Option(None, help="Prefill chunk (0 = whole prompt at once)."),
+    sinks: int | None = typer.Option(None, help="Protect the first N tokens (inside M)."),
+    max_new_tokens: int = typer.Option(128, help="Tokens to generate."),
+    min_new_tokens: int | None = typer.Option(None, help="Generate at least this many."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.9),
+    seed: int = typer.Option(0),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Generate text with the full cache or a bounded one."""
+    from trimkv.generation import generate as run
+    from trimkv.models import load_model
+
+    try:
+        if (prompt is None) == (prompt_file is None):
+            raise TrimKVError("Give exactly one of --prompt or --prompt-file.")
+        text = prompt if prompt is not None else prompt_file.read_text()
+        m, tok = load_model(model)
+        result = run(m, tok, text, method=method, gates=gates, budget=budget, buffer=buffer,
+                     chunk=chunk, sinks=sinks, max_new_tokens=max_new_tokens, sample=sample,
+                     temperature=temperature, top_p=top_p, seed=seed,
+                     chat=False if no_chat else None, min_new_tokens=min_new_tokens)
+    except (TrimKVError, OSError) as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    print(result.text)
+    console.print(
+        f"[dim]{result.method}: {result.prompt_tokens} prompt + {result.new_tokens} new tokens, "
+        f"{result.seconds:.2f}s ({result.decode_tokens_per_second:.1f} tok/s decode), peak "
+        f"{result.peak_tokens_per_head} tokens/head, KV {result.peak_kv_bytes / 1e6:.2f} MB "
+        f"(full {result.full_kv_bytes / 1e6:.2f} MB)[/]"
+    )
+
+
+@app.command()
+def train(
+    model: str | None = typer.Option(None, help="Model to train gates for (default: embedded)."),
+    out: Path = typer.Option(..., help="Output directory (gates, checkpoints, log)."),
+    memory_size: int = typer.Option(64, help="M used by the capacity loss."),
+    seq_len: int = typer.Option(1024, help="Training sequence length."),
+    steps: int = typer.Option(500, help="Optimizer steps."),
+    data: str = typer.Option("prose", help="Mixture, e.g. 'prose:0.8,synthetic:0.2,file:x.txt:1'."),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
+    batch_size: int = typer.Option(1),
+    grad_accum: int = typer.Option(1),
+    lr: float = typer.Option(1e-3),
+    weight_decay: float = typer.Option(0.01),
+    warmup_steps: int = typer.Option(20),
+    intermediate_size: int = typer.Option(128, help="Gate hidden width I."),
+    bias_init: float = typer.Option(8.0, help="Initial gate bias (beta ~ sigmoid(b))."),
+    lambda_cap: float = typer.Option(1.0, help="Weight of the capacity loss."),
+    cap_variant: str = typer.Option("paper", help="paper|official capacity loss."),
+    quality_reduction: str = typer.Option("sum", help="sum (paper) or mean of KL and NTP."),
+    train_sinks: int = typer.Option(4, help="First N tokens never decay in training."),
+    bf16: bool = typer.Option(True, help="bf16 autocast where supported."),
+    grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
+    save_every: int = typer.Option(50, help="Checkpoint every N steps."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Train retention gates (distillation + capacity loss); only the gates change."""
+    from trimkv.train.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        model=model, out=str(out), memory_size=memory_size, seq_len=seq_len, steps=steps,
+        data=data, seed=seed, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        weight_decay=weight_decay, warmup_steps=warmup_steps, intermediate_size=intermediate_size,
+        bias_init=bias_init, lambda_cap=lambda_cap, cap_variant=cap_variant,
+        quality_reduction=quality_reduction, train_sinks=train_sinks, bf16=bf16,
+        grad_checkpointing=grad_checkpointing, save_every=save_every,
+        extra={"resume": resume},
+    )
+    try:
+        gates = Trainer(cfg, progress=not quiet, command=_command_line()).run()
+    except TrimKVError as exc:
+        _fail(exc)
+    console.print(f"gates written to {out} (digest {gates.digest()})")
+
+
+@app.command()
+def models():
+    """List the known model names."""
+    from trimkv.models import list_models
+
+    for name, spec in list_models().items():
+        print(f"{name}\t{getattr(spec, 'description', '')}")
+
+
+@app.command()
+def demo(
+    budget: int = typer.Option(64, help="Tight budget M for the bounded methods."),
+    quick: bool = typer.Option(False, help="Shorter run (for tests)."),
+    out: Path = typer.Option(Path("demo_out"), help="Where the plot and pictures go."),
+):
+    """The main job: TRIM-KV vs the full cache and baselines on the embedded model."""
+    from trimkv.demo import run_demo
+
+    try:
+        run_demo(budget=budget, quick=quick, out=out)
+    except TrimKVError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,230 @@
+"""Fidelity to the full cache on any text: how much does a bounded cache change the model?
+
+The text is teacher-forced through the bounded cache and the next-token distributions are compared
+with the full cache's, position by position:
+
+* ``kl_mean``: mean KL(full || method) over positions past the budget (nats);
+* ``top1_agreement``: share of those positions where both caches pick the same next token;
+* ``ppl_ratio``: perplexity of the text under the method / under the full cache (same positions);
+* ``peak_tokens_per_head``: the cache's peak residency.
+
+Protocols (recorded with every result):
+
+* ``decode`` - the cache evicts throughout, exactly as while generating: tokens are fed in chunks
+  of ``buffer`` tokens, so each token sees the M resident tokens plus the tokens since the last
+  eviction, which is what it would see when decoding one token at a time (eviction every
+  ``buffer`` steps). Resident tokens stay within M + buffer.
+* ``context`` - kvpress's setting: the first ``context_len`` tokens are prefilled and compressed
+  once to M per head, then the continuation is scored with no further eviction.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trimkv.errors import TrimKVError
+
+PROTOCOLS = ("decode", "context")
+
+
+@dataclass
+class Window:
+    source: str
+    ids: torch.Tensor  # (T,)
+
+
+def make_windows(tokenizer, texts: list[tuple[str, str]], seq_len: int,
+                 max_windows: int | None = None) -> list[Window]:
+    """Non-overlapping windows of ``seq_len`` tokens cut from each (name, text)."""
+    out: list[Window] = []
+    for name, text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids) - seq_len + 1, seq_len):
+            out.append(Window(name, torch.tensor(ids[start : start + seq_len])))
+            if max_windows and len(out) >= max_windows:
+                return out
+    if not out:
+        raise TrimKVError(f"No text long enough for one window of {seq_len} tokens; give longer "
+                          "text or a smaller --seq-len.")
+    return out
+
+
+@torch.no_grad()
+def full_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(model(ids[None]).logits[0].float(), dim=-1)
+
+
+@torch.no_grad()
+def bounded_logprobs(model, ids: torch.Tensor, cache, *, protocol: str, buffer: int,
+                     context_len: int | None = None) -> torch.Tensor:
+    """Log-probs (T, V) of the text under ``cache``, fed as the protocol says."""
+    t = ids.shape[0]
+    outs = []
+    if protocol == "decode":
+        step = max(buffer, 1)
+        for s in range(0, t, step):
+            outs.append(model(ids[None, s : s + step], cache=cache).logits[0])
+    elif protocol == "context":
+        c = context_len or t // 2
+        outs.append(model(ids[None, :c], cache=cache).logits[0])
+        cache.compress_now()
+        cache.freeze()
+        outs.append(model(ids[None, c:], cache=cache).logits[0])
+    else:
+        raise TrimKVError(f"Unknown protocol {protocol!r}; choose one of {PROTOCOLS}.")
+    return F.log_softmax(torch.cat(outs).float(), dim=-1)
+
+
+def compare(full: torch.Tensor, ours: torch.Tensor, ids: torch.Tensor, start: int) -> dict:
+    """KL(full || ours), top-1 agreement and NLLs over positions >= start (predicting t + 1)."""
+    f, o = full[start:-1], ours[start:-1]
+    target = ids[start + 1 :]
+    kl = (f.exp() * (f - o)).sum(-1)
+    return {
+        "kl": kl.mean().item(),
+        "top1": (f.argmax(-1) == o.argmax(-1)).float().mean().item(),
+        "nll_full": -f.gather(-1, target[:, None]).mean().item(),
+        "nll": -o.gather(-1, target[:, None]).mean().item(),
+        "positions": int(target.numel()),
+    }
+
+
+def run_fidelity(
+    model,
+    tokenizer,
+    windows: list[Window],
+    *,
+    methods: list[str],
+    budgets: list[int],
+    buffer: int = 16,
+    sinks: int | None = None,
+    gates=None,
+    protocol: str = "decode",
+    context_len: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Every method x budget on every window; returns a JSON-able dict of results."""
+    from trimkv.generation import build_cache
+    from trimkv.hooks import get_state
+
+    if protocol not in PROTOCOLS:
+        raise TrimKVError(f"Unknown protocol {protocol!r}; choose one of {PROTOCOLS}.")
+    torch.manual_seed(seed)
+    rows: dict[tuple[str, int], list[dict]] = {}
+    peaks: dict[tuple[str, int], int] = {}
+    gates_id = None
+    bar = _bar(progress, len(windows) * len(methods) * len(budgets))
+    t0 = time.perf_counter()
+    with bar:
+        task = bar.add_task("fidelity", total=len(windows) * len(methods) * len(budgets))
+        for w in windows:
+            full = full_logprobs(model, w.ids)
+            for budget in budgets:
+                start = budget if protocol == "decode" else (context_len or len(w.ids) // 2)
+                if start >= len(w.ids) - 1:
+                    raise TrimKVError(f"Budget {budget} leaves no position to score in windows of "
+                                      f"{len(w.ids)} tokens; use a longer --seq-len.")
+                for method in methods:
+                    key = (method, budget)
+                    if method == "full":
+                        ours, peak = full, len(w.ids)
+                    else:
+                        cache, used, _ = build_cache(model, method, budget=budget, buffer=buffer,
+                                                     sinks=sinks, gates=gates)
+                        if used is not None:
+                            gates_id = f"{used.config.base_model}@{used.digest()}"
+                        ours = bounded_logprobs(model, w.ids, cache, protocol=protocol,
+                                                buffer=buffer, context_len=context_len)
+                        peak = cache.stats().peak_tokens_per_head
+                        sinks_used = cache.sinks
+                        peaks[key] = max(peaks.get(key, 0), peak)
+                        rows.setdefault(key, []).append({**compare(full, ours, w.ids, start),
+                                                         "source": w.source, "sinks": sinks_used})
+                        bar.update(task, advance=1)
+                        continue
+                    peaks[key] = peak
+                    rows.setdefault(key, []).append({**compare(full, ours, w.ids, start),
+                                                     "source": w.source, "sinks": None})
+                    bar.update(task, advance=1)
+    state = get_state(model)
+    if state is not None:
+        state.mode = "inference"
+    results = []
+    for (method, budget), rs in rows.items():
+        n = sum(r["positions"] for r in rs)
+        nll = sum(r["nll"] * r["positions"] for r in rs) / n
+        nll_full = sum(r["nll_full"] * r["positions"] for r in rs) / n
+        results.append({
+            "method": method,
+            "budget": budget,
+            "buffer": buffer if method != "full" else None,
+            "sinks": rs[0]["sinks"],
+            "kl_mean": sum(r["kl"] * r["positions"] for r in rs) / n,
+            "top1_agreement": sum(r["top1"] * r["positions"] for r in rs) / n,
+            "ppl_ratio": math.exp(nll - nll_full),
+            "nll": nll,
+            "nll_full": nll_full,
+            "peak_tokens_per_head": peaks[(method, budget)],
+            "windows": len(rs),
+            "positions": n,
+            "kl_per_window": [r["kl"] for r in rs],
+        })
+    return {
+        "protocol": protocol,
+        "context_len": context_len if protocol == "context" else None,
+        "seq_len": int(windows[0].ids.numel()),
+        "windows": len(windows),
+        "sources": sorted({w.source for w in windows}),
+        "model": getattr(model, "trimkv_model_name", None),
+        "gates": gates_id,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "versions": _versions(),
+        "results": results,
+    }
+
+
+def _versions() -> dict:
+    import transformers
+
+    import trimkv
+
+    return {"trimkv": trimkv.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return _Null()
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True))

