@@ -121,6 +121,95 @@ def train(
     console.print(f"gates written to {out} (digest {gates.digest()})")
 
 
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate methods x budgets (fidelity, tasks).")
+app.add_typer(eval_app, name="eval")
+
+
+def _csv(value: str, cast=str) -> list:
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise TrimKVError(f"Cannot parse {value!r}: {exc}") from None
+
+
+@eval_app.command("fidelity")
+def eval_fidelity(
+    text_file: list[Path] = typer.Option([], help="Text file(s) to score (repeatable)."),
+    self_generated: int = typer.Option(0, help="Also score N texts the model writes itself."),
+    model: str | None = typer.Option(None),
+    gates: str | None = typer.Option(None, help="Gates for trimkv (default: shipped)."),
+    methods: str = typer.Option("full,trimkv,streaming", help="Comma-separated methods."),
+    budgets: str = typer.Option("64,128", help="Comma-separated budgets M."),
+    buffer: int = typer.Option(16),
+    sinks: int | None = typer.Option(None, help="Protected first tokens (default: per method)."),
+    seq_len: int = typer.Option(1024, help="Window length in tokens."),
+    max_windows: int = typer.Option(8, help="Windows scored at most."),
+    protocol: str = typer.Option("decode", help="decode (evict throughout) or context (kvpress)."),
+    context_len: int | None = typer.Option(None, help="context protocol: tokens compressed."),
+    seed: int = typer.Option(0),
+    json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
+    quiet: bool = typer.Option(False),
+):
+    """KL / top-1 agreement / perplexity ratio of each method vs the full cache on any text."""
+    from rich.table import Table
+
+    from trimkv.eval.fidelity import make_windows, run_fidelity
+    from trimkv.io import atomic_write_json
+    from trimkv.models import load_model
+    from trimkv.policies import METHODS
+
+    try:
+        meths, buds = _csv(methods), _csv(budgets, int)
+        for mth in meths:
+            if mth not in METHODS:
+                raise TrimKVError(f"Unknown method {mth!r}. Valid: {', '.join(METHODS)}.")
+        if any(b <= 0 for b in buds):
+            raise TrimKVError("Budgets must be positive integers.")
+        if not text_file and not self_generated:
+            raise TrimKVError("Give --text-file F (repeatable) and/or --self-generated N.")
+        m, tok = load_model(model)
+        texts = [(str(f), f.read_text(errors="replace")) for f in text_file]
+        if self_generated:
+
+            texts += [(f"self-generated/{i}", t) for i, t in
+                      enumerate(_self_generated(m, tok, self_generated, seq_len, seed))]
+        windows = make_windows(tok, texts, seq_len, max_windows)
+        result = run_fidelity(m, tok, windows, methods=meths, budgets=buds, buffer=buffer,
+                              sinks=sinks, gates=gates, protocol=protocol, context_len=context_len,
+                              seed=seed, progress=not quiet)
+    except (TrimKVError, OSError) as exc:
+        _fail(exc)
+    result["command"] = _command_line()
+    if json_out:
+        atomic_write_json(json_out, result)
+    table = Table(title=f"fidelity ({protocol}, {result['windows']} windows of {seq_len})")
+    for col in ("method", "M", "sinks", "KL", "top-1", "ppl ratio", "peak/head"):
+        table.add_column(col)
+    for r in sorted(result["results"], key=lambda r: (r["budget"], r["method"])):
+        table.add_row(r["label"], str(r["budget"]), str(r["sinks"]), f"{r['kl_mean']:.4f}",
+                      f"{r['top1_agreement']:.3f}", f"{r['ppl_ratio']:.3f}",
+                      str(r["peak_tokens_per_head"]))
+    Console().print(table)
+
+
+def _self_generated(model, tokenizer, n: int, seq_len: int, seed: int) -> list[str]:
+    import random
+
+    from trimkv.train.data import SelfGenSource, _generate_text
+
+    rng = random.Random(f"eval-selfgen:{seed}")
+    texts = []
+    for i in range(n):
+        prompt = rng.choice(SelfGenSource.PROMPTS).format(topic=rng.choice(EVAL_TOPICS))
+        texts.append(_generate_text(model, tokenizer, prompt, seq_len + 32, seed + 1000 + i))
+    return texts
+
+
+# topics for self-generated evaluation text (disjoint from the training topics)
+EVAL_TOPICS = ("coral reefs", "medieval castles", "weather forecasting", "tea ceremonies",
+               "railway signalling", "desert plants", "violin making", "deep sea fish")
+
+
 @app.command()
 def models():
     """List the known model names."""

@@ -55,7 +55,12 @@ class GenerationResult:
 
 
 def resolve_gates(model, gates: str | RetentionGates | None) -> RetentionGates:
-    """Gates given by object, directory or shipped name; default: the ones shipped for the model."""
+    """Gates given by object, directory or shipped name; default: the gates already attached to
+    the model, else the ones shipped for it."""
+    if gates is None:
+        state = get_state(model)
+        if state is not None and isinstance(state.gates, RetentionGates):
+            return state.gates
     if isinstance(gates, RetentionGates):
         gates.check_compatible(model)
         return gates

@@ -57,28 +57,29 @@ def make_windows(tokenizer, texts: list[tuple[str, str]], seq_len: int,
 
 @torch.no_grad()
 def full_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(ids[None]).logits[0].float(), dim=-1)
+    """(B, T, V) log-probs with the full cache for a batch of equal-length windows (B, T)."""
+    return F.log_softmax(model(ids).logits.float(), dim=-1)
 
 
 @torch.no_grad()
 def bounded_logprobs(model, ids: torch.Tensor, cache, *, protocol: str, buffer: int,
                      context_len: int | None = None) -> torch.Tensor:
-    """Log-probs (T, V) of the text under ``cache``, fed as the protocol says."""
-    t = ids.shape[0]
+    """(B, T, V) log-probs of the windows ``ids`` (B, T) under ``cache``, fed per the protocol."""
+    t = ids.shape[1]
     outs = []
     if protocol == "decode":
         step = max(buffer, 1)
         for s in range(0, t, step):
-            outs.append(model(ids[None, s : s + step], cache=cache).logits[0])
+            outs.append(model(ids[:, s : s + step], cache=cache).logits)
     elif protocol == "context":
         c = context_len or t // 2
-        outs.append(model(ids[None, :c], cache=cache).logits[0])
+        outs.append(model(ids[:, :c], cache=cache).logits)
         cache.compress_now()
         cache.freeze()
-        outs.append(model(ids[None, c:], cache=cache).logits[0])
+        outs.append(model(ids[:, c:], cache=cache).logits)
     else:
         raise TrimKVError(f"Unknown protocol {protocol!r}; choose one of {PROTOCOLS}.")
-    return F.log_softmax(torch.cat(outs).float(), dim=-1)
+    return F.log_softmax(torch.cat(outs, dim=1).float(), dim=-1)
 
 
 def compare(full: torch.Tensor, ours: torch.Tensor, ids: torch.Tensor, start: int) -> dict:
@@ -108,70 +109,76 @@ def run_fidelity(
     protocol: str = "decode",
     context_len: int | None = None,
     seed: int = 0,
+    batch_size: int = 8,
     progress: bool = True,
 ) -> dict:
-    """Every method x budget on every window; returns a JSON-able dict of results."""
+    """Every method x budget on every window (windows batched); returns a JSON-able dict.
+
+    ``methods`` entries may be plain method names or ``(label, method, overrides)`` tuples, where
+    ``overrides`` may set ``gates`` and ``sinks`` for that entry (e.g. untrained gates).
+    """
     from trimkv.generation import build_cache
     from trimkv.hooks import get_state
 
     if protocol not in PROTOCOLS:
         raise TrimKVError(f"Unknown protocol {protocol!r}; choose one of {PROTOCOLS}.")
+    specs = [m if isinstance(m, tuple) else (m, m, {}) for m in methods]
     torch.manual_seed(seed)
     rows: dict[tuple[str, int], list[dict]] = {}
     peaks: dict[tuple[str, int], int] = {}
-    gates_id = None
-    bar = _bar(progress, len(windows) * len(methods) * len(budgets))
+    meta: dict[tuple[str, int], dict] = {}
+    groups = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    bar = _bar(progress)
     t0 = time.perf_counter()
     with bar:
-        task = bar.add_task("fidelity", total=len(windows) * len(methods) * len(budgets))
-        for w in windows:
-            full = full_logprobs(model, w.ids)
+        task = bar.add_task("fidelity", total=len(groups) * len(specs) * len(budgets))
+        for group in groups:
+            ids = torch.stack([w.ids for w in group]).to(model.device)
+            full = full_logprobs(model, ids)
             for budget in budgets:
-                start = budget if protocol == "decode" else (context_len or len(w.ids) // 2)
-                if start >= len(w.ids) - 1:
+                start = budget if protocol == "decode" else (context_len or ids.shape[1] // 2)
+                if start >= ids.shape[1] - 1:
                     raise TrimKVError(f"Budget {budget} leaves no position to score in windows of "
-                                      f"{len(w.ids)} tokens; use a longer --seq-len.")
-                for method in methods:
-                    key = (method, budget)
+                                      f"{ids.shape[1]} tokens; use a longer --seq-len.")
+                for label, method, over in specs:
+                    key = (label, budget)
                     if method == "full":
-                        ours, peak = full, len(w.ids)
+                        ours, peak, info = full, ids.shape[1], {"sinks": None, "gates": None}
                     else:
-                        cache, used, _ = build_cache(model, method, budget=budget, buffer=buffer,
-                                                     sinks=sinks, gates=gates)
-                        if used is not None:
-                            gates_id = f"{used.config.base_model}@{used.digest()}"
-                        ours = bounded_logprobs(model, w.ids, cache, protocol=protocol,
+                        cache, used, sinks_used = build_cache(
+                            model, method, budget=budget, buffer=buffer,
+                            sinks=over.get("sinks", sinks), gates=over.get("gates", gates))
+                        ours = bounded_logprobs(model, ids, cache, protocol=protocol,
                                                 buffer=buffer, context_len=context_len)
                         peak = cache.stats().peak_tokens_per_head
-                        sinks_used = cache.sinks
-                        peaks[key] = max(peaks.get(key, 0), peak)
-                        rows.setdefault(key, []).append({**compare(full, ours, w.ids, start),
-                                                         "source": w.source, "sinks": sinks_used})
-                        bar.update(task, advance=1)
-                        continue
-                    peaks[key] = peak
-                    rows.setdefault(key, []).append({**compare(full, ours, w.ids, start),
-                                                     "source": w.source, "sinks": None})
+                        info = {"sinks": sinks_used, "gates": None if used is None else
+                                f"{used.config.base_model}@{used.digest()}"}
+                    meta[key] = {"method": method, **info}
+                    peaks[key] = max(peaks.get(key, 0), peak)
+                    for b, w in enumerate(group):
+                        rows.setdefault(key, []).append(
+                            {**compare(full[b], ours[b], ids[b], start), "source": w.source})
                     bar.update(task, advance=1)
     state = get_state(model)
     if state is not None:
         state.mode = "inference"
     results = []
-    for (method, budget), rs in rows.items():
+    for (label, budget), rs in rows.items():
         n = sum(r["positions"] for r in rs)
         nll = sum(r["nll"] * r["positions"] for r in rs) / n
         nll_full = sum(r["nll_full"] * r["positions"] for r in rs) / n
         results.append({
-            "method": method,
+            "method": label,
+            **meta[(label, budget)],
+            "label": label,
             "budget": budget,
-            "buffer": buffer if method != "full" else None,
-            "sinks": rs[0]["sinks"],
+            "buffer": buffer if meta[(label, budget)]["method"] != "full" else None,
             "kl_mean": sum(r["kl"] * r["positions"] for r in rs) / n,
             "top1_agreement": sum(r["top1"] * r["positions"] for r in rs) / n,
             "ppl_ratio": math.exp(nll - nll_full),
             "nll": nll,
             "nll_full": nll_full,
-            "peak_tokens_per_head": peaks[(method, budget)],
+            "peak_tokens_per_head": peaks[(label, budget)],
             "windows": len(rs),
             "positions": n,
             "kl_per_window": [r["kl"] for r in rs],
@@ -183,7 +190,6 @@ def run_fidelity(
         "windows": len(windows),
         "sources": sorted({w.source for w in windows}),
         "model": getattr(model, "trimkv_model_name", None),
-        "gates": gates_id,
         "seed": seed,
         "seconds": round(time.perf_counter() - t0, 1),
         "versions": _versions(),
@@ -214,7 +220,7 @@ class _Null:
         pass
 
 
-def _bar(enabled: bool, total: int):
+def _bar(enabled: bool):
     if not enabled:
         return _Null()
     from rich.console import Console

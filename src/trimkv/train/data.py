@@ -149,14 +149,16 @@ class ChatSource(Source):
 
 
 def chat_example(messages: list[dict], tokenizer, seq_len: int, name: str) -> Example:
-    """Tokenize a conversation; targets on assistant tokens. Long prompts keep their end."""
+    """Tokenize a conversation; targets on assistant turns (unless a turn has ``target: False``).
+
+    Long conversations keep their end (where the answer is)."""
     ids: list[int] = []
     mask: list[bool] = []
     for i, msg in enumerate(messages):
         text = _render_turn(tokenizer, messages, i)
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(toks)
-        mask.extend([msg["role"] == "assistant"] * len(toks))
+        mask.extend([msg["role"] == "assistant" and msg.get("target", True)] * len(toks))
     if len(ids) > seq_len:  # keep the end (the answer); drop the start of the context
         ids, mask = ids[-seq_len:], mask[-seq_len:]
     # position t predicts token t+1: shift the target mask left by one
@@ -231,11 +233,12 @@ class SyntheticSource(Source):
             ("my favourite colour", rng.choice(_COLOURS)), ("my locker number",
                                                             str(rng.randint(10, 999)))])
         msgs = [{"role": "user", "content": f"Hi, I am {name}. By the way, {fact_kind} is {fact}."},
-                {"role": "assistant", "content": f"Nice to meet you, {name}! I'll remember that."}]
+                {"role": "assistant", "content": f"Nice to meet you, {name}! I'll remember that.",
+                 "target": False}]
         for para in self._filler(rng, words):
             sentence = para.split(". ")[0]
             msgs.append({"role": "user", "content": f"Can you explain this: {sentence}?"})
-            msgs.append({"role": "assistant", "content": para})
+            msgs.append({"role": "assistant", "content": para, "target": False})
         msgs.append({"role": "user", "content": f"Earlier I told you {fact_kind}. What was it?"})
         msgs.append({"role": "assistant", "content": f"You told me {fact_kind} is {fact}."})
         return msgs

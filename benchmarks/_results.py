@@ -1,0 +1,59 @@
+"""Write a benchmark's section into docs/RESULTS.md (replacing the previous version of it).
+
+Sections are delimited by ``<!-- BEGIN name -->`` / ``<!-- END name -->`` markers, so every
+benchmark owns its section and results are never typed by hand.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
+HEADER = """# Results
+
+Every number here was written by the benchmark named in its section, with the command that
+produced it. Re-run the command to reproduce; do not edit numbers by hand.
+"""
+
+
+def machine() -> str:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=RESULTS.parent.parent).stdout.strip()
+    except OSError:
+        commit = "?"
+    return (f"{cpu}, {torch.get_num_threads()} threads; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}; commit {commit}")
+
+
+def command() -> str:
+    return "python " + " ".join(sys.argv)
+
+
+def write_section(name: str, body: str) -> Path:
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n<!-- END {name} -->"
+    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->",
+                         re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
+        text.rstrip() + "\n\n" + block + "\n")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(RESULTS)
+    return RESULTS

@@ -1,0 +1,1 @@
+"""Gate training: losses, data sources and the trainer."""
