@@ -1,17 +1,33 @@
-"""Eviction policies: one file each, all run inside the same :class:`~trimkv.cache.EvictionCache`."""
+"""Eviction policies: one file each, all run inside one :class:`~trimkv.cache.EvictionCache`."""
 
 from __future__ import annotations
 
 from trimkv.errors import TrimKVError
 from trimkv.policies.base import Policy
+from trimkv.policies.h2o import H2OPolicy
+from trimkv.policies.keydiff import KeyDiffPolicy
+from trimkv.policies.knorm import KNormPolicy
+from trimkv.policies.pyramidkv import PyramidKVPolicy
+from trimkv.policies.random import RandomPolicy
 from trimkv.policies.retention import RetentionPolicy
+from trimkv.policies.rkv import RKVPolicy
+from trimkv.policies.snapkv import SnapKVPolicy
 from trimkv.policies.streaming import StreamingPolicy
+from trimkv.policies.tova import TOVAPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (
         RetentionPolicy,
         StreamingPolicy,
+        H2OPolicy,
+        TOVAPolicy,
+        SnapKVPolicy,
+        PyramidKVPolicy,
+        KNormPolicy,
+        KeyDiffPolicy,
+        RKVPolicy,
+        RandomPolicy,
     )
 }
 
@@ -30,4 +46,19 @@ def get_policy(name: str, **kwargs) -> Policy:
     return cls(**kwargs)
 
 
-__all__ = ["POLICIES", "METHODS", "Policy", "get_policy", "RetentionPolicy", "StreamingPolicy"]
+__all__ = [
+    "METHODS",
+    "POLICIES",
+    "H2OPolicy",
+    "KNormPolicy",
+    "KeyDiffPolicy",
+    "Policy",
+    "PyramidKVPolicy",
+    "RKVPolicy",
+    "RandomPolicy",
+    "RetentionPolicy",
+    "SnapKVPolicy",
+    "StreamingPolicy",
+    "TOVAPolicy",
+    "get_policy",
+]

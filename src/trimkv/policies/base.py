@@ -24,7 +24,10 @@ class Policy:
     ----------------
     needs_gates: the policy reads ``layer.log_beta`` (TRIM-KV).
     query_window: how many recent post-RoPE queries per layer the policy reads
-        (``layer.recent_queries``); 0 for query-agnostic scorers.
+        (``layer.recent_queries`` (B, H_q, w, d), ``layer.recent_query_valid`` (B, w) and their
+        absolute positions ``layer.recent_query_pos`` (B, w), -1 for padding); 0 for
+        query-agnostic scorers. Any value > 0 also makes :meth:`on_update` receive the
+        forward's queries.
     default_sinks: sinks protected when the user does not choose (StreamingLLM: 4).
     """
 

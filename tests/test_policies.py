@@ -1,0 +1,409 @@
+"""Every eviction policy in the same cache: a shared matrix plus one hand-made case per policy.
+
+Matrix: policy x {batch 1, batch 3 left-padded} x {full prefill, chunked prefill} x {greedy,
+sampling}. Each cell checks the memory bound, that every eviction keeps exactly the policy's
+top-scored tokens (and compacts keys and per-token state with them), and that a budget larger
+than the sequence reproduces the uncompressed ``DynamicCache`` token for token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from trimkv.cache import EvictionCache, EvictionLayer
+from trimkv.errors import TrimKVError
+from trimkv.gates import RetentionGates
+from trimkv.models import tiny_model
+from trimkv.policies import METHODS, POLICIES, get_policy
+from trimkv.policies.h2o import H2OPolicy
+from trimkv.policies.keydiff import KeyDiffPolicy
+from trimkv.policies.knorm import KNormPolicy
+from trimkv.policies.pyramidkv import PyramidKVPolicy
+from trimkv.policies.rkv import RKVPolicy
+from trimkv.policies.snapkv import SnapKVPolicy
+from trimkv.policies.streaming import StreamingPolicy
+from trimkv.policies.tova import TOVAPolicy
+
+NAMES = ["trimkv", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "keydiff", "rkv",
+         "random"]
+BUDGET, BUFFER, CHUNK, PROMPT, NEW = 10, 3, 8, 30, 20
+# windows must fit well inside the tiny budget so that attention scores decide something
+KWARGS = {"snapkv": {"window": 4}, "pyramidkv": {"window": 4}, "rkv": {"window": 4}}
+PADS = (0, 7, 20)  # left padding of the rows of the batch-3 case
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; on a loaded 2-core machine two OpenMP threads
+    spin against each other and this file slows down ~20x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_registry():
+    assert list(POLICIES) == NAMES
+    assert METHODS == ("full", *NAMES)
+    for name in NAMES:
+        policy = get_policy(name)
+        assert policy.name == name
+        assert policy.describe()["policy"] == name
+        assert POLICIES[name].__doc__
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = tiny_model("llama", seed=0)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    RetentionGates.for_model(model, bias_init=2.0, init_std=0.5, seed=0).attach(model)
+    return model
+
+
+def _inputs(batch: int, pads=PADS):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 100, (batch, PROMPT), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads[:batch]):
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+def _generate(model, cache, batch, chunk, sample):
+    ids, mask = _inputs(batch)
+    kw = {"do_sample": sample}
+    if sample:
+        kw.update(temperature=1.0, top_k=0, top_p=1.0)
+        torch.manual_seed(11)
+    if chunk:
+        kw["prefill_chunk_size"] = chunk
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, cache=cache, **kw)
+    return out[:, PROMPT:]
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(model, batch, chunk, sample):
+    key = (batch, chunk, sample)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = _generate(model, DynamicCache(config=model.config), batch, chunk, sample)
+    return _REFERENCE[key]
+
+
+class _Spy:
+    """Wraps each layer's ``evict`` and checks it kept exactly the top-scored slots.
+
+    Ranking rule (independent re-implementation): padding -inf, sinks +inf, then score
+    descending, ties to the most recent slot; kept slots stay in their original order.
+    """
+
+    def __init__(self):
+        self.checked = 0
+
+    def install(self, cache):
+        for layer in cache.layers:
+            if isinstance(layer, EvictionLayer):
+                layer.evict = self._wrap(layer, layer.evict)
+        return self
+
+    def _wrap(self, layer, original):
+        def evict(keep):
+            if layer.n <= keep:
+                return original(keep)
+            scores = layer.policy.score(layer).float().clone()
+            again = layer.policy.score(layer).float()
+            assert torch.equal(scores, again), "score() must be a pure function of the cache"
+            pos = layer.positions.clone()
+            keys = layer.keys_.clone()
+            states = {k: v[:, :, : layer.n].clone() for k, v in layer._state.items()
+                      if v is not None}
+            original(keep)
+            scores = torch.where(pos >= 0, scores, torch.tensor(-math.inf))
+            if layer.sinks:
+                scores = torch.where((pos >= 0) & (pos < layer.sinks),
+                                     torch.tensor(math.inf), scores)
+            for b in range(pos.shape[0]):
+                for h in range(pos.shape[1]):
+                    order = sorted(range(pos.shape[2]),
+                                   key=lambda i: (scores[b, h, i].item(), i), reverse=True)
+                    expect = sorted(order[:keep])
+                    assert layer.positions[b, h].tolist() == pos[b, h, expect].tolist()
+                    assert torch.equal(layer.keys_[b, h], keys[b, h, expect])
+                    for name, before in states.items():
+                        assert torch.equal(layer.state(name)[b, h], before[b, h, expect]), name
+            self.checked += 1
+
+        return evict
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sample"])
+@pytest.mark.parametrize("chunk", [None, CHUNK], ids=["full", "chunked"])
+@pytest.mark.parametrize("batch", [1, 3], ids=["b1", "b3pad"])
+@pytest.mark.parametrize("name", NAMES)
+def test_policy_matrix(model, name, batch, chunk, sample):
+    kwargs = KWARGS.get(name, {})
+    cache = EvictionCache(model, name, budget=BUDGET, buffer=BUFFER, **kwargs)
+    spy = _Spy().install(cache)
+    out = _generate(model, cache, batch, chunk, sample)
+    assert out.shape == (batch, NEW)
+    step = chunk or PROMPT
+    for layer in cache.layers:
+        assert layer.peak <= layer.budget + BUFFER + step, (layer.layer_idx, layer.peak)
+        assert layer.n <= layer.budget + BUFFER
+    stats = cache.stats()
+    assert stats.seen_tokens == PROMPT + NEW - 1
+    assert stats.evicted_tokens > 0 and spy.checked > 0
+
+    # a budget above the sequence length (in every layer, PyramidKV's smallest included)
+    # must give exactly the uncompressed cache's tokens
+    big = EvictionCache(model, name, budget=2048, buffer=BUFFER, **kwargs)
+    assert min(layer.budget for layer in big.layers) >= PROMPT + NEW
+    assert torch.equal(_generate(model, big, batch, chunk, sample),
+                       _reference(model, batch, chunk, sample))
+    assert big.stats().evicted_tokens == 0
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv", "pyramidkv", "rkv", "knorm",
+                                  "keydiff"])
+def test_left_padded_rows_match_rows_alone(model, name):
+    """Padding never leaks into scores: each padded row evicts as if it ran alone.
+
+    Every row is longer than budget + buffer in every layer (PyramidKV: 16 + 3), so rows alone
+    evict at the same steps as the batch.
+    """
+    pads = (0, 5, 9)
+    ids, mask = _inputs(3, pads)
+    kwargs = KWARGS.get(name, {})
+    cache = EvictionCache(model, name, budget=BUDGET, buffer=BUFFER, **kwargs)
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                             cache=cache)[:, PROMPT:]
+    for row, pad in enumerate(pads):
+        alone = EvictionCache(model, name, budget=BUDGET, buffer=BUFFER, **kwargs)
+        out = model.generate(ids[row : row + 1, pad:], max_new_tokens=NEW, do_sample=False,
+                             cache=alone)[:, PROMPT - pad:]
+        assert torch.equal(out[0], batched[row]), (name, row)
+        for layer, single in zip(cache.layers, alone.layers):
+            real = layer.positions[row][layer.positions[row] >= 0]
+            assert real.tolist() == single.positions[0].flatten().tolist()
+
+
+def test_recent_query_positions_follow_chunks_and_padding(model):
+    ids, mask = _inputs(3)  # rows with 0, 7 and 20 padding tokens
+    cache = EvictionCache(model, "snapkv", budget=64, buffer=0, window=4)
+    layer = cache.layers[0]
+    with torch.no_grad():
+        model(ids[:, :8], attention_mask=mask[:, :8], cache=cache)
+        assert layer.recent_query_pos.tolist() == [[4, 5, 6, 7], [-1, -1, -1, 0], [-1] * 4]
+        assert layer.recent_query_valid.tolist() == [[True] * 4, [False] * 3 + [True],
+                                                     [False] * 4]
+        model(ids[:, 8:], attention_mask=mask, cache=cache)
+    assert layer.recent_query_pos.tolist() == [list(range(n - 4, n)) for n in (30, 23, 10)]
+    assert layer.recent_queries.shape[2] == 4 and layer.recent_query_valid.all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_recomputed_attention_rows_equal_the_models(arch):
+    """Rows from the buffered queries = the eager attention weights the model itself used."""
+    from trimkv.policies.attention_rows import recent_probs
+
+    model = tiny_model(arch, seed=1)
+    model.set_attn_implementation("eager")
+    ids, mask = _inputs(3)
+    cache = EvictionCache(model, "snapkv", budget=64, buffer=0, window=5)
+    with torch.no_grad():
+        model(ids[:, :12], attention_mask=mask[:, :12], cache=cache)
+        out = model(ids[:, 12:], attention_mask=mask, cache=cache, output_attentions=True)
+    for idx, layer in enumerate(cache.layers):
+        probs, valid = recent_probs(layer)  # (B, H_kv, g, 5, n)
+        b, h_kv, g, w, n = probs.shape
+        ours = probs.reshape(b, h_kv * g, w, n)
+        theirs = out.attentions[idx][:, :, -w:, :n].float()
+        assert valid.all()
+        assert torch.allclose(ours, theirs, atol=1e-5), (arch, idx)
+
+
+# ------------------------------------------------------------------------------------------
+# hand-made cases with known answers, directly on an EvictionLayer
+# ------------------------------------------------------------------------------------------
+
+
+def _layer(policy, budget=64, buffer=0, sinks=0):
+    return EvictionLayer(0, budget, buffer, policy, sinks)
+
+
+def _feed(layer, keys, queries=None, values=None):
+    """Append (B, H_kv, q, d) keys (and queries (B, H_q, q, d)) as one forward would."""
+    b, _, q, _ = keys.shape
+    layer.prepare(torch.ones(b, q, dtype=torch.bool), None, queries)
+    layer.update(keys, keys.clone() if values is None else values)
+
+
+def _kept(layer):
+    return layer.positions[0].tolist()
+
+
+def test_streaming_keeps_exactly_sinks_and_window():
+    layer = _layer(StreamingPolicy(), sinks=4)
+    _feed(layer, torch.randn(1, 2, 20, 8))
+    layer.evict(10)
+    assert _kept(layer) == [[0, 1, 2, 3, 14, 15, 16, 17, 18, 19]] * 2
+
+
+def test_knorm_drops_largest_norm_key():
+    keys = torch.nn.functional.normalize(torch.randn(1, 2, 12, 8), dim=-1)
+    keys[0, 0, 5] *= 10
+    keys[0, 1, 2] *= 10
+    layer = _layer(KNormPolicy())
+    _feed(layer, keys)
+    layer.evict(11)
+    assert 5 not in _kept(layer)[0] and len(_kept(layer)[0]) == 11
+    assert 2 not in _kept(layer)[1] and 5 in _kept(layer)[1]
+
+
+def _naive_probs(q, k):
+    """Causal softmax(q k^T / sqrt(d)) for one head; q (T, d), k (T, d)."""
+    t, d = q.shape
+    logits = q @ k.T / math.sqrt(d)
+    logits = logits.masked_fill(torch.ones(t, t).triu(1).bool(), -math.inf)
+    return logits.softmax(-1)
+
+
+def test_h2o_accumulates_attention_and_keeps_the_heavy_hitter():
+    g = torch.Generator().manual_seed(0)
+    t, d = 12, 8
+    keys = 0.1 * torch.randn(1, 1, t, d, generator=g)
+    queries = 0.1 * torch.randn(1, 2, t, d, generator=g)
+    keys[0, 0, 3, 0] = 4.0  # token 3 is the heavy hitter: every later query looks at it
+    queries[0, :, 3:, 0] = 4.0
+    # accumulated in one prefill chunk, block-wise (block 5 < 12 rows)
+    layer = _layer(H2OPolicy(block=5), budget=4)
+    _feed(layer, keys, queries)
+    expect = torch.stack([_naive_probs(queries[0, h], keys[0, 0]).sum(0) for h in range(2)])
+    expect = expect.mean(0)  # mean over the GQA group
+    assert torch.allclose(layer.state("h2o")[0, 0], expect, atol=1e-5)
+    # the same total when the tokens arrive one per step
+    steps = _layer(H2OPolicy(), budget=64)
+    for i in range(t):
+        _feed(steps, keys[:, :, i : i + 1], queries[:, :, i : i + 1])
+    assert torch.allclose(steps.state("h2o"), layer.state("h2o"), atol=1e-5)
+    # budget 4: the 2 most recent (10, 11) + the 2 heaviest older tokens (3 and token 0,
+    # which every query sees)
+    heavy = expect[:10].topk(2).indices.sort().values.tolist()
+    assert 3 in heavy
+    layer.evict(4)
+    assert _kept(layer) == [sorted(heavy + [10, 11])]
+
+
+def test_tova_keeps_last_querys_top_attended_in_every_head():
+    g = torch.Generator().manual_seed(1)
+    t, d = 10, 8
+    keys = 0.1 * torch.randn(1, 2, t, d, generator=g)
+    queries = 0.1 * torch.randn(1, 4, t, d, generator=g)
+    keys[0, 0, 2, 1] = 5.0  # KV head 0's group looks at token 2, head 1's at token 5
+    keys[0, 1, 5, 1] = 5.0
+    queries[0, :, -1, 1] = 5.0
+    layer = _layer(TOVAPolicy())
+    _feed(layer, keys, queries)
+    rows = torch.stack([_naive_probs(queries[0, h], keys[0, h // 2])[-1] for h in range(4)])
+    expect = rows.mean(0).topk(3).indices.sort().values.tolist()
+    assert {2, 5} <= set(expect)
+    layer.evict(3)
+    assert _kept(layer) == [expect, expect]
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_snapkv_keeps_window_and_pooled_top(pooling):
+    t, d = 16, 8
+    keys = torch.zeros(1, 1, t, d)
+    queries = torch.zeros(1, 1, t, d)
+    keys[0, 0, 7, 0] = 6.0  # a prefix token the window attends to
+    keys[0, 0, 13, 0] = 6.0  # a window token attended just as much: must not leak by pooling
+    queries[0, 0, 13:, 0] = 6.0
+    layer = _layer(SnapKVPolicy(window=3, kernel=3, pooling=pooling))
+    _feed(layer, keys, queries)
+    scores = layer.policy.score(layer)[0, 0]
+    assert torch.isinf(scores[13:]).all() and torch.isfinite(scores[:13]).all()
+    layer.evict(6)
+    assert _kept(layer) == [[6, 7, 8, 13, 14, 15]]
+
+
+def test_pyramidkv_budgets_fall_with_depth_and_keep_the_total():
+    model = tiny_model("llama", num_layers=6)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    cache = EvictionCache(model, "pyramidkv", budget=24, buffer=2, window=4)
+    budgets = [layer.budget for layer in cache.layers]
+    assert sum(budgets) == 6 * 24
+    assert all(a > b for a, b in zip(budgets, budgets[1:])), budgets
+    assert budgets[0] > 24 > budgets[-1] >= 4
+    ids = torch.randint(3, 100, (1, 40))
+    model.generate(ids, max_new_tokens=10, do_sample=False, cache=cache)
+    for layer, m in zip(cache.layers, budgets):
+        assert layer.n <= m + 2 and layer.peak <= max(m + 2, 40)
+    # M <= window: uniform budgets
+    assert PyramidKVPolicy(window=32).budgets(4, 16) == [16] * 4
+    for layers, budget in [(30, 64), (7, 100), (2, 40)]:
+        b = PyramidKVPolicy().budgets(layers, budget)
+        assert sum(b) == layers * budget and b == sorted(b, reverse=True)
+
+
+def test_keydiff_drops_key_most_similar_to_mean():
+    keys = torch.zeros(1, 1, 5, 4)
+    keys[0, 0, :4] = 3 * torch.eye(4)  # four orthogonal keys
+    keys[0, 0, 4] = torch.ones(4)  # the mean direction of all unit keys
+    layer = _layer(KeyDiffPolicy())
+    _feed(layer, keys)
+    scores = layer.policy.score(layer)[0, 0]
+    assert torch.allclose(scores, torch.tensor([-0.5, -0.5, -0.5, -0.5, -1.0]), atol=1e-5)
+    layer.evict(4)
+    assert _kept(layer) == [[0, 1, 2, 3]]
+
+
+def test_rkv_drops_duplicated_keys_before_unique_ones():
+    d = 8
+    eye = torch.eye(d)
+    # prefix: 0, 2, 4 are copies of one key; 1, 3, 5 unique; 6, 7 the window
+    rows = [eye[0], eye[1], eye[0], eye[2], eye[0], eye[3], eye[4], eye[5]]
+    keys = torch.stack(rows)[None, None]
+    queries = torch.zeros(1, 2, 8, d)  # uniform attention: importance is equal everywhere
+    for keep, expect in [(7, [1, 2, 3, 4, 5, 6, 7]), (6, [1, 3, 4, 5, 6, 7])]:
+        layer = _layer(RKVPolicy(window=2))
+        _feed(layer, keys, queries)
+        redundancy = layer.policy.redundancy(layer)[0, 0]
+        # the newest copy keeps nothing of its duplicates, the oldest the most
+        assert redundancy[0] > redundancy[2] > redundancy[4]
+        assert torch.allclose(redundancy[4], redundancy[1])
+        layer.evict(keep)
+        assert _kept(layer) == [expect]
+
+
+def test_random_is_reproducible_per_seed_and_differs_across_seeds():
+    model = tiny_model("llama")
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(3, 100, (1, 30), generator=torch.Generator().manual_seed(4))
+
+    def kept(seed):
+        cache = EvictionCache(model, "random", budget=8, buffer=2, seed=seed)
+        model.generate(ids, max_new_tokens=6, do_sample=False, cache=cache)
+        return [cache.resident_positions(i).tolist() for i in cache.evicted]
+
+    assert kept(0) == kept(0)
+    assert kept(0) != kept(1)
+
+
+def test_bad_policy_arguments():
+    with pytest.raises(TrimKVError, match="pooling"):
+        SnapKVPolicy(pooling="median")
+    with pytest.raises(TrimKVError, match="recent_ratio"):
+        H2OPolicy(recent_ratio=2.0)
+    with pytest.raises(TrimKVError, match="mix_lambda"):
+        RKVPolicy(mix_lambda=-1.0)
+    assert SnapKVPolicy(query_aware=True).describe()["query_aware"] is True
