@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,8 +13,6 @@ from trimkv.errors import TrimKVError
 from trimkv.gates import RetentionGates
 from trimkv.hooks import detach
 from trimkv.models import TINY_ARCHS, tiny_model
-
-import pytest
 
 
 def _model(arch="llama", seed=0, bias_init=2.0, **kw):

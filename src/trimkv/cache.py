@@ -19,6 +19,7 @@ Resident tokens per head never exceed ``budget + buffer`` while decoding and
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ class EvictionLayer(CacheLayerMixin):
         self.resident_sum = 0
         self.seen_sum = 0
         self.last_chunk = 1
+        self.timings: dict | None = None
         self.frozen = False  # no more eviction (kvpress-style "compress the context once")
         policy.init_layer(self)
 
@@ -191,6 +193,7 @@ class EvictionLayer(CacheLayerMixin):
         n = self.n
         if n <= keep:
             return
+        t0 = time.perf_counter()
         scores = self.policy.score(self).float()
         if torch.isnan(scores).any():
             raise TrimKVError(
@@ -208,6 +211,8 @@ class EvictionLayer(CacheLayerMixin):
         self._compact(kept)
         self.evicted_tokens += n - keep
         self.evictions += 1
+        if self.timings is not None:
+            self.timings["evict"] += time.perf_counter() - t0
         # after a long full prefill, give the memory back
         target = self.budget + self.buffer + self.last_chunk
         if self.capacity > 2 * target:
@@ -280,7 +285,9 @@ class EvictionLayer(CacheLayerMixin):
                           "decoding and rollbacks need the full cache.")
 
     def reset(self) -> None:
+        timings = self.timings
         self.__init__(self.layer_idx, self.budget, self.buffer, self.policy, self.sinks)
+        self.timings = timings
 
 
 @dataclass
@@ -371,6 +378,13 @@ class EvictionCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
         super().__init__(layers=layers)
         self._new_valid: torch.Tensor | None = None
+        #: seconds spent outside the model's own compute: gate / query recomputation
+        #: ("scoring_inputs") and eviction + mask building ("cache_bookkeeping", which includes
+        #: "evict").
+        self.timings = {"scoring_inputs": 0.0, "cache_bookkeeping": 0.0, "evict": 0.0}
+        for layer in layers:
+            if isinstance(layer, EvictionLayer):
+                layer.timings = self.timings
 
     # called by the model-level pre-hook once per forward
     def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, q_len: int,

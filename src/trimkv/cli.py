@@ -38,7 +38,9 @@ def generate(
     gates: str | None = typer.Option(None, help="Gate directory or shipped name."),
     budget: int = typer.Option(256, help="M: tokens kept per layer and KV head."),
     buffer: int = typer.Option(32, help="b: tokens accumulated between evictions."),
-    chunk: int | None = typer.Option(None, help="Prefill chunk (0 = whole prompt at once)."),
+    chunk: int | None = typer.Option(None, help="Prefill chunk for long prompts (default 128)."),
+    full_prefill: bool = typer.Option(False, "--full-prefill",
+                                      help="Prefill the whole prompt, then cut to the budget."),
     sinks: int | None = typer.Option(None, help="Protect the first N tokens (inside M)."),
     max_new_tokens: int = typer.Option(128, help="Tokens to generate."),
     min_new_tokens: int | None = typer.Option(None, help="Generate at least this many."),
@@ -56,12 +58,16 @@ def generate(
     try:
         if (prompt is None) == (prompt_file is None):
             raise TrimKVError("Give exactly one of --prompt or --prompt-file.")
+        _check_budget_args(method, budget, buffer, chunk, sinks)
         text = prompt if prompt is not None else prompt_file.read_text()
+        if not text.strip():
+            raise TrimKVError("The prompt is empty: give some text (or --prompt-file).")
         m, tok = load_model(model)
         result = run(m, tok, text, method=method, gates=gates, budget=budget, buffer=buffer,
                      chunk=chunk, sinks=sinks, max_new_tokens=max_new_tokens, sample=sample,
                      temperature=temperature, top_p=top_p, seed=seed,
-                     chat=False if no_chat else None, min_new_tokens=min_new_tokens)
+                     chat=False if no_chat else None, min_new_tokens=min_new_tokens,
+                     full_prefill=full_prefill)
     except (TrimKVError, OSError) as exc:
         _fail(exc)
     if as_json:
@@ -74,6 +80,23 @@ def generate(
         f"{result.peak_tokens_per_head} tokens/head, KV {result.peak_kv_bytes / 1e6:.2f} MB "
         f"(full {result.full_kv_bytes / 1e6:.2f} MB)[/]"
     )
+
+
+def _check_budget_args(method: str, budget: int, buffer: int, chunk: int | None,
+                       sinks: int | None) -> None:
+    """Fail fast (before loading a model) on arguments the cache would refuse."""
+    from trimkv.policies import METHODS
+
+    if method not in METHODS:
+        raise TrimKVError(f"Unknown method {method!r}. Valid: {', '.join(METHODS)}.")
+    if budget <= 0:
+        raise TrimKVError(f"budget must be >= 1, got {budget}.")
+    if buffer < 0:
+        raise TrimKVError(f"buffer must be >= 0, got {buffer}.")
+    if chunk is not None and chunk <= 0:
+        raise TrimKVError(f"chunk must be a positive integer, got {chunk}.")
+    if sinks is not None and not 0 <= sinks < budget:
+        raise TrimKVError(f"sinks must be in [0, budget), got {sinks}.")
 
 
 @app.command()
@@ -182,6 +205,9 @@ def eval_fidelity(
     result["command"] = _command_line()
     if json_out:
         atomic_write_json(json_out, result)
+        from trimkv.eval.report import fidelity_plots
+
+        fidelity_plots(result, json_out.with_suffix(""))
     table = Table(title=f"fidelity ({protocol}, {result['windows']} windows of {seq_len})")
     for col in ("method", "M", "sinks", "KL", "top-1", "ppl ratio", "peak/head"):
         table.add_column(col)
@@ -190,6 +216,60 @@ def eval_fidelity(
                       f"{r['top1_agreement']:.3f}", f"{r['ppl_ratio']:.3f}",
                       str(r["peak_tokens_per_head"]))
     Console().print(table)
+
+
+@eval_app.command("tasks")
+def eval_tasks(
+    tasks: str = typer.Option("syn_needle,syn_kv_lookup,syn_conversation,syn_arithmetic",
+                              help="Comma-separated task names (see `trimkv eval list`)."),
+    model: str | None = typer.Option(None),
+    gates: str | None = typer.Option(None, help="Gates for trimkv (default: shipped)."),
+    methods: str = typer.Option("full,trimkv,streaming,snapkv", help="Comma-separated methods."),
+    budgets: str = typer.Option("64,128", help="Comma-separated budgets M."),
+    buffer: int = typer.Option(16),
+    chunk: int = typer.Option(128, help="Prefill chunk for bounded methods."),
+    sinks: int | None = typer.Option(None, help="Protected first tokens (default: per method)."),
+    limit: int = typer.Option(10, help="Examples per task."),
+    context_tokens: int = typer.Option(1024, help="Context length of synthetic tasks."),
+    prefill: str = typer.Option("chunked", help="chunked (query-agnostic) or full (query-aware)."),
+    data: list[str] = typer.Option([], help="TASK=PATH local file for a benchmark (repeatable)."),
+    batch_size: int = typer.Option(8),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("eval_out"), help="Results directory."),
+    quiet: bool = typer.Option(False),
+):
+    """Task accuracy per method and budget; kvpress-style result directories, table, plots."""
+    from trimkv.eval.report import task_table
+    from trimkv.eval.runner import EvalConfig, run_eval
+    from trimkv.models import load_model
+
+    try:
+        data_map = {}
+        for item in data:
+            if "=" not in item:
+                raise TrimKVError(f"--data expects TASK=PATH, got {item!r}.")
+            k, v = item.split("=", 1)
+            data_map[k] = v
+        cfg = EvalConfig(tasks=_csv(tasks), methods=_csv(methods), budgets=_csv(budgets, int),
+                         buffer=buffer, chunk=chunk, sinks=sinks, gates=gates, limit=limit,
+                         seed=seed, context_tokens=context_tokens, prefill=prefill,
+                         batch_size=batch_size, data=data_map)
+        cfg.validate()
+        m, tok = load_model(model)
+        summary = run_eval(m, tok, cfg, out, progress=not quiet)
+    except (TrimKVError, OSError) as exc:
+        _fail(exc)
+    print(task_table(summary))
+    console.print(f"results in {out}/ (results.json, results.md, one PNG per task)")
+
+
+@eval_app.command("list")
+def eval_list():
+    """List the evaluation tasks."""
+    from trimkv.eval.tasks import TASKS
+
+    for name, spec in TASKS.items():
+        print(f"{name}\t{spec.metric}\t{spec.description}")
 
 
 def _self_generated(model, tokenizer, n: int, seq_len: int, seed: int) -> list[str]:
@@ -208,6 +288,37 @@ def _self_generated(model, tokenizer, n: int, seq_len: int, seed: int) -> list[s
 # topics for self-generated evaluation text (disjoint from the training topics)
 EVAL_TOPICS = ("coral reefs", "medieval castles", "weather forecasting", "tea ceremonies",
                "railway signalling", "desert plants", "violin making", "deep sea fish")
+
+
+@app.command()
+def bench(
+    model: str | None = typer.Option(None),
+    gates: str | None = typer.Option(None),
+    methods: str = typer.Option("full,trimkv,streaming,knorm,snapkv,h2o,tova"),
+    lengths: str = typer.Option("1024,4096,16384", help="Prompt lengths (tokens)."),
+    budget: int = typer.Option(256),
+    buffer: int = typer.Option(32),
+    chunk: int = typer.Option(512, help="Prefill chunk for bounded methods."),
+    decode_tokens: int = typer.Option(64),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
+    plot_dir: Path | None = typer.Option(None, help="Write plots here."),
+):
+    """Speed and memory per method and prompt length (each run in its own process)."""
+    from trimkv.bench import parser, render, run_bench
+
+    argv = ["--methods", methods, "--lengths", lengths, "--budget", str(budget), "--buffer",
+            str(buffer), "--chunk", str(chunk), "--decode-tokens", str(decode_tokens),
+            "--dtype", dtype]
+    for flag, value in (("--model", model), ("--gates", gates), ("--json", json_out),
+                        ("--plot-dir", plot_dir)):
+        if value is not None:
+            argv += [flag, str(value)]
+    try:
+        result = run_bench(parser().parse_args(argv))
+    except SystemExit as exc:
+        _fail(TrimKVError(str(exc)))
+    print(render(result, _command_line()))
 
 
 @app.command()

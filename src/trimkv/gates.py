@@ -200,19 +200,24 @@ class RetentionGates(nn.Module):
             h.update(tensor.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:12]
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``gates.safetensors`` + ``gates.json`` atomically into ``directory``."""
+    def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write ``gates.safetensors`` + ``gates.json`` atomically into ``directory``.
+
+        ``dtype`` (e.g. ``torch.float16``) shrinks the file; gates are loaded back as float32.
+        """
         from safetensors.torch import save_file
 
         from trimkv.io import atomic_dir_write
 
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu().to(dtype or v.dtype)
+                 for k, v in self.state_dict().items()}
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "config": asdict(self.config),
             "metadata": asdict(self.metadata),
             "digest": self.digest(),
+            "dtype": str(dtype or torch.float32).replace("torch.", ""),
         }
 
         def write(tmp: Path) -> None:
@@ -253,7 +258,7 @@ class RetentionGates(nn.Module):
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         try:
             raw = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        except Exception as exc:
             raise TrimKVError(f"Cannot read {weights_path}: {exc}. The file is corrupt, truncated or "
                               "not a weights-only checkpoint.") from exc
         prefix = "model.layers."
@@ -347,6 +352,7 @@ def _load_native(path: Path) -> RetentionGates:
         raise TrimKVError(f"Cannot load gates from {path}: {exc}. The checkpoint is corrupt or "
                           "truncated; re-train or re-download it.") from exc
     gates = RetentionGates(config, metadata)
+    state = {k: v.float() for k, v in state.items()}
     try:
         gates.load_state_dict(state, strict=True)
     except RuntimeError as exc:

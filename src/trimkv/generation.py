@@ -144,12 +144,13 @@ def generate(
     seed: int = 0,
     chat: bool | None = None,
     min_new_tokens: int | None = None,
+    full_prefill: bool = False,
 ) -> GenerationResult:
     """Generate from one prompt with ``method`` under a budget; returns text, timings, stats.
 
     ``chunk``: prefill prompts longer than the budget in chunks of this many tokens (evicting after
-    each); default 128 for bounded methods. ``chunk=0`` prefills the whole prompt at once, then cuts
-    it to the budget (the official TRIM-KV behaviour).
+    each); default 128 for bounded methods. ``full_prefill=True`` prefills the whole prompt at
+    once, then cuts it to the budget (the official TRIM-KV behaviour; peak = prompt length).
     """
     ids = prompt if isinstance(prompt, torch.Tensor) else encode_prompt(tokenizer, prompt,
                                                                         chat=chat)
@@ -163,15 +164,17 @@ def generate(
 
         warnings.warn(f"Prompt + new tokens ({ids.shape[1] + max_new_tokens}) exceed the model's "
                       f"context ({limit}) with the full cache; quality will degrade.", stacklevel=2)
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 0):
-        raise TrimKVError(f"chunk must be a non-negative integer, got {chunk!r}.")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+        raise TrimKVError(f"chunk must be a positive integer, got {chunk!r}.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise TrimKVError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     cache, used_gates, used_sinks = build_cache(model, method, budget=budget, buffer=buffer,
                                                 sinks=sinks, gates=gates)
     if method == "full":
         chunk = None
     elif chunk is None:
         chunk = DEFAULT_CHUNK
-    prefill_chunk = chunk if chunk and ids.shape[1] > budget else None
+    prefill_chunk = chunk if chunk and not full_prefill and ids.shape[1] > budget else None
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, cache=cache,
                   attention_mask=torch.ones_like(ids), prefill_chunk_size=prefill_chunk)
     if min_new_tokens is not None:
@@ -206,7 +209,8 @@ def generate(
     )
     if isinstance(cache, EvictionCache):
         st = cache.stats()
-        result.budget, result.buffer, result.chunk, result.sinks = budget, buffer, chunk, used_sinks
+        result.budget, result.buffer, result.sinks = budget, buffer, used_sinks
+        result.chunk = prefill_chunk
         result.seen_tokens, result.peak_tokens_per_head = st.seen_tokens, st.peak_tokens_per_head
         result.peak_kv_bytes, result.full_kv_bytes = st.peak_kv_bytes, st.full_kv_bytes
         result.evictions, result.kv_footprint = st.evictions, st.kv_footprint

@@ -13,6 +13,7 @@ attribute, so the model computes exactly as before.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -86,13 +87,13 @@ def _model_pre_hook(state: HookState):
 
         cache = _cache_of(kwargs)
         if not isinstance(cache, EvictionCache):
-            return None
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         cache.begin_forward(mask, ref.shape[0], ref.shape[1], ref.device)
-        return None
+        return
 
     return hook
 
@@ -117,11 +118,16 @@ def _attention_pre_hook(state: HookState):
         cache = _cache_of(kwargs)
         if not isinstance(cache, EvictionCache) or not cache.evicts(layer_idx):
             return None
+        t0 = time.perf_counter()
         log_beta = gates(layer_idx, hidden) if has_gate and cache.policy.needs_gates else None
         queries = None
         if cache.policy.query_window:
             queries = query_states(module, hidden, kwargs["position_embeddings"])
+        t1 = time.perf_counter()
         mask = cache.before_attention(layer_idx, hidden, log_beta, queries)
+        timings = cache.timings
+        timings["scoring_inputs"] += t1 - t0
+        timings["cache_bookkeeping"] += time.perf_counter() - t1
         kwargs["attention_mask"] = mask
         return args, kwargs
 

@@ -10,6 +10,14 @@ tiny gate set are averaged across processes by hand, which keeps one code path f
 processes. Checkpoints are written atomically every ``save_every`` steps; ``resume=True``
 continues exactly where the last complete checkpoint left off (data example ``i`` is a pure
 function of ``(seed, i)``).
+
+Several processes (``torchrun --nproc_per_node N -m trimkv train ...`` or ``accelerate launch
+-m trimkv train ...``; gloo on CPU, NCCL on GPU, see docs/distributed.md): each process holds the
+whole frozen model and the same gates (seeded, then broadcast from rank 0), takes a disjoint
+slice of every global batch, and the gate gradients are averaged with one ``all_reduce`` per
+step, so N processes x ``batch_size`` B train like one process with ``grad_accum`` N x B (up to
+float summation order). Logged metrics are averaged over processes (``tokens`` summed). Only
+rank 0 writes the log, checkpoints and the final gates; the others wait at barriers.
 """
 
 from __future__ import annotations
@@ -134,15 +142,19 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.gates.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.data = Mixture(cfg.data, self.tokenizer, cfg.seq_len, cfg.seed, model=model,
-                            cache_dir=self.out)
+        # rank 0 first: a selfgen source generates and caches its texts once, the others read them
+        with self.accelerator.main_process_first():
+            self.data = Mixture(cfg.data, self.tokenizer, cfg.seq_len, cfg.seed, model=model,
+                                cache_dir=self.out)
         self.start_step = 0
         self.log: list[dict] = []
         if cfg.extra.get("resume"):
-            self._load_checkpoint()
+            self._load_checkpoint()  # every rank reads the same checkpoint
+        self._broadcast_gates()
         if self.accelerator.is_main_process:  # the log mirrors exactly the steps behind the gates
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.log))
+        self.accelerator.wait_for_everyone()  # nobody starts before every rank has loaded
 
     def _attach(self):
         from trimkv.attention import register_retention_attention
@@ -265,16 +277,51 @@ class Trainer:
             **gate_summary(self.gates, log_betas),
         }
 
-    def _sync_grads(self) -> None:
+    def _broadcast_gates(self) -> None:
+        """Make rank 0's gate weights everyone's (they are seeded alike; this guarantees it)."""
         if self.accelerator.num_processes == 1:
             return
         import torch.distributed as dist
 
-        for p in self.gates.parameters():
+        with torch.no_grad():
+            for t in self.gates.state_dict().values():
+                dist.broadcast(t, src=0)
+
+    def _sync_grads(self) -> None:
+        """Average the gate gradients over processes: one flat ``all_reduce`` per dtype."""
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        params = list(self.gates.parameters())
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= self.accelerator.num_processes
+        for dtype in dict.fromkeys(p.grad.dtype for p in params):  # same order on every rank
+            grads = [p.grad for p in params if p.grad.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= self.accelerator.num_processes
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def _reduce_record(self, parts: list[dict]) -> dict:
+        """Per-step metrics: mean over micro-steps and processes; ``tokens`` summed."""
+        rec = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+        rec["tokens"] = sum(p["tokens"] for p in parts)
+        world = self.accelerator.num_processes
+        if world > 1:
+            import torch.distributed as dist
+
+            keys = list(rec)
+            vals = torch.tensor([float(rec[k]) for k in keys], dtype=torch.float64,
+                                device=self.device)
+            dist.all_reduce(vals, op=dist.ReduceOp.SUM)
+            rec = {k: float(v) / (1 if k == "tokens" else world) for k, v in zip(keys, vals)}
+            rec["tokens"] = int(round(rec["tokens"]))
+        return rec
 
     def run(self, stop_after: int | None = None) -> RetentionGates:
         """Train to ``cfg.steps`` (or stop after ``stop_after`` steps, for tests)."""
@@ -303,10 +350,9 @@ class Trainer:
                                                                cfg.max_grad_norm)
                     self.optimizer.step()
                     self.scheduler.step()
+                    rec = self._reduce_record(parts)
                     seconds = time.perf_counter() - t0
-                    rec = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
-                    rec.update(step=step, tokens=sum(p["tokens"] for p in parts) * world,
-                               seconds=seconds, lr=self.scheduler.get_last_lr()[0],
+                    rec.update(step=step, seconds=seconds, lr=self.scheduler.get_last_lr()[0],
                                grad_norm=float(grad_norm))
                     self.log.append(rec)
                     if self.accelerator.is_main_process:
@@ -325,6 +371,7 @@ class Trainer:
         self.gates.eval()
         if self.accelerator.is_main_process and done == cfg.steps:
             self.gates.save(self.out)
+        self.accelerator.wait_for_everyone()  # on every rank, return once the gates are on disk
         return self.gates
 
 

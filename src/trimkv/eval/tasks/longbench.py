@@ -168,7 +168,7 @@ def load(
             },
         ))
     examples: list[TaskExample] = []
-    for name, rows in by_dataset.items():
+    for rows in by_dataset.values():
         examples.extend(sample_records(rows, limit, seed))
     return examples
 

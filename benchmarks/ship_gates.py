@@ -1,0 +1,91 @@
+"""Copy a finished training run into the package as the shipped gates (fp16), with its provenance.
+
+    python benchmarks/ship_gates.py runs/smollm2-gates smollm2-135m
+
+Writes src/trimkv/gates/<name>/: gates.safetensors (fp16), gates.json (config, training metadata,
+recommended sinks), train_log.jsonl, loss_curve.png, and README.md (command, config, data spec,
+wall time) generated from the run's own records.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from trimkv.gates import RetentionGates
+from trimkv.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(run: str, name: str) -> None:
+    run_dir = Path(run)
+    model, _ = load_model(name)
+    gates = RetentionGates.load(run_dir, model)
+    dest = ROOT / "src" / "trimkv" / "gates" / name
+    gates.save(dest, dtype=torch.float16)
+    shutil.copy(run_dir / "train_log.jsonl", dest / "train_log.jsonl")
+    log = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    plot(log, dest / "loss_curve.png")
+    shutil.copy(dest / "loss_curve.png", ROOT / "docs" / "img" / f"loss_curve_{name}.png")
+    t = gates.metadata.training
+    cfg = t["config"]
+    md = [
+        f"# Shipped retention gates for {name}",
+        "",
+        "Trained by the project's own command (recorded by the trainer):",
+        "",
+        f"```\n{t.get('command')}\n```",
+        "",
+        f"- steps: {t['steps_done']}, tokens: {t['tokens']}, wall time (sum of step times): "
+        f"{t['wall_seconds'] / 60:.1f} min on {torch.get_num_threads()} CPU threads",
+        f"- data spec: `{cfg['data']}` (seed {cfg['seed']}), sequence length {cfg['seq_len']}",
+        f"- training memory M = {cfg['memory_size']}, gate width I = {cfg['intermediate_size']}, "
+        f"bias init {cfg['bias_init']}, lr {cfg['lr']}, warmup {cfg['warmup_steps']}, "
+        f"lambda_cap {cfg['lambda_cap']} ({cfg['cap_variant']} capacity loss), quality "
+        f"{cfg['quality_reduction']}, train sinks {cfg['train_sinks']}",
+        f"- final losses (last step): {json.dumps(t['final'])}",
+        f"- recommended at inference: {json.dumps(gates.metadata.recommended)}",
+        f"- weights digest: {gates.digest()} (stored as fp16)",
+        "",
+        "![loss curve](loss_curve.png)",
+        "",
+        "Full config:",
+        "",
+        f"```json\n{json.dumps(cfg, indent=2)}\n```",
+    ]
+    (dest / "README.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def plot(log, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(xs, k=20):
+        out = []
+        for i in range(len(xs)):
+            w = xs[max(0, i - k + 1) : i + 1]
+            out.append(sum(w) / len(w))
+        return out
+
+    steps = [r["step"] for r in log]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key in zip(axes, ("kl", "ntp", "cap")):
+        ax.plot(steps, [r[key] for r in log], alpha=0.3)
+        ax.plot(steps, smooth([r[key] for r in log]), linewidth=2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,238 @@
+"""Bad input, faults and long runs: every public entry point fails clearly, nothing half-written.
+
+``SCENARIOS`` is also run by ``benchmarks/reliability.py`` to write docs/RELIABILITY.md from the
+library's actual behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from trimkv.cache import EvictionCache
+from trimkv.cli import app
+from trimkv.errors import TrimKVError
+from trimkv.gates import RetentionGates
+from trimkv.generation import generate
+from trimkv.hooks import detach
+from trimkv.models import load_model, tiny_model
+from trimkv.testing import ByteTokenizer
+
+
+def _gated(arch="llama", **kw):
+    model = tiny_model(arch, **kw)
+    RetentionGates.for_model(model).attach(model)
+    return model
+
+
+def _truncated_gates(tmp: Path):
+    model = tiny_model("llama")
+    RetentionGates.for_model(model).save(tmp / "g")
+    f = tmp / "g" / "gates.safetensors"
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    RetentionGates.load(tmp / "g", model)
+
+
+def _truncated_official(tmp: Path):
+    model = tiny_model("qwen3")
+    d = tmp / "official"
+    d.mkdir()
+    torch.save({"model.layers.0.self_attn.retention_gate.bias": torch.zeros(2)},
+               d / "trimkv_weights.pth")
+    data = (d / "trimkv_weights.pth").read_bytes()
+    (d / "trimkv_weights.pth").write_bytes(data[: len(data) // 2])
+    RetentionGates.load(d, model)
+
+
+def _pickle_with_code(tmp: Path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    d = tmp / "evil"
+    d.mkdir()
+    (d / "trimkv_weights.pth").write_bytes(pickle.dumps({"x": Evil()}))
+    RetentionGates.load(d, tiny_model("qwen3"))
+
+
+def _other_model_gates(tmp: Path):
+    RetentionGates.for_model(tiny_model("llama", num_layers=2)).save(tmp / "g")
+    RetentionGates.load(tmp / "g", tiny_model("llama", num_layers=3))
+
+
+def _nan_gates(tmp: Path):
+    model = tiny_model("llama")
+    gates = RetentionGates.for_model(model).attach(model)
+    with torch.no_grad():
+        gates[1].linear2.weight.fill_(float("inf"))
+    cache = EvictionCache(model, "trimkv", budget=4)
+    try:
+        model(torch.randint(3, 100, (1, 8)), cache=cache)
+    finally:
+        detach(model)
+
+
+def _long_prompt_full(tmp: Path):
+    model = tiny_model("llama", max_position_embeddings=32)
+    generate(model, ByteTokenizer(), torch.randint(3, 100, (1, 40)), method="full",
+             max_new_tokens=2)
+
+
+def _unsupported(tmp: Path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    EvictionCache(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)),
+                  "streaming", budget=8)
+
+
+def _unknown_task(tmp: Path):
+    from trimkv.eval.tasks import get_task
+
+    get_task("needle_in_a_haystack")
+
+
+#: (what was tried, callable(tmp_path), expected exception or warning class, text the message
+#: must contain)
+SCENARIOS = [
+    ("budget = 0", lambda t: EvictionCache(_gated(), "trimkv", budget=0), TrimKVError,
+     "budget must be >= 1"),
+    ("budget not an integer (8.5)", lambda t: EvictionCache(_gated(), "trimkv", budget=8.5),
+     TrimKVError, "budget must be an integer"),
+    ("buffer = -1", lambda t: EvictionCache(_gated(), "trimkv", budget=8, buffer=-1), TrimKVError,
+     "buffer must be >= 0"),
+    ("sinks >= budget", lambda t: EvictionCache(_gated(), "trimkv", budget=4, sinks=4),
+     TrimKVError, "sinks (4) must be smaller"),
+    ("chunk = 0", lambda t: generate(_gated(), ByteTokenizer(), "hello", chunk=0,
+                                     max_new_tokens=2), TrimKVError, "chunk must be a positive"),
+    ("unknown method", lambda t: EvictionCache(_gated(), "snap", budget=8), TrimKVError,
+     "Valid: full, trimkv, streaming"),
+    ("unknown model name", lambda t: load_model("smolm2-135m"), TrimKVError, "did you mean"),
+    ("unknown task", _unknown_task, TrimKVError, "syn_needle"),
+    ("trimkv without gates", lambda t: EvictionCache(tiny_model("llama"), "trimkv", budget=8),
+     TrimKVError, "needs retention gates"),
+    ("gates made for another model", _other_model_gates, TrimKVError, "num_layers: gates 2"),
+    ("truncated gates.safetensors", _truncated_gates, TrimKVError, "corrupt or truncated"),
+    ("truncated official trimkv_weights.pth", _truncated_official, TrimKVError, "Cannot read"),
+    ("official .pth holding code (pickle)", _pickle_with_code, TrimKVError, "weights-only"),
+    ("gate produces inf/NaN", _nan_gates, TrimKVError, "layer 1"),
+    ("empty prompt", lambda t: generate(_gated(), ByteTokenizer(), "", max_new_tokens=2),
+     TrimKVError, "prompt is empty"),
+    ("prompt beyond the model's context, full cache", _long_prompt_full, UserWarning,
+     "exceed the model's context (32)"),
+    ("unsupported architecture (GPT-2)", _unsupported, TrimKVError, "Supported: llama"),
+]
+
+
+@pytest.mark.parametrize("name,fn,exc,match", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_scenario(name, fn, exc, match, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if issubclass(exc, Warning):
+        with pytest.warns(exc, match=match.replace("(", r"\(").replace(")", r"\)")):
+            fn(tmp_path)
+        return
+    with pytest.raises(exc) as info:
+        fn(tmp_path)
+    assert match in str(info.value)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["generate", "--prompt", "hi", "--method", "snap"], "Unknown method 'snap'"),
+    (["generate", "--prompt", "hi", "--budget", "0"], "budget must be >= 1"),
+    (["generate", "--prompt", "hi", "--buffer", "-2"], "buffer must be >= 0"),
+    (["generate", "--prompt", "hi", "--chunk", "0"], "chunk must be a positive"),
+    (["generate", "--prompt", "   "], "prompt is empty"),
+    (["generate"], "exactly one of --prompt"),
+    (["eval", "fidelity", "--methods", "full,foo"], "Unknown method 'foo'"),
+    (["eval", "tasks", "--tasks", "nope"], "Unknown task"),
+    (["train", "--out", "x", "--data", "nope:1", "--steps", "0"], "steps"),
+])
+def test_cli_errors_are_clean(args, match):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+    assert "Traceback" not in result.output
+
+
+_TRAIN_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from trimkv.models import tiny_model
+    from trimkv.testing import ByteTokenizer
+    from trimkv.train.trainer import TrainConfig, Trainer
+    out, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    cfg = TrainConfig(out=out, memory_size=8, seq_len=48, steps=steps, data="prose", seed=0,
+                      lr=1e-2, warmup_steps=1, intermediate_size=8, bias_init=3.0, save_every=1,
+                      bf16=False, extra={"resume": resume})
+    Trainer(cfg, tiny_model("llama", seed=0), ByteTokenizer(), progress=False).run()
+""")
+
+
+def test_killed_training_resumes_from_last_complete_checkpoint(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(_TRAIN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 40
+    subprocess.run([sys.executable, str(script), str(tmp_path / "ref"), str(steps), "0"],
+                   check=True, env=env)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(steps), "0"], env=env)
+    deadline = time.time() + 120
+    ckpt = run / "checkpoint" / "trainer.pt"
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "no checkpoint was written before the kill"
+    # whatever step it died at, the checkpoint directory is complete and loadable
+    state = torch.load(ckpt, weights_only=True)
+    assert 1 <= state["step"] < steps, "the run finished before it could be killed"
+    subprocess.run([sys.executable, str(script), str(run), str(steps), "1"], check=True, env=env)
+    ref = RetentionGates.load(tmp_path / "ref")
+    resumed = RetentionGates.load(run)
+    assert resumed.digest() == ref.digest()
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(steps))
+
+
+def test_100k_tokens_flat_memory_and_exact_counter():
+    model = tiny_model("llama", num_layers=1, max_position_embeddings=200_000)
+    RetentionGates.for_model(model).attach(model)
+    cache = EvictionCache(model, "trimkv", budget=64, buffer=16)
+    chunk, total = 64, 100_000
+    ids = torch.randint(3, 100, (1, chunk))
+    rss = []
+    with torch.no_grad():
+        for i in range(0, total, chunk):
+            n = min(chunk, total - i)
+            model(ids[:, :n], cache=cache)
+            if i // chunk % 200 == 0:
+                rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    stats = cache.stats()
+    assert stats.seen_tokens == total == cache.get_seq_length()
+    assert stats.peak_tokens_per_head <= 64 + 16 + chunk
+    assert cache.layers[0].row_seen.tolist() == [total]
+    assert cache.layers[0].capacity <= 2 * (64 + 16 + chunk)
+    # peak RSS after warm-up grows by less than 20 MB over the remaining ~95K tokens
+    assert (rss[-1] - rss[1]) / 1024 < 20
+    detach(model)
+
+
+def test_no_warning_for_bounded_methods_past_context():
+    model = _gated(max_position_embeddings=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, ByteTokenizer(), torch.randint(3, 100, (1, 40)), method="trimkv",
+                 budget=8, buffer=2, max_new_tokens=2)
