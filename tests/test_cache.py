@@ -296,6 +296,7 @@ def test_nan_gate_names_the_layer():
 
     with torch.no_grad():
         get_state(model).gates[1].bias.fill_(float("nan"))
-    cache = EvictionCache(model, "trimkv", budget=8)
+    cache = EvictionCache(model, "trimkv", budget=8, buffer=0)
     with pytest.raises(TrimKVError, match="layer 1"):
-        model(torch.randint(1, 100, (1, 5)), cache=cache)
+        model(torch.randint(1, 100, (1, 12)), cache=cache)
+        model(torch.randint(1, 100, (1, 1)), cache=cache)

@@ -61,6 +61,7 @@ class EvictionLayer(CacheLayerMixin):
         self.seen_sum = 0
         self.last_chunk = 1
         self.timings: dict | None = None
+        self.pad_resident = False  # any padding slot resident (then masks are always built)
         self.frozen = False  # no more eviction (kvpress-style "compress the context once")
         policy.init_layer(self)
 
@@ -127,25 +128,31 @@ class EvictionLayer(CacheLayerMixin):
     def prepare(
         self,
         new_valid: torch.Tensor,
+        new_pos: torch.Tensor,
+        new_count: torch.Tensor,
+        all_valid: bool,
         log_beta: torch.Tensor | None,
         queries: torch.Tensor | None,
     ) -> None:
-        """Evict if the incoming tokens would overflow budget + buffer; stash their metadata."""
+        """Evict if the incoming tokens would overflow budget + buffer; stash their metadata.
+
+        ``new_pos`` (B, q) are the incoming tokens' positions (-1 for padding), ``new_count`` (B,)
+        the number of real ones per row; both are computed once per forward by the cache.
+        """
         q = new_valid.shape[1]
         if self.row_seen is None:
             self.row_seen = torch.zeros(new_valid.shape[0], dtype=torch.long,
                                         device=new_valid.device)
         if not self.frozen and self.n + q > self.budget + self.buffer and self.n > self.budget:
             self.evict(self.budget)
-        pos = self.row_seen[:, None] + new_valid.long().cumsum(-1) - 1
-        pos = torch.where(new_valid, pos, torch.full_like(pos, -1))
         if log_beta is not None:
             self._state.setdefault("log_beta", None)
             if self.is_initialized and self._state["log_beta"] is None:
                 self._state["log_beta"] = torch.zeros_like(self._pos, dtype=torch.float32)
-        self._pending = {"valid": new_valid, "pos": pos, "log_beta": log_beta, "queries": queries}
+        self._pending = {"valid": new_valid, "pos": new_pos, "count": new_count,
+                         "all_valid": all_valid, "log_beta": log_beta, "queries": queries}
         if queries is not None:
-            self._push_queries(queries, new_valid, pos)
+            self._push_queries(queries, new_valid, new_pos)
 
     def _push_queries(self, queries: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor) -> None:
         w = self.policy.query_window
@@ -180,7 +187,9 @@ class EvictionLayer(CacheLayerMixin):
                 tensor[:, :, self.n : end] = 0.0
         self.n = end
         self.seen += q
-        self.row_seen = self.row_seen + pending["valid"].long().sum(-1)
+        self.row_seen = self.row_seen + pending["count"]
+        if not pending["all_valid"]:
+            self.pad_resident = True
         self.last_chunk = q
         self.peak = max(self.peak, self.n)
         self.resident_sum += self.n
@@ -209,6 +218,8 @@ class EvictionLayer(CacheLayerMixin):
         order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
         kept = (n - 1 - order[..., :keep]).sort(dim=-1).values  # (B, H, keep)
         self._compact(kept)
+        if self.pad_resident:
+            self.pad_resident = bool((self._pos[:, :, :keep] < 0).any())
         self.evicted_tokens += n - keep
         self.evictions += 1
         if self.timings is not None:
@@ -232,9 +243,16 @@ class EvictionLayer(CacheLayerMixin):
                 tensor[:, :, :keep] = tensor[:, :, : self.n].gather(2, kept)
         self.n = keep
 
-    def attention_mask(self, new_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Additive (B, 1, q, n + q) mask over resident + incoming tokens for this step."""
+    def attention_mask(self, new_valid: torch.Tensor, dtype: torch.dtype,
+                       all_valid: bool = False) -> torch.Tensor | None:
+        """Additive (B, 1, q, n + q) mask over resident + incoming tokens for this step.
+
+        ``None`` when a single new token may see everything (no padding anywhere): attention
+        then runs unmasked, as for the full cache's decode steps.
+        """
         b, q = new_valid.shape
+        if q == 1 and all_valid and not self.pad_resident:
+            return None
         device = new_valid.device
         if self.n:
             stored = self._pos[:, 0, : self.n] >= 0  # padding slots are the same in every head
@@ -377,7 +395,8 @@ class EvictionCache(Cache):
             else:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
         super().__init__(layers=layers)
-        self._new_valid: torch.Tensor | None = None
+        self._new: tuple | None = None
+        self._row_seen: torch.Tensor | None = None
         #: seconds spent outside the model's own compute: gate / query recomputation
         #: ("scoring_inputs") and eviction + mask building ("cache_bookkeeping", which includes
         #: "evict").
@@ -389,10 +408,25 @@ class EvictionCache(Cache):
     # called by the model-level pre-hook once per forward
     def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, q_len: int,
                       device: torch.device) -> None:
+        """Record the incoming tokens' validity and positions (shared by every layer)."""
         if attention_mask is not None and attention_mask.dim() == 2:
-            self._new_valid = attention_mask[:, -q_len:].to(device=device, dtype=torch.bool)
+            valid = attention_mask[:, -q_len:].to(device=device, dtype=torch.bool)
+            all_valid = bool(valid.all())
         else:
-            self._new_valid = torch.ones(batch, q_len, dtype=torch.bool, device=device)
+            valid = torch.ones(batch, q_len, dtype=torch.bool, device=device)
+            all_valid = True
+        if self._row_seen is None or self._row_seen.shape[0] != batch:
+            self._row_seen = torch.zeros(batch, dtype=torch.long, device=device)
+        if all_valid:
+            pos = self._row_seen[:, None] + torch.arange(q_len, device=device)
+            count = torch.full((batch,), q_len, dtype=torch.long, device=device)
+        else:
+            pos = self._row_seen[:, None] + valid.long().cumsum(-1) - 1
+            pos = torch.where(valid, pos, torch.full_like(pos, -1))
+            count = valid.long().sum(-1)
+        self._row_seen = self._row_seen + count
+        self._new = (valid, pos, count, all_valid)
+        self._new_used: set[int] = set()
 
     def evicts(self, layer_idx: int) -> bool:
         return isinstance(self.layers[layer_idx], EvictionLayer)
@@ -406,15 +440,14 @@ class EvictionCache(Cache):
     ) -> torch.Tensor:
         """Evict what must go, stash the new tokens' metadata; return this layer's 4D mask."""
         b, q = hidden_states.shape[:2]
-        valid = self._new_valid
-        if valid is None or valid.shape != (b, q):
-            valid = torch.ones(b, q, dtype=torch.bool, device=hidden_states.device)
-        if log_beta is not None and not torch.isfinite(log_beta).all():
-            raise TrimKVError(f"Retention gate of layer {layer_idx} produced NaN/inf; the gate "
-                              "checkpoint is corrupt or does not fit this model.")
+        if self._new is None or self._new[0].shape != (b, q) or layer_idx in self._new_used:
+            # called without the model-level hook (e.g. on the inner model): all tokens real
+            self.begin_forward(None, b, q, hidden_states.device)
+        self._new_used.add(layer_idx)
+        valid, pos, count, all_valid = self._new
         layer: EvictionLayer = self.layers[layer_idx]
-        layer.prepare(valid, log_beta, queries)
-        return layer.attention_mask(valid, hidden_states.dtype)
+        layer.prepare(valid, pos, count, all_valid, log_beta, queries)
+        return layer.attention_mask(valid, hidden_states.dtype, all_valid)
 
     def compress_now(self) -> None:
         """Evict every layer down to its budget now (e.g. once after a context prefill)."""

@@ -321,6 +321,55 @@ def bench(
     print(render(result, _command_line()))
 
 
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        layer, head = text.split(":")
+        return int(layer), int(head)
+    except ValueError:
+        raise TrimKVError(f"Expected LAYER:HEAD, got {text!r}.") from None
+
+
+@app.command()
+def viz(
+    prompt: str | None = typer.Option(None, "--prompt", help="Text to analyse."),
+    prompt_file: Path | None = typer.Option(None, help="Read the text from a file."),
+    model: str | None = typer.Option(None),
+    gates: str | None = typer.Option(None, help="Gate directory or shipped name."),
+    out: Path = typer.Option(Path("viz_out"), help="Output directory (PNG, HTML, JSON)."),
+    budget: int = typer.Option(64),
+    buffer: int = typer.Option(16),
+    sinks: int = typer.Option(0, help="Protected first tokens (0 shows what gates keep alone)."),
+    heads: str | None = typer.Option(None, help="Timelines for these heads: 'L:H,L:H'."),
+    html_head: str | None = typer.Option(None, help="Head for retention.html: 'L:H'."),
+    max_new_tokens: int = typer.Option(0, help="Let the model continue the text first."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the text in the chat template."),
+):
+    """Retention maps, eviction timelines, coloured text and head roles for a text."""
+    from trimkv.generation import encode_prompt
+    from trimkv.models import load_model
+    from trimkv.viz import run_viz
+
+    try:
+        if (prompt is None) == (prompt_file is None):
+            raise TrimKVError("Give exactly one of --prompt or --prompt-file.")
+        text = prompt if prompt is not None else prompt_file.read_text()
+        if not text.strip():
+            raise TrimKVError("The text is empty.")
+        m, tok = load_model(model)
+        kwargs = {"ids": encode_prompt(tok, text, chat=True)} if chat else {"text": text}
+        res = run_viz(m, tok, gates, out=out, budget=budget, buffer=buffer, sinks=sinks,
+                      heads=[_pair(x) for x in heads.split(",")] if heads else None,
+                      html_head=_pair(html_head) if html_head else None,
+                      max_new_tokens=max_new_tokens, **kwargs)
+    except (TrimKVError, OSError) as exc:
+        _fail(exc)
+    for f in res["files"]:
+        print(f)
+    console.print(f"head roles: {res['roles'].get('counts')}")
+    for w in res["roles"].get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+
+
 @app.command()
 def models():
     """List the known model names."""

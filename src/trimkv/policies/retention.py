@@ -26,5 +26,13 @@ class RetentionPolicy(Policy):
         layer.add_state("log_beta")
 
     def score(self, layer) -> torch.Tensor:
+        log_beta = layer.log_beta
+        if not torch.isfinite(log_beta).all():
+            from trimkv.errors import TrimKVError
+
+            raise TrimKVError(
+                f"Retention gate of layer {layer.layer_idx} produced NaN/inf; the gate checkpoint "
+                "is corrupt or does not fit this model."
+            )
         age = (layer.row_seen.view(-1, 1, 1) - layer.positions).float()
-        return age * layer.log_beta
+        return age * log_beta
