@@ -194,6 +194,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "config": asdict(self.cfg),
+            "processes": self.accelerator.num_processes,
         }
 
         def write(tmp: Path) -> None:
@@ -222,6 +223,12 @@ class Trainer:
             diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
             raise TrimKVError(f"--resume with a different configuration: {diff}. Use the same "
                               "settings (only --steps may change) or a new --out directory.")
+        # the data of step s depends on the global batch, batch_size * grad_accum * processes
+        saved_procs, procs = state.get("processes", 1), self.accelerator.num_processes
+        if saved_procs != procs:
+            raise TrimKVError(f"--resume with {procs} process(es), but the checkpoint was trained "
+                              f"with {saved_procs}: the global batch would change. Resume with "
+                              f"{saved_procs} process(es) or use a new --out directory.")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_step = int(state["step"])
