@@ -11,29 +11,32 @@ output of the retention gate (``<= 0``); all zeros gives ordinary causal attenti
 Three implementations share one entry point, :func:`retention_attention`:
 
 ``"blockwise"`` (default)
-    A custom :class:`torch.autograd.Function` in the style of FlashAttention: the queries are
-    processed in blocks of ``block_size`` rows against the keys up to the end of the block (causal),
-    only the output and the per-row log-sum-exp are saved, and the backward recomputes the scores
-    block by block. Saved memory is O(T); the transient memory is one block of scores. The bias, the
-    softmax and all reductions are in fp32; the two matmuls per block run in the compute dtype
-    (bf16 under autocast). Gradients flow to query, key, value and ``log_beta``.
+    A custom :class:`torch.autograd.Function` in the style of FlashAttention: queries are processed
+    in blocks of ``block_size`` rows against the keys up to the end of the block (causal); only the
+    output and the per-row log-sum-exp are saved, and the backward recomputes the scores block by
+    block. Saved memory is O(T); the transient memory is one block of scores. Bias, softmax and
+    reductions are fp32; the matmuls run in the compute dtype (bf16 under autocast). Gradients flow
+    to query, key, value and ``log_beta``.
 ``"sdpa"``
-    ``scaled_dot_product_attention`` over query blocks with a per-block additive fp32 bias cast to the
-    compute dtype, each block wrapped in non-reentrant gradient checkpointing. Under bf16 the bias
-    itself is rounded to bf16 (coarser than ``"blockwise"``).
+    ``scaled_dot_product_attention`` over query blocks with a per-block additive bias (built in
+    fp32, cast to the compute dtype, so rounded to bf16 under autocast), each block wrapped in
+    non-reentrant gradient checkpointing. A bias that needs grad sends SDPA to its math kernel.
 ``"flex"``
     ``torch.compile(flex_attention)`` with a ``score_mod``. Forward only on CPU: torch 2.13 raises
-    for FlexAttention backward on CPU, so this is for no-grad use here (and for CUDA training, where it
-    is what the official code uses). The first call per shape compiles (~15 s on CPU).
+    for FlexAttention backward on CPU whenever query/key/value need grad. The first call per shape
+    compiles (3-10 s on CPU). Meant for CUDA, where the official code trains with it.
 
-``benchmarks/bench_attention.py`` measures them; ``"blockwise"`` is the default because it was the
-fastest and the leanest with backward (numbers in the module docstring of that script's output and in
-the report that introduced this file).
+Measured with ``benchmarks/bench_attention.py`` (B=1, Hq=9, Hkv=3, d=64, 1 thread, forward +
+backward, T=4096): blockwise 0.50-0.53 s bf16 / 0.97-1.03 s fp32 with 70-110 MB peak; sdpa
+1.7 s / 1.5 s with ~250 MB; naive 5.1 s / 5.6 s with ~2 GB; plain causal SDPA without any bias
+0.61 s / 0.79 s. Flex forward-only was slower than blockwise forward (0.46 vs 0.19 s bf16) and used
+more memory. Hence ``"blockwise"`` with 128-row blocks is the default.
 
 :func:`register_retention_attention` registers the function ``"trimkv_retention"`` with
-transformers (attention + mask interfaces). A layer uses retention-gated attention when its attention
-module carries a tensor ``module._trimkv_log_beta`` of shape ``(B, H_kv, T_k)``; when that attribute
-is missing or ``None`` the function is plain SDPA (the teacher pass).
+transformers (attention + mask interfaces). A layer uses retention-gated attention when its
+attention module carries a tensor ``module._trimkv_log_beta`` of shape ``(B, H_kv, T_k)``; when
+that attribute is missing or ``None`` the function is plain SDPA (the teacher pass). Optional
+per-module knobs: ``module._trimkv_block_size`` (int) and ``module._trimkv_attention_impl``.
 """
 
 from __future__ import annotations

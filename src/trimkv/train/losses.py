@@ -41,13 +41,16 @@ class _ChunkedKLCE(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, rows, chunk):
         kl = torch.zeros((), dtype=torch.float32, device=student.device)
         ce = torch.zeros((), dtype=torch.float32, device=student.device)
+        lowest = torch.finfo(torch.float32).min
         for c in range(0, rows.numel(), chunk):
             r = rows[c : c + chunk]
-            ls = torch.log_softmax(student[r].float(), dim=-1)
-            lt = torch.log_softmax(teacher[r].float(), dim=-1)
-            pt = lt.exp()
-            kl += torch.where(pt > 0, pt * (lt - ls), 0.0).sum()
+            ls = torch.log_softmax(student[r], dim=-1, dtype=torch.float32)
+            lt = torch.log_softmax(teacher[r], dim=-1, dtype=torch.float32)
             ce -= ls.gather(-1, labels[r, None]).sum()
+            pt = lt.exp()
+            # KL = sum p_t (log p_t - log p_s); clamping keeps 0 * log 0 terms at 0, not NaN
+            lt.clamp_(min=lowest).sub_(ls)
+            kl += torch.dot(pt.view(-1), lt.view(-1))
         ctx.save_for_backward(student, teacher, labels, rows)
         ctx.chunk = chunk
         return kl, ce
@@ -58,8 +61,8 @@ class _ChunkedKLCE(torch.autograd.Function):
         grad = torch.zeros_like(student)
         for c in range(0, rows.numel(), ctx.chunk):
             r = rows[c : c + ctx.chunk]
-            ps = torch.softmax(student[r].float(), dim=-1)
-            pt = torch.softmax(teacher[r].float(), dim=-1)
+            ps = torch.softmax(student[r], dim=-1, dtype=torch.float32)
+            pt = torch.softmax(teacher[r], dim=-1, dtype=torch.float32)
             # d KL / d s = softmax(s) - p_t ;  d CE / d s = softmax(s) - onehot(label)
             g = ps.mul_(g_kl + g_ce).sub_(pt.mul_(g_kl))
             g.scatter_add_(-1, labels[r, None], (-g_ce).expand(r.numel(), 1).contiguous())
