@@ -241,7 +241,10 @@ def _layer(policy, budget=64, buffer=0, sinks=0):
 def _feed(layer, keys, queries=None, values=None):
     """Append (B, H_kv, q, d) keys (and queries (B, H_q, q, d)) as one forward would."""
     b, _, q, _ = keys.shape
-    layer.prepare(torch.ones(b, q, dtype=torch.bool), None, queries)
+    seen = layer.row_seen if layer.row_seen is not None else torch.zeros(b, dtype=torch.long)
+    pos = seen[:, None] + torch.arange(q)
+    layer.prepare(torch.ones(b, q, dtype=torch.bool), pos, torch.full((b,), q), True, None,
+                  queries)
     layer.update(keys, keys.clone() if values is None else values)
 
 

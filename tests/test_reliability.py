@@ -157,7 +157,7 @@ def test_scenario(name, fn, exc, match, tmp_path, monkeypatch):
     (["generate", "--prompt", "   "], "prompt is empty"),
     (["generate"], "exactly one of --prompt"),
     (["eval", "fidelity", "--methods", "full,foo"], "Unknown method 'foo'"),
-    (["eval", "tasks", "--tasks", "nope"], "Unknown task"),
+    (["eval", "tasks", "--tasks", "nope"], "Unknown evaluation task"),
     (["train", "--out", "x", "--data", "nope:1", "--steps", "0"], "steps"),
 ])
 def test_cli_errors_are_clean(args, match):

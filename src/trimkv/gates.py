@@ -66,10 +66,15 @@ class RetentionGate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Return log beta, shape (B, H_kv, S), float32, computed with autocast off."""
-        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            x = hidden_states.to(self.linear1.weight.dtype)
-            logits = self.linear2(F.silu(self.linear1(x))) + self.bias
-            return F.logsigmoid(logits.float()).transpose(1, 2)
+        if torch.is_autocast_enabled(hidden_states.device.type):
+            with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+                return self._log_beta(hidden_states)
+        return self._log_beta(hidden_states)
+
+    def _log_beta(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(self.linear1.weight.dtype)
+        logits = F.linear(F.silu(self.linear1(x)), self.linear2.weight, self.bias)
+        return F.logsigmoid(logits).transpose(1, 2)
 
 
 @dataclass
