@@ -20,6 +20,7 @@ def main() -> None:
                       results, re.S)
         if m:
             body = m.group(1).replace("(img/", "(docs/img/").replace("## ", "### ", 1)
+            body = body.split("\nStructure of the learned scores")[0]  # details stay in RESULTS
             parts.append(body.strip())
     readme = (ROOT / "README.md").read_text()
     block = ("<!-- BEGIN results (copied from docs/RESULTS.md by benchmarks/update_readme.py) -->\n"

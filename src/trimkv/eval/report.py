@@ -29,7 +29,7 @@ def task_table(summary: dict) -> str:
                     continue
                 m = r["metrics"]
                 ref = m.get("reference", {})
-                agree = f" ({100 * ref['exact']:.0f}% = full)" if "exact" in ref else ""
+                agree = f" ({ref['exact']:.0f}% = full)" if "exact" in ref else ""
                 cells.append(f"{m['score']:.1f}{agree}")
             lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
