@@ -83,8 +83,7 @@ def run_demo(*, budget: int = 64, buffer: int = 16, quick: bool = False,
 
     table = Table(title=f"trimkv demo - SmolLM2-135M, KV budget {budget_eff} tokens/head, "
                         f"buffer {buffer}")
-    for col in ("method", "KL to full (held-out)", "top-1 agree", "generation = full",
-                "same prefix", "peak KV", "decode tok/s"):
+    for col in ("method", "KL", "top-1", "gen=full", "prefix", "KV", "tok/s"):
         table.add_column(col, justify="right" if col != "method" else "left")
     rows = []
     for method in methods:
@@ -105,6 +104,9 @@ def run_demo(*, budget: int = 64, buffer: int = 16, quick: bool = False,
                       f"{row['gen_agreement']:.1%}", f"{row['same_prefix']} tok",
                       f"{row['peak_kv_bytes'] / 1e6:.2f} MB", f"{row['decode_tok_s']:.1f}")
     console.print(table)
+    console.print("KL / top-1: next-token KL and top-1 agreement with the full cache on held-out "
+                  "text; gen=full / prefix: share of greedy tokens equal to the full cache's and "
+                  "length of the identical prefix in a long generation; KV: peak KV cache.")
     console.print("[bold]Full cache:[/] " + gens["full"].text[:300].replace("\n", " ") + " ...")
     console.print("[bold]TRIM-KV:[/]    " + gens["trimkv"].text[:300].replace("\n", " ") + " ...")
 
