@@ -34,6 +34,7 @@ from trimkv.errors import TrimKVError
 from trimkv.gates import GateMetadata, RetentionGates
 from trimkv.hooks import LOG_BETA_ATTR, attach, detach
 from trimkv.io import atomic_dir_write, atomic_write_json
+from trimkv.progress import progress_bar
 from trimkv.train.data import Mixture
 
 CKPT_DIR = "checkpoint"
@@ -337,7 +338,7 @@ class Trainer:
         state = self._attach()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         per_step = cfg.batch_size * cfg.grad_accum * world
-        progress = _progress(self.progress and self.accelerator.is_main_process)
+        progress = progress_bar(self.progress and self.accelerator.is_main_process, info=True)
         try:
             with progress:
                 task = progress.add_task("training gates", total=cfg.steps,
@@ -386,35 +387,6 @@ def _append_jsonl(path: Path, rec: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         fh.write(json.dumps(rec) + "\n")
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None, **kwargs) -> RetentionGates:
