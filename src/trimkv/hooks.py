@@ -119,7 +119,11 @@ def _attention_pre_hook(state: HookState):
         if not isinstance(cache, EvictionCache) or not cache.evicts(layer_idx):
             return None
         t0 = time.perf_counter()
-        log_beta = gates(layer_idx, hidden) if has_gate and cache.policy.needs_gates else None
+        log_beta = None
+        if has_gate and cache.policy.needs_gates:
+            # direct forward call: this runs once per layer per decode step, so skip the
+            # nn.Module __call__ machinery (gates carry no hooks of their own)
+            log_beta = gates[layer_idx].forward(hidden)
         queries = None
         if cache.policy.query_window:
             queries = query_states(module, hidden, kwargs["position_embeddings"])
