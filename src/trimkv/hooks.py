@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from trimkv.architectures import attention_modules, query_states
@@ -137,11 +136,3 @@ def _attention_pre_hook(state: HookState):
 
     return hook
 
-
-@torch.no_grad()
-def gate_log_beta(model: nn.Module, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
-    """Convenience for analysis: the attached gate's log beta for ``hidden`` at ``layer_idx``."""
-    state = get_state(model)
-    if state is None or state.gates is None:
-        raise ValueError("No gates attached.")
-    return state.gates(layer_idx, hidden)
