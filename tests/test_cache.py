@@ -300,3 +300,51 @@ def test_nan_gate_names_the_layer():
     with pytest.raises(TrimKVError, match="layer 1"):
         model(torch.randint(1, 100, (1, 12)), cache=cache)
         model(torch.randint(1, 100, (1, 1)), cache=cache)
+
+
+@pytest.mark.parametrize("budget,buffer", [(64, 4), (8, 4), (8, 0)])
+def test_staged_decode_gates_give_the_same_log_beta(budget, buffer):
+    """Decode steps stage gate inputs and run the gate batched later: same log beta per token."""
+    from trimkv.architectures import attention_modules
+    from trimkv.hooks import get_state
+
+    model = _model("llama")
+    gates = get_state(model).gates
+    ids = torch.randint(1, 100, (1, 35), generator=torch.Generator().manual_seed(3))
+    cache = EvictionCache(model, "trimkv", budget=budget, buffer=buffer)
+    per_step: dict[int, list] = {i: [] for i in cache.evicted}  # gate run token by token
+
+    def capture(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        per_step[module.layer_idx].append(gates(module.layer_idx, hidden)[0])
+
+    handles = [a.register_forward_pre_hook(capture, with_kwargs=True)
+               for a in attention_modules(model)]
+    with torch.no_grad():
+        model(ids[:, :10], cache=cache)
+        for t in range(10, 35):
+            model(ids[:, t : t + 1], cache=cache)
+    for h in handles:
+        h.remove()
+    for idx in cache.evicted:
+        layer = cache.layers[idx]
+        ref = torch.cat(per_step[idx], dim=-1)  # (H, 35)
+        want = ref.gather(1, layer.positions[0])
+        torch.testing.assert_close(layer.log_beta[0], want, atol=1e-6, rtol=1e-5)
+        assert layer._gate_pending == 0  # reading log beta ran the staged tokens
+    if budget < 35:
+        assert cache.stats().evictions > 0
+
+
+def test_beam_search_reorders_a_bounded_cache():
+    model = _model("llama")
+    ids = torch.randint(1, 100, (1, 20), generator=torch.Generator().manual_seed(4))
+    cache = EvictionCache(model, "trimkv", budget=8, buffer=4)
+    out = _gen(model, ids, cache, new=30, num_beams=3)
+    assert out.shape == (1, 30)
+    assert cache.stats().peak_tokens_per_head <= 8 + 4 + 20
+    # with a budget larger than everything, beam search equals the full cache's
+    full = _gen(model, ids, DynamicCache(config=model.config), new=12, num_beams=3)
+    big = _gen(model, ids, EvictionCache(model, "trimkv", budget=64, buffer=4), new=12,
+               num_beams=3)
+    assert torch.equal(full, big)

@@ -47,7 +47,8 @@ class EvictionLayer(CacheLayerMixin):
         self.sinks = sinks
         self.n = 0  # resident slots (same for every head of the layer)
         self.seen = 0  # tokens seen, padding included (= mask columns)
-        self.row_seen: torch.Tensor | None = None  # (B,) real tokens seen per row
+        self._row_seen: torch.Tensor | None = None  # (B,) real tokens per row, minus ...
+        self._row_seen_add = 0  # ... tokens added to every row since (kept as an int: no op)
         self._state: dict[str, torch.Tensor] = {}  # per-token extra state, (B, H, cap)
         self._pending: dict | None = None
         self.recent_queries: torch.Tensor | None = None  # (B, Hq, w, d) post-RoPE
@@ -63,9 +64,21 @@ class EvictionLayer(CacheLayerMixin):
         self.timings: dict | None = None
         self.pad_resident = False  # any padding slot resident (then masks are always built)
         self.frozen = False  # no more eviction (kvpress-style "compress the context once")
+        # retention gate inputs of single-token steps, run through the gate in one batch when
+        # log beta is next read (see _stage_gate_input)
+        self._gate: nn.Module | None = None
+        self._gate_in: torch.Tensor | None = None  # (B, buffer, hidden)
+        self._gate_pending = 0  # trailing resident slots whose log beta is not computed yet
         policy.init_layer(self)
 
     # ---------------------------------------------------------------- views the policies read
+    @property
+    def row_seen(self) -> torch.Tensor | None:
+        """(B,) real (non-padding) tokens seen per batch row."""
+        if self._row_seen_add:
+            self._row_seen, self._row_seen_add = self._row_seen + self._row_seen_add, 0
+        return self._row_seen
+
     @property
     def keys_(self) -> torch.Tensor:
         return self.keys[:, :, : self.n]
@@ -88,6 +101,7 @@ class EvictionLayer(CacheLayerMixin):
         if "log_beta" not in self._state:
             raise TrimKVError("This policy needs retention gates: attach them with "
                               "`RetentionGates.load(...).attach(model)` before generating.")
+        self.flush_gates()
         return self._state["log_beta"][:, :, : self.n]
 
     def state(self, name: str) -> torch.Tensor:
@@ -103,8 +117,8 @@ class EvictionLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         cap = self.budget + self.buffer + max(key_states.shape[2], 1)
         self._alloc(b, h, d, value_states.shape[-1], cap)
-        if self.row_seen is None:
-            self.row_seen = torch.zeros(b, dtype=torch.long, device=self.device)
+        if self._row_seen is None:
+            self._row_seen = torch.zeros(b, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
     def _alloc(self, b: int, h: int, dk: int, dv: int, cap: int) -> None:
@@ -131,26 +145,29 @@ class EvictionLayer(CacheLayerMixin):
         new_pos: torch.Tensor,
         new_count: torch.Tensor,
         all_valid: bool,
-        log_beta: torch.Tensor | None,
+        gate_input: tuple[nn.Module, torch.Tensor] | None,
         queries: torch.Tensor | None,
     ) -> None:
         """Evict if the incoming tokens would overflow budget + buffer; stash their metadata.
 
         ``new_pos`` (B, q) are the incoming tokens' positions (-1 for padding), ``new_count`` (B,)
         the number of real ones per row; both are computed once per forward by the cache.
+        ``gate_input`` is ``(retention gate, hidden states (B, q, hidden))`` for policies that read
+        log beta.
         """
         q = new_valid.shape[1]
-        if self.row_seen is None:
-            self.row_seen = torch.zeros(new_valid.shape[0], dtype=torch.long,
-                                        device=new_valid.device)
+        if self._row_seen is None:
+            self._row_seen = torch.zeros(new_valid.shape[0], dtype=torch.long,
+                                         device=new_valid.device)
         if not self.frozen and self.n + q > self.budget + self.buffer and self.n > self.budget:
             self.evict(self.budget)
-        if log_beta is not None:
+        if gate_input is not None:
+            self._gate = gate_input[0]
             self._state.setdefault("log_beta", None)
             if self.is_initialized and self._state["log_beta"] is None:
                 self._state["log_beta"] = torch.zeros_like(self._pos, dtype=torch.float32)
         self._pending = {"valid": new_valid, "pos": new_pos, "count": new_count,
-                         "all_valid": all_valid, "log_beta": log_beta, "queries": queries}
+                         "all_valid": all_valid, "gate_input": gate_input, "queries": queries}
         if queries is not None:
             self._push_queries(queries, new_valid, new_pos)
 
@@ -177,17 +194,21 @@ class EvictionLayer(CacheLayerMixin):
         if end > self.capacity:
             self._alloc(*key_states.shape[:2], key_states.shape[-1], value_states.shape[-1],
                         max(end, self.budget + self.buffer + q))
-        self.keys[:, :, self.n : end] = key_states
-        self.values[:, :, self.n : end] = value_states
-        self._pos[:, :, self.n : end] = pending["pos"][:, None, :]
-        if pending["log_beta"] is not None:
-            self._state["log_beta"][:, :, self.n : end] = pending["log_beta"].detach()
+        self.keys.narrow(2, self.n, q).copy_(key_states)
+        self.values.narrow(2, self.n, q).copy_(value_states)
+        self._pos.narrow(2, self.n, q).copy_(pending["pos"][:, None, :])
+        if pending["gate_input"] is not None:
+            self._stage_gate_input(pending["gate_input"][1])
         for name, tensor in self._state.items():
             if name != "log_beta":
                 tensor[:, :, self.n : end] = 0.0
         self.n = end
         self.seen += q
-        self.row_seen = self.row_seen + pending["count"]
+        if pending["all_valid"]:
+            self._row_seen_add += q
+        else:
+            self._row_seen = self.row_seen + pending["count"]
+            self._row_seen_add = 0
         if not pending["all_valid"]:
             self.pad_resident = True
         self.last_chunk = q
@@ -195,13 +216,51 @@ class EvictionLayer(CacheLayerMixin):
         self.resident_sum += self.n
         self.seen_sum += self.seen
         self.policy.on_update(self, pending["queries"])
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
+
+    def _stage_gate_input(self, hidden: torch.Tensor) -> None:
+        """Log beta for the tokens being appended at slots ``n : n + q``.
+
+        A decode step's single token is only staged: its hidden state is copied into a small
+        buffer and the gate runs once over all staged tokens when log beta is next read (at the
+        next eviction, every ``buffer`` steps). One batched gate call instead of ``buffer`` tiny
+        ones per layer makes the gates nearly free; the result is the same log beta. Prompt
+        chunks (q > 1) go through the gate at once.
+        """
+        b, q, d = hidden.shape
+        if q == 1 and self.buffer > 0:
+            buf = self._gate_in
+            if buf is None or buf.shape[0] != b or buf.shape[2] != d or buf.dtype != hidden.dtype:
+                self.flush_gates()
+                buf = self._gate_in = torch.empty(b, self.buffer, d, dtype=hidden.dtype,
+                                                  device=hidden.device)
+            if self._gate_pending == buf.shape[1]:
+                self.flush_gates()
+            buf.narrow(1, self._gate_pending, 1).copy_(hidden.detach())
+            self._gate_pending += 1
+            return
+        self.flush_gates()
+        self._state["log_beta"][:, :, self.n : self.n + q] = self._gate(hidden).detach()
+
+    def flush_gates(self) -> None:
+        """Run the gate over the staged decode tokens and store their log beta."""
+        p = self._gate_pending
+        if not p:
+            return
+        t0 = time.perf_counter()
+        self._gate_pending = 0
+        with torch.no_grad():
+            log_beta = self._gate(self._gate_in[:, :p])
+        self._state["log_beta"][:, :, self.n - p : self.n] = log_beta
+        if self.timings is not None:
+            self.timings["scoring_inputs"] += time.perf_counter() - t0
 
     def evict(self, keep: int) -> None:
         """Keep the top-``keep`` slots per (row, head) by policy score, in original order."""
         n = self.n
         if n <= keep:
             return
+        self.flush_gates()
         t0 = time.perf_counter()
         scores = self.policy.score(self).float()
         if torch.isnan(scores).any():
@@ -231,16 +290,23 @@ class EvictionLayer(CacheLayerMixin):
             self._alloc(b, h, dk, self.values.shape[-1], target)
 
     def _compact(self, kept: torch.Tensor) -> None:
-        keep = kept.shape[-1]
-        idx_k = kept[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        idx_v = kept[..., None].expand(-1, -1, -1, self.values.shape[-1])
-        self.keys[:, :, :keep] = self.keys[:, :, : self.n].gather(2, idx_k)
-        self.values[:, :, :keep] = self.values[:, :, : self.n].gather(2, idx_v)
-        self._pos[:, :, :keep] = self._pos[:, :, : self.n].gather(2, kept)
+        b, h, keep = kept.shape
+        cap = self.capacity
+        # one flat row index for every (row, head, kept slot): index_select copies whole rows,
+        # about twice as fast as gather with an expanded index at these sizes
+        rows = (kept + torch.arange(0, b * h * cap, cap, device=kept.device).view(b, h, 1)).view(-1)
+
+        def take(t: torch.Tensor) -> None:
+            flat = t.view(b * h * cap, -1).index_select(0, rows)
+            t.narrow(2, 0, keep).copy_(flat.view(b, h, keep, *t.shape[3:]))
+
+        take(self.keys)
+        take(self.values)
+        take(self._pos)
         self._pos[:, :, keep:] = -1
         for tensor in self._state.values():
             if tensor is not None:
-                tensor[:, :, :keep] = tensor[:, :, : self.n].gather(2, kept)
+                take(tensor)
         self.n = keep
 
     def attention_mask(self, new_valid: torch.Tensor, dtype: torch.dtype,
@@ -281,9 +347,10 @@ class EvictionLayer(CacheLayerMixin):
     def _rows(self, fn) -> None:
         if not self.is_initialized:
             return
+        self.flush_gates()
         self.keys, self.values, self._pos = fn(self.keys), fn(self.values), fn(self._pos)
         self._state = {k: fn(v) for k, v in self._state.items() if v is not None}
-        self.row_seen = fn(self.row_seen)
+        self._row_seen, self._row_seen_add = fn(self.row_seen), 0
         if self.recent_queries is not None:
             self.recent_queries = fn(self.recent_queries)
             self.recent_query_valid = fn(self.recent_query_valid)
@@ -435,10 +502,13 @@ class EvictionCache(Cache):
         self,
         layer_idx: int,
         hidden_states: torch.Tensor,
-        log_beta: torch.Tensor | None,
+        gate: nn.Module | None,
         queries: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Evict what must go, stash the new tokens' metadata; return this layer's 4D mask."""
+        """Evict what must go, stash the new tokens' metadata; return this layer's 4D mask.
+
+        ``gate`` is the layer's retention gate when the policy reads log beta (run on
+        ``hidden_states``, possibly later and batched)."""
         b, q = hidden_states.shape[:2]
         if self._new is None or self._new[0].shape != (b, q) or layer_idx in self._new_used:
             # called without the model-level hook (e.g. on the inner model): all tokens real
@@ -446,7 +516,8 @@ class EvictionCache(Cache):
         self._new_used.add(layer_idx)
         valid, pos, count, all_valid = self._new
         layer: EvictionLayer = self.layers[layer_idx]
-        layer.prepare(valid, pos, count, all_valid, log_beta, queries)
+        layer.prepare(valid, pos, count, all_valid,
+                      None if gate is None else (gate, hidden_states), queries)
         return layer.attention_mask(valid, hidden_states.dtype, all_valid)
 
     def compress_now(self) -> None:

@@ -118,19 +118,17 @@ def _attention_pre_hook(state: HookState):
         if not isinstance(cache, EvictionCache) or not cache.evicts(layer_idx):
             return None
         t0 = time.perf_counter()
-        log_beta = None
-        if has_gate and cache.policy.needs_gates:
-            # direct forward call: this runs once per layer per decode step, so skip the
-            # nn.Module __call__ machinery (gates carry no hooks of their own)
-            log_beta = gates[layer_idx].forward(hidden)
+        # the cache runs the gate itself (batched over decode steps, see EvictionLayer)
+        gate = gates[layer_idx] if has_gate and cache.policy.needs_gates else None
         queries = None
         if cache.policy.query_window:
             queries = query_states(module, hidden, kwargs["position_embeddings"])
-        t1 = time.perf_counter()
-        mask = cache.before_attention(layer_idx, hidden, log_beta, queries)
         timings = cache.timings
+        t1, gate_seconds = time.perf_counter(), timings["scoring_inputs"]
+        mask = cache.before_attention(layer_idx, hidden, gate, queries)
+        gate_seconds = timings["scoring_inputs"] - gate_seconds  # staged gates run in there
         timings["scoring_inputs"] += t1 - t0
-        timings["cache_bookkeeping"] += time.perf_counter() - t1
+        timings["cache_bookkeeping"] += time.perf_counter() - t1 - gate_seconds
         kwargs["attention_mask"] = mask
         return args, kwargs
 

@@ -26,13 +26,6 @@ class RetentionPolicy(Policy):
         layer.add_state("log_beta")
 
     def score(self, layer) -> torch.Tensor:
-        log_beta = layer.log_beta
-        if not torch.isfinite(log_beta).all():
-            from trimkv.errors import TrimKVError
-
-            raise TrimKVError(
-                f"Retention gate of layer {layer.layer_idx} produced NaN/inf; the gate checkpoint "
-                "is corrupt or does not fit this model."
-            )
+        # NaN (a broken gate or model) is caught by the cache for every policy
         age = (layer.row_seen.view(-1, 1, 1) - layer.positions).float()
-        return age * log_beta
+        return age * layer.log_beta
