@@ -69,6 +69,12 @@ class EvictionLayer(CacheLayerMixin):
         self._gate: nn.Module | None = None
         self._gate_in: torch.Tensor | None = None  # (B, buffer, hidden)
         self._gate_pending = 0  # trailing resident slots whose log beta is not computed yet
+        # static decode (torch.compile): set by EvictionCache(static=True)
+        self.static = False
+        self.static_step = False  # this forward is a static decode step
+        self._slot: torch.Tensor | None = None  # (1,) slot of the new token, shared by layers
+        self._gate_slot: torch.Tensor | None = None  # (1,) its row in the staged gate inputs
+        self._static_pos: torch.Tensor | None = None  # (B, 1) its position
         policy.init_layer(self)
 
     # ---------------------------------------------------------------- views the policies read
@@ -183,6 +189,8 @@ class EvictionLayer(CacheLayerMixin):
             self.recent_query_pos = torch.cat([self.recent_query_pos, pos], 1)[:, -w:]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static_step:
+            return self._static_update(key_states, value_states)
         if self._pending is None:
             raise TrimKVError("EvictionCache needs trimkv's hooks on the model: build the cache with "
                               "`EvictionCache(model, ...)` (it attaches them) and call that model.")
@@ -331,7 +339,71 @@ class EvictionLayer(CacheLayerMixin):
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
+    # ---------------------------------------------------------------- static decode steps
+    @property
+    def static_capacity(self) -> int:
+        """Slots of a static layer while decoding: budget + buffer + the incoming token."""
+        return self.budget + self.buffer + 1
+
+    def begin_static_step(self, pos: torch.Tensor, count: torch.Tensor, all_valid: bool,
+                          hidden: tuple[int, torch.dtype] | None) -> tuple[int, int]:
+        """Eager half of a static decode step, run before the (compiled) forward.
+
+        Evicts if needed, keeps the storage at :attr:`static_capacity` slots (same tensors from
+        step to step, so compiled graphs stay valid), and advances every Python counter now, so
+        the compiled half (:meth:`_static_update`, :meth:`stage_static_gate_input`) only writes
+        tensors at the slot indices held in ``self._slot`` / ``self._gate_slot``. ``hidden`` is
+        (hidden size, dtype) when the gate inputs are staged. Returns (slot, gate slot).
+        """
+        if self.n + 1 > self.budget + self.buffer and self.n > self.budget:
+            self.evict(self.budget)
+        cap = self.static_capacity
+        if self.capacity != cap:
+            b, h, _, dk = self.keys.shape
+            self._alloc(b, h, dk, self.values.shape[-1], cap)
+        gate_slot = 0
+        if hidden is not None:
+            rows = max(self.buffer, 1)
+            buf = self._gate_in
+            b = self.keys.shape[0]
+            if buf is None or buf.shape != (b, rows, hidden[0]) or buf.dtype != hidden[1]:
+                self.flush_gates()
+                self._gate_in = torch.empty(b, rows, hidden[0], dtype=hidden[1],
+                                            device=self.device)
+            if self._gate_pending == rows:
+                self.flush_gates()
+            gate_slot = self._gate_pending
+            self._gate_pending += 1
+        slot = self.n
+        self._static_pos = pos
+        self.n += 1
+        self.seen += 1
+        if all_valid:
+            self._row_seen_add += 1
+        else:
+            self._row_seen = self.row_seen + count
+            self.pad_resident = True
+        self.last_chunk = 1
+        self.peak = max(self.peak, self.n)
+        self.resident_sum += self.n
+        self.seen_sum += self.seen
+        return slot, gate_slot
+
+    def _static_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Compiled half of a static decode step: in-place writes at a tensor index only."""
+        slot = self._slot
+        self.keys.index_copy_(2, slot, key_states)
+        self.values.index_copy_(2, slot, value_states)
+        self._pos.index_copy_(2, slot, self._static_pos[:, None, :].expand(-1, self._pos.shape[1], -1))
+        return self.keys, self.values
+
+    def stage_static_gate_input(self, hidden: torch.Tensor) -> None:
+        self._gate_in.index_copy_(1, self._gate_slot, hidden.detach().to(self._gate_in.dtype))
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static and query_length == 1 and self.is_initialized:
+            # a static decode step: constant while decoding (the hook supplies the real mask)
+            return self.static_capacity, 0
         return self.n + query_length, self.seen - self.n
 
     def get_seq_length(self) -> int:
@@ -431,6 +503,7 @@ class EvictionCache(Cache):
         budget: int = 256,
         buffer: int = 32,
         sinks: int | None = None,
+        static: bool = False,
         **policy_kwargs,
     ) -> None:
         from trimkv.hooks import ensure_attached
@@ -462,6 +535,12 @@ class EvictionCache(Cache):
             else:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
         super().__init__(layers=layers)
+        self.static = static
+        self.static_step = False
+        self._static_mask: torch.Tensor | None = None
+        self._hidden_size = fp["hidden_size"]
+        if static:
+            self._check_static(layers)
         self._new: tuple | None = None
         self._row_seen: torch.Tensor | None = None
         #: seconds spent outside the model's own compute: gate / query recomputation
@@ -479,6 +558,13 @@ class EvictionCache(Cache):
         if attention_mask is not None and attention_mask.dim() == 2:
             valid = attention_mask[:, -q_len:].to(device=device, dtype=torch.bool)
             all_valid = bool(valid.all())
+        elif attention_mask is not None and attention_mask.dim() == 4 and q_len > 1:
+            # generate() turns the 2D mask into a 4D one for compileable (static) caches; its last
+            # query row (a real token under left padding) tells which new tokens are padding.
+            # Its last q columns are the new tokens (see get_mask_sizes).
+            last = attention_mask[:, 0, -1, -q_len:]
+            valid = (last if last.dtype == torch.bool else last == 0).to(device)
+            all_valid = bool(valid.all())
         else:
             valid = torch.ones(batch, q_len, dtype=torch.bool, device=device)
             all_valid = True
@@ -494,6 +580,76 @@ class EvictionCache(Cache):
         self._row_seen = self._row_seen + count
         self._new = (valid, pos, count, all_valid)
         self._new_used: set[int] = set()
+        if self.static:
+            self._set_static_step(q_len == 1 and self._begin_static_step(valid, pos, count,
+                                                                          all_valid))
+
+    # ---------------------------------------------------------------- static decode (compile)
+    def _check_static(self, layers: list) -> None:
+        from trimkv.policies.base import Policy
+
+        ev = [layer for layer in layers if isinstance(layer, EvictionLayer)]
+        if len(ev) != len(layers):
+            raise TrimKVError("static=True does not support models with sliding-window layers "
+                              "(e.g. Gemma3) yet; use the default dynamic cache.")
+        if self.policy.query_window or type(self.policy).on_update is not Policy.on_update:
+            raise TrimKVError(
+                f"static=True needs a policy that scores from stored tokens only; "
+                f"{self.policy.name!r} tracks attention. Use trimkv, streaming, knorm, keydiff or "
+                "random, or the default dynamic cache."
+            )
+        if len({layer.budget for layer in ev}) != 1:
+            raise TrimKVError("static=True needs one budget for every layer.")
+        self._slot = torch.zeros(1, dtype=torch.long)
+        self._gate_slot = torch.zeros(1, dtype=torch.long)
+        for layer in ev:
+            layer.static = True
+            layer.is_compileable = True
+            layer._slot, layer._gate_slot = self._slot, self._gate_slot
+
+    def _begin_static_step(self, valid, pos, count, all_valid) -> bool:
+        """Eager half of a static decode step for every layer, and the step's shared mask."""
+        ev = [layer for layer in self.layers if isinstance(layer, EvictionLayer)]
+        if not ev[0].is_initialized:
+            return False  # nothing prefilled yet: run this step the dynamic way
+        hidden = None
+        if self.policy.needs_gates:
+            hidden = (self._hidden_size, ev[0].keys.dtype)
+        slots = {layer.begin_static_step(pos, count, all_valid, hidden) for layer in ev}
+        if len(slots) != 1:  # cannot happen with one budget; guards the shared slot tensors
+            raise TrimKVError(f"static layers went out of step: {sorted(slots)}")
+        slot, gate_slot = slots.pop()
+        device = ev[0].device
+        if self._slot.device != device:
+            self._slot, self._gate_slot = self._slot.to(device), self._gate_slot.to(device)
+            for layer in ev:
+                layer._slot, layer._gate_slot = self._slot, self._gate_slot
+        self._slot.fill_(slot)
+        self._gate_slot.fill_(gate_slot)
+        rep = ev[0]
+        b, cap, dtype = valid.shape[0], rep.capacity, rep.keys.dtype
+        if self._static_mask is None or self._static_mask.shape != (b, 1, 1, cap) \
+                or self._static_mask.dtype != dtype:
+            self._static_mask = torch.zeros(b, 1, 1, cap, dtype=dtype, device=device)
+        allowed = torch.zeros(b, cap, dtype=torch.bool, device=device)
+        allowed[:, :slot] = rep._pos[:, 0, :slot] >= 0  # padding slots are alike in all heads
+        allowed[:, slot] = valid[:, 0]
+        self._static_mask.copy_(torch.where(allowed, 0.0, torch.finfo(dtype).min)[:, None, None])
+        return True
+
+    def _set_static_step(self, on: bool) -> None:
+        self.static_step = on
+        for layer in self.layers:
+            if isinstance(layer, EvictionLayer):
+                layer.static_step = on
+
+    def static_attention_mask(self, layer_idx: int, hidden_states: torch.Tensor,
+                              gate: nn.Module | None) -> torch.Tensor:
+        """Compiled half of a static decode step in the attention hook: stage the gate input,
+        return the step's mask (B, 1, 1, capacity)."""
+        if gate is not None:
+            self.layers[layer_idx].stage_static_gate_input(hidden_states)
+        return self._static_mask
 
     def evicts(self, layer_idx: int) -> bool:
         return isinstance(self.layers[layer_idx], EvictionLayer)
@@ -528,6 +684,9 @@ class EvictionCache(Cache):
 
     def freeze(self, frozen: bool = True) -> None:
         """Stop (or resume) evicting: the cache then grows like a full cache."""
+        if frozen and self.static:
+            raise TrimKVError("A static cache has a fixed size and cannot stop evicting; build "
+                              "it with static=False to freeze it.")
         for layer in self.layers:
             if isinstance(layer, EvictionLayer):
                 layer.frozen = frozen

@@ -42,6 +42,8 @@ def generate(
     full_prefill: bool = typer.Option(False, "--full-prefill",
                                       help="Prefill the whole prompt, then cut to the budget."),
     sinks: int | None = typer.Option(None, help="Protect the first N tokens (inside M)."),
+    compile: bool = typer.Option(False, "--compile",
+                                 help="Decode with torch.compile on a static-shape cache."),
     max_new_tokens: int = typer.Option(128, help="Tokens to generate."),
     min_new_tokens: int | None = typer.Option(None, help="Generate at least this many."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
@@ -67,7 +69,7 @@ def generate(
                      chunk=chunk, sinks=sinks, max_new_tokens=max_new_tokens, sample=sample,
                      temperature=temperature, top_p=top_p, seed=seed,
                      chat=False if no_chat else None, min_new_tokens=min_new_tokens,
-                     full_prefill=full_prefill)
+                     full_prefill=full_prefill, compile=compile)
     except (TrimKVError, OSError) as exc:
         _fail(exc)
     if as_json:

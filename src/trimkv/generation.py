@@ -41,6 +41,7 @@ class GenerationResult:
     full_kv_bytes: int = 0
     evictions: int = 0
     kv_footprint: float = 1.0
+    compiled: bool = False
     token_ids: list[int] = field(default_factory=list, repr=False)
 
     @property
@@ -77,14 +78,20 @@ def resolve_gates(model, gates: str | RetentionGates | None) -> RetentionGates:
 
 
 def build_cache(model, method: str, *, budget: int, buffer: int, sinks: int | None = None,
-                gates: str | RetentionGates | None = None, **policy_kwargs):
-    """The cache for ``method`` (``full`` -> transformers' DynamicCache; gates attached for
-    ``trimkv``). Returns (cache, gates_or_None, sinks_used)."""
-    from transformers import DynamicCache
+                gates: str | RetentionGates | None = None, static: bool = False,
+                max_cache_len: int | None = None, **policy_kwargs):
+    """The cache for ``method`` (``full`` -> transformers' DynamicCache, or its StaticCache of
+    ``max_cache_len`` tokens when ``static``; gates attached for ``trimkv``).
+    Returns (cache, gates_or_None, sinks_used)."""
+    from transformers import DynamicCache, StaticCache
 
     if method not in METHODS:
         raise TrimKVError(f"Unknown method {method!r}. Valid: {', '.join(METHODS)}.")
     if method == "full":
+        if static:
+            if max_cache_len is None:
+                raise TrimKVError("A static full cache needs max_cache_len (prompt + new tokens).")
+            return StaticCache(config=model.config, max_cache_len=max_cache_len), None, None
         return DynamicCache(config=model.config), None, None
     used = None
     if POLICIES[method].needs_gates:
@@ -93,8 +100,21 @@ def build_cache(model, method: str, *, budget: int, buffer: int, sinks: int | No
         if sinks is None:
             sinks = used.metadata.recommended.get("sinks")
     cache = EvictionCache(model, method, budget=budget, buffer=buffer, sinks=sinks,
-                          **policy_kwargs)
+                          static=static, **policy_kwargs)
     return cache, used, cache.sinks
+
+
+def compile_config(device: torch.device):
+    """transformers ``CompileConfig`` for static-cache decoding on ``device``.
+
+    transformers only auto-compiles decoding on accelerators; this also enables it on CPU
+    (inductor, default mode: CUDA graphs do not apply there)."""
+    from transformers import CompileConfig
+
+    cuda = torch.device(device).type == "cuda"
+    cfg = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if cuda else "default")
+    cfg._compile_all_devices = True
+    return cfg
 
 
 class _Timer:
@@ -104,6 +124,7 @@ class _Timer:
         self.events: list[tuple[int, float]] = []
         self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
+    @torch.compiler.disable
     def _hook(self, module, args, kwargs, output):
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
@@ -145,12 +166,15 @@ def generate(
     chat: bool | None = None,
     min_new_tokens: int | None = None,
     full_prefill: bool = False,
+    compile: bool = False,
 ) -> GenerationResult:
     """Generate from one prompt with ``method`` under a budget; returns text, timings, stats.
 
     ``chunk``: prefill prompts longer than the budget in chunks of this many tokens (evicting after
     each); default 128 for bounded methods. ``full_prefill=True`` prefills the whole prompt at
     once, then cuts it to the budget (the official TRIM-KV behaviour; peak = prompt length).
+    ``compile=True`` decodes with ``torch.compile`` on a static-shape cache (see
+    :func:`compile_config`); the first decode step pays the compilation.
     """
     ids = prompt if isinstance(prompt, torch.Tensor) else encode_prompt(tokenizer, prompt,
                                                                         chat=chat)
@@ -168,8 +192,9 @@ def generate(
         raise TrimKVError(f"chunk must be a positive integer, got {chunk!r}.")
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise TrimKVError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
-    cache, used_gates, used_sinks = build_cache(model, method, budget=budget, buffer=buffer,
-                                                sinks=sinks, gates=gates)
+    cache, used_gates, used_sinks = build_cache(
+        model, method, budget=budget, buffer=buffer, sinks=sinks, gates=gates, static=compile,
+        max_cache_len=ids.shape[1] + max_new_tokens)
     if method == "full":
         chunk = None
     elif chunk is None:
@@ -179,6 +204,10 @@ def generate(
                   attention_mask=torch.ones_like(ids), prefill_chunk_size=prefill_chunk)
     if min_new_tokens is not None:
         kwargs["min_new_tokens"] = min_new_tokens
+    if compile:
+        kwargs["compile_config"] = compile_config(model.device)
+    else:
+        kwargs["disable_compile"] = True
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
@@ -205,7 +234,7 @@ def generate(
     result = GenerationResult(
         text=text, prompt_tokens=ids.shape[1], new_tokens=int(new.numel()),
         seconds=end - start, prefill_seconds=prefill_end - start, decode_seconds=end - prefill_end,
-        method=method, token_ids=new.tolist(),
+        method=method, token_ids=new.tolist(), compiled=compile,
     )
     if isinstance(cache, EvictionCache):
         st = cache.stats()
@@ -217,7 +246,7 @@ def generate(
         if used_gates is not None:
             result.gates = f"{used_gates.config.base_model}@{used_gates.digest()}"
     else:
-        seen = cache.get_seq_length()
+        seen = int(cache.get_seq_length())
         result.seen_tokens = result.peak_tokens_per_head = seen
         kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers
                  if getattr(layer, "keys", None) is not None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from trimkv.architectures import attention_modules, query_states
@@ -81,6 +82,8 @@ def _cache_of(kwargs: dict):
 
 
 def _model_pre_hook(state: HookState):
+    # always eager, also inside torch.compile: it evicts and advances Python counters
+    @torch.compiler.disable
     def hook(module, args, kwargs):
         from trimkv.cache import EvictionCache
 
@@ -117,9 +120,12 @@ def _attention_pre_hook(state: HookState):
         cache = _cache_of(kwargs)
         if not isinstance(cache, EvictionCache) or not cache.evicts(layer_idx):
             return None
-        t0 = time.perf_counter()
         # the cache runs the gate itself (batched over decode steps, see EvictionLayer)
         gate = gates[layer_idx] if has_gate and cache.policy.needs_gates else None
+        if cache.static_step:  # traceable: tensor writes at fixed slots, a prepared mask
+            kwargs["attention_mask"] = cache.static_attention_mask(layer_idx, hidden, gate)
+            return args, kwargs
+        t0 = time.perf_counter()
         queries = None
         if cache.policy.query_window:
             queries = query_states(module, hidden, kwargs["position_embeddings"])

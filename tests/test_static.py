@@ -1,0 +1,108 @@
+"""Static-shape decoding (EvictionCache(static=True)) and torch.compile, on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from trimkv.cache import EvictionCache
+from trimkv.errors import TrimKVError
+from trimkv.gates import RetentionGates
+from trimkv.models import tiny_model
+
+
+def _model(arch="llama"):
+    model = tiny_model(arch, seed=0)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    RetentionGates.for_model(model, bias_init=2.0, init_std=0.5, seed=0).attach(model)
+    return model
+
+
+def _gen(model, ids, cache, **kw):
+    kw.setdefault("max_new_tokens", 40)
+    return model.generate(ids, do_sample=False, cache=cache, disable_compile=True, **kw)
+
+
+def _eager_compile_config():
+    cfg = CompileConfig(backend="eager", mode=None, fullgraph=False, dynamic=False)
+    cfg._compile_all_devices = True  # transformers compiles on accelerators only by default
+    return cfg
+
+
+@pytest.mark.parametrize("policy", ["trimkv", "streaming", "knorm", "keydiff"])
+@pytest.mark.parametrize("buffer", [0, 4])
+def test_static_equals_dynamic(policy, buffer):
+    model = _model()
+    ids = torch.randint(1, 100, (2, 30), generator=torch.Generator().manual_seed(0))
+    dyn = EvictionCache(model, policy, budget=8, buffer=buffer)
+    sta = EvictionCache(model, policy, budget=8, buffer=buffer, static=True)
+    assert sta.is_compileable and not dyn.is_compileable
+    a = _gen(model, ids, dyn, prefill_chunk_size=8)
+    b = _gen(model, ids, sta, prefill_chunk_size=8)
+    assert torch.equal(a, b)
+    sa, sb = dyn.stats(), sta.stats()
+    assert (sa.seen_tokens, sa.evictions, sa.peak_tokens_per_head) == \
+           (sb.seen_tokens, sb.evictions, sb.peak_tokens_per_head)
+    for idx in sta.evicted:
+        assert torch.equal(sta.resident_positions(idx), dyn.resident_positions(idx))
+        assert sta.layers[idx].capacity == 8 + buffer + 1  # fixed while decoding
+
+
+def test_static_left_padded_batch_matches_dynamic():
+    model = _model()
+    ids = torch.randint(1, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    ids[0, :7] = 0
+    a = _gen(model, ids, EvictionCache(model, "trimkv", budget=10, buffer=3), attention_mask=mask)
+    b = _gen(model, ids, EvictionCache(model, "trimkv", budget=10, buffer=3, static=True),
+             attention_mask=mask)
+    assert torch.equal(a, b)
+
+
+def test_compiled_static_decoding_matches_eager_without_recompiling():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    ids = torch.randint(1, 100, (1, 20), generator=torch.Generator().manual_seed(2))
+    want = _gen(model, ids, EvictionCache(model, "trimkv", budget=8, buffer=4))
+    torch._dynamo.reset()
+    counters.clear()
+    cache = EvictionCache(model, "trimkv", budget=8, buffer=4, static=True)
+    got = model.generate(ids, do_sample=False, cache=cache, max_new_tokens=40,
+                         compile_config=_eager_compile_config())
+    assert torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode steps did run compiled
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    assert cache.stats().peak_tokens_per_head <= 8 + 4 + 20
+    assert cache.stats().evictions > 0
+    # a second generation with a new cache reuses the compiled graphs
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = model.generate(ids, do_sample=False, max_new_tokens=40,
+                               cache=EvictionCache(model, "trimkv", budget=8, buffer=4,
+                                                   static=True),
+                               compile_config=_eager_compile_config())
+    assert torch.equal(again, want)
+    torch._dynamo.reset()
+
+
+def test_static_refuses_what_it_cannot_do():
+    model = _model()
+    with pytest.raises(TrimKVError, match="tracks attention"):
+        EvictionCache(model, "h2o", budget=8, static=True)
+    from trimkv.policies.streaming import StreamingPolicy
+
+    class Uneven(StreamingPolicy):
+        def layer_budget(self, layer_idx, evicted, budget):
+            return budget + layer_idx
+
+    with pytest.raises(TrimKVError, match="one budget"):
+        EvictionCache(model, Uneven(), budget=8, static=True)
+    with pytest.raises(TrimKVError, match="freeze"):
+        EvictionCache(model, "trimkv", budget=8, static=True).freeze()
+    gemma = _model("gemma3")
+    with pytest.raises(TrimKVError, match="sliding-window"):
+        EvictionCache(gemma, "trimkv", budget=8, static=True)
