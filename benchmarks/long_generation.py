@@ -37,15 +37,16 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--buffer", type=int, default=16)
     ap.add_argument("--new", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per method")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
-    recs = [run(m, args) for m in ("full", "trimkv", "full", "trimkv")]
+    recs = [run(m, args) for _ in range(args.repeats) for m in ("full", "trimkv")]
     lines = [
         "## Long generation: 1000 new tokens, TRIM-KV (M=64, b=16) vs full cache",
         "",
         f"Command: `{command()}` (each run is `trimkv generate --prompt ... --method METHOD "
         f"--budget {args.budget} --buffer {args.buffer} --max-new-tokens {args.new} "
-        f"--min-new-tokens {args.new} --json`; methods alternate, two runs each)  ",
+        f"--min-new-tokens {args.new} --json`; methods alternate, {args.repeats} runs each)  ",
         f"Machine: {machine()}",
         "",
         "| run | method | new tokens | seen | peak tokens/head | peak KV MB | full KV MB | "

@@ -106,3 +106,34 @@ def test_static_refuses_what_it_cannot_do():
     gemma = _model("gemma3")
     with pytest.raises(TrimKVError, match="sliding-window"):
         EvictionCache(gemma, "trimkv", budget=8, static=True)
+
+
+def test_manual_compiled_decode_loop_keeps_positions_without_recompiling():
+    """A hand-written loop (no position_ids): positions come from get_seq_length()."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    ids = torch.randint(1, 100, (1, 16), generator=torch.Generator().manual_seed(5))
+
+    def run(cache, step):
+        out, nxt = [], None
+        with torch.no_grad():
+            logits = model(ids, cache=cache).logits
+            nxt = logits[:, -1:].argmax(-1)
+            for _ in range(30):
+                out.append(nxt)
+                nxt = step(nxt, cache=cache).logits[:, -1:].argmax(-1)
+                assert int(cache.get_seq_length()) == cache.layers[0].seen
+        return torch.cat(out, 1)
+
+    want = run(EvictionCache(model, "trimkv", budget=6, buffer=3), model)
+    assert torch.equal(run(EvictionCache(model, "trimkv", budget=6, buffer=3, static=True), model),
+                       want)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.get_compiled_call(_eager_compile_config())
+    got = run(EvictionCache(model, "trimkv", budget=6, buffer=3, static=True), compiled)
+    assert torch.equal(got, want)
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    torch._dynamo.reset()

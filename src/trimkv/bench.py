@@ -3,7 +3,10 @@
 Each (method, length) runs in its own subprocess so that peak process memory (ru_maxrss) is
 per-configuration. A prompt of L tokens (held-out text, repeated as needed) is prefilled (bounded
 methods: in chunks with eviction after each; full cache: in one pass), then D tokens are decoded
-one at a time with greedy argmax, timing every step.
+one at a time with greedy argmax, timing every step. A method written ``NAME+compile`` (e.g.
+``trimkv+compile``, ``full+compile``) decodes with ``torch.compile`` on a static-shape cache
+(transformers' StaticCache for the full cache); its first decode step, which compiles, is reported
+as ``compile_seconds`` and excluded like the other warm-up steps.
 
 Also measured: the share of decode time spent computing the policy's inputs (retention gates, or
 recomputed queries for attention-based baselines) and in cache bookkeeping (eviction + mask).
@@ -27,7 +30,7 @@ def worker(args) -> dict:
 
     from trimkv.cache import EvictionCache
     from trimkv.eval.textpool import eval_text_pool
-    from trimkv.generation import build_cache
+    from trimkv.generation import build_cache, compile_config
     from trimkv.models import load_model
 
     torch.manual_seed(0)
@@ -35,8 +38,12 @@ def worker(args) -> dict:
     text_ids = tok("\n\n".join(eval_text_pool()), add_special_tokens=False)["input_ids"]
     reps = args.length // len(text_ids) + 1
     ids = torch.tensor((text_ids * reps)[: args.length])[None]
-    cache, _, sinks = build_cache(model, args.method, budget=args.budget, buffer=args.buffer,
-                                  gates=args.gates)
+    method, _, mode = args.method.partition("+")
+    compiled = mode == "compile"
+    cache, _, sinks = build_cache(model, method, budget=args.budget, buffer=args.buffer,
+                                  gates=args.gates, static=compiled,
+                                  max_cache_len=args.length + args.decode_tokens)
+    step_fn = model.get_compiled_call(compile_config(model.device)) if compiled else model
     bounded = isinstance(cache, EvictionCache)
     chunk = args.chunk if bounded else args.full_chunk
     with torch.no_grad():
@@ -51,7 +58,7 @@ def worker(args) -> dict:
         steps = []
         for _ in range(args.decode_tokens):
             t = time.perf_counter()
-            logits = model(nxt, cache=cache).logits
+            logits = step_fn(nxt, cache=cache).logits
             nxt = logits[:, -1:].argmax(-1)
             steps.append(time.perf_counter() - t)
     decode = sum(steps[args.warmup:])
@@ -60,6 +67,7 @@ def worker(args) -> dict:
         "method": args.method, "length": args.length, "budget": args.budget if bounded else None,
         "buffer": args.buffer if bounded else None, "sinks": sinks, "dtype": args.dtype,
         "prefill_tok_s": args.length / prefill, "prefill_seconds": prefill,
+        "compiled": compiled, "compile_seconds": steps[0] if compiled else None,
         "decode_tok_s": n / decode, "step_ms_mean": 1000 * decode / n,
         "step_ms": [round(1000 * x, 2) for x in steps],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -75,7 +83,7 @@ def worker(args) -> dict:
     else:
         kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
         elem = next(model.parameters()).element_size()
-        rec.update(peak_kv_bytes=kv * elem, peak_tokens_per_head=cache.get_seq_length(),
+        rec.update(peak_kv_bytes=kv * elem, peak_tokens_per_head=int(cache.get_seq_length()),
                    full_kv_bytes=kv * elem, scoring_share=0.0, bookkeeping_share=0.0,
                    evict_share=0.0)
     return rec
@@ -150,18 +158,33 @@ def render(result: dict, command: str = "", machine: str = "") -> str:
         f"full cache prefilled in chunks of {a['full_chunk']}; {a['decode_tokens']} decode steps "
         f"({a['warmup']} warm-up steps excluded); dtype {a['dtype']}.",
         "",
-        "| method | prompt tokens | prefill tok/s | decode tok/s | decode vs full | peak KV MB "
+        "| method | prompt tokens | prefill tok/s | decode tok/s | decode vs full* | peak KV MB "
         "| peak RSS MB | gates/queries share | eviction+mask share |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    full = {r["length"]: r for r in recs if r["method"] == "full"}
+    full = {(r["length"], r.get("compiled", False)): r for r in recs
+            if r["method"].partition("+")[0] == "full"}
     for r in recs:
-        ref = full.get(r["length"])
+        ref = full.get((r["length"], r.get("compiled", False)))
         ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else ""
         lines.append(
             f"| {r['method']} | {r['length']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f}"
             f" | {ratio} | {r['peak_kv_bytes'] / 1e6:.2f} | {r['peak_rss_mb']:.0f} | "
             f"{100 * r['scoring_share']:.1f}% | {100 * r['bookkeeping_share']:.1f}% |")
+    lines.append("")
+    lines.append("\* against the full cache in the same mode (eager, or +compile: torch.compile "
+                 "on a static cache; the first, compiling step is a warm-up step).")
+    comp = [r for r in recs if r.get("compiled")]
+    if comp:
+        lines.append("")
+        for r in comp:
+            eager = next((e for e in recs if e["method"] == r["method"].partition("+")[0]
+                          and e["length"] == r["length"] and not e.get("compiled")), None)
+            vs = (f", {r['decode_tok_s'] / eager['decode_tok_s']:.2f}x its eager decode"
+                  if eager else "")
+            lines.append(f"- {r['method']} L={r['length']}: compiled in "
+                         f"{r['compile_seconds']:.1f} s (first decode step){vs}")
+    full = {length: r for (length, c), r in full.items() if not c}
     tk = {r["length"]: r for r in recs if r["method"] == "trimkv"}
     st = {r["length"]: r for r in recs if r["method"] == "streaming"}
     if tk and st:

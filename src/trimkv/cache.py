@@ -602,6 +602,7 @@ class EvictionCache(Cache):
             raise TrimKVError("static=True needs one budget for every layer.")
         self._slot = torch.zeros(1, dtype=torch.long)
         self._gate_slot = torch.zeros(1, dtype=torch.long)
+        self._seen_before = torch.zeros((), dtype=torch.long)
         for layer in ev:
             layer.static = True
             layer.is_compileable = True
@@ -612,6 +613,7 @@ class EvictionCache(Cache):
         ev = [layer for layer in self.layers if isinstance(layer, EvictionLayer)]
         if not ev[0].is_initialized:
             return False  # nothing prefilled yet: run this step the dynamic way
+        seen_before = ev[0].seen
         hidden = None
         if self.policy.needs_gates:
             hidden = (self._hidden_size, ev[0].keys.dtype)
@@ -622,8 +624,10 @@ class EvictionCache(Cache):
         device = ev[0].device
         if self._slot.device != device:
             self._slot, self._gate_slot = self._slot.to(device), self._gate_slot.to(device)
+            self._seen_before = self._seen_before.to(device)
             for layer in ev:
                 layer._slot, layer._gate_slot = self._slot, self._gate_slot
+        self._seen_before.fill_(seen_before)
         self._slot.fill_(slot)
         self._gate_slot.fill_(gate_slot)
         rep = ev[0]
@@ -636,6 +640,18 @@ class EvictionCache(Cache):
         allowed[:, slot] = valid[:, 0]
         self._static_mask.copy_(torch.where(allowed, 0.0, torch.finfo(dtype).min)[:, None, None])
         return True
+
+    def end_forward(self) -> None:
+        """Called after every forward of the model (trimkv's post-hook)."""
+        if self.static_step:
+            self._set_static_step(False)
+
+    def get_seq_length(self, layer_idx: int = 0):
+        """Tokens seen before the current forward. Inside a static decode step this is a 0-d
+        tensor (as for transformers' StaticCache) so compiled code does not specialise on it."""
+        if self.static_step:
+            return self._seen_before
+        return super().get_seq_length(layer_idx)
 
     def _set_static_step(self, on: bool) -> None:
         self.static_step = on
@@ -697,7 +713,7 @@ class EvictionCache(Cache):
         batch = next((layer.keys.shape[0] for layer in ev if layer.is_initialized), 1)
         per_token = 2 * batch * self._kv_heads * self._head_dim
         elem = next((layer.keys.element_size() for layer in ev if layer.is_initialized), 2)
-        seen = self.get_seq_length()
+        seen = max((layer.seen for layer in ev), default=0)
         return CacheStats(
             seen_tokens=seen,
             resident_tokens={layer.layer_idx: layer.n for layer in ev},

@@ -57,6 +57,9 @@ def attach(model: nn.Module, gates: nn.Module | None = None) -> HookState:
     state.handles.append(
         model.register_forward_pre_hook(_model_pre_hook(state), with_kwargs=True)
     )
+    state.handles.append(
+        model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True)
+    )
     for attn in modules:
         state.handles.append(
             attn.register_forward_pre_hook(_attention_pre_hook(state), with_kwargs=True)
@@ -98,6 +101,15 @@ def _model_pre_hook(state: HookState):
         return
 
     return hook
+
+
+@torch.compiler.disable
+def _model_post_hook(module, args, kwargs, output):
+    from trimkv.cache import EvictionCache
+
+    cache = _cache_of(kwargs)
+    if isinstance(cache, EvictionCache):
+        cache.end_forward()
 
 
 def _attention_pre_hook(state: HookState):
