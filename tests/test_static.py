@@ -137,3 +137,27 @@ def test_manual_compiled_decode_loop_keeps_positions_without_recompiling():
     assert torch.equal(got, want)
     assert not counters["recompiles"], dict(counters["recompiles"])
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", ["full", "trimkv"])
+def test_generate_with_compile_matches_eager(method, monkeypatch):
+    """generate(compile=True): static cache (StaticCache for full) + compiled decoding."""
+    import torch._dynamo
+
+    from trimkv import generation
+    from trimkv.testing import ByteTokenizer
+
+    model = _model()
+    ids = torch.randint(1, 100, (1, 20), generator=torch.Generator().manual_seed(6))
+    kw = dict(method=method, budget=8, buffer=4, max_new_tokens=24, min_new_tokens=24,
+              gates=None)
+    eager = generation.generate(model, ByteTokenizer(), ids, **kw)
+    monkeypatch.setattr(generation, "compile_config", lambda device: _eager_compile_config())
+    torch._dynamo.reset()
+    comp = generation.generate(model, ByteTokenizer(), ids, compile=True, **kw)
+    torch._dynamo.reset()
+    assert comp.compiled and not eager.compiled
+    assert comp.token_ids == eager.token_ids
+    assert comp.seen_tokens == eager.seen_tokens == 20 + 23
+    if method == "trimkv":
+        assert comp.peak_tokens_per_head == eager.peak_tokens_per_head <= 8 + 4 + 20
