@@ -139,8 +139,8 @@ def test_manual_compiled_decode_loop_keeps_positions_without_recompiling():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("method", ["full", "trimkv"])
-def test_generate_with_compile_matches_eager(method, monkeypatch):
+@pytest.mark.parametrize("method,sample", [("full", False), ("trimkv", False), ("trimkv", True)])
+def test_generate_with_compile_matches_eager(method, sample, monkeypatch):
     """generate(compile=True): static cache (StaticCache for full) + compiled decoding."""
     import torch._dynamo
 
@@ -150,7 +150,7 @@ def test_generate_with_compile_matches_eager(method, monkeypatch):
     model = _model()
     ids = torch.randint(1, 100, (1, 20), generator=torch.Generator().manual_seed(6))
     kw = dict(method=method, budget=8, buffer=4, max_new_tokens=24, min_new_tokens=24,
-              gates=None)
+              gates=None, sample=sample, seed=3)
     eager = generation.generate(model, ByteTokenizer(), ids, **kw)
     monkeypatch.setattr(generation, "compile_config", lambda device: _eager_compile_config())
     torch._dynamo.reset()

@@ -104,6 +104,29 @@ def build_cache(model, method: str, *, budget: int, buffer: int, sinks: int | No
     return cache, used, cache.sinks
 
 
+def _generate_compiled(model, ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Prefill + first token eagerly, then compiled decoding, with generate() twice.
+
+    transformers would run a chunked prefill through the compiled forward (a graph per chunk
+    shape, recompiling until its limit); the first call does it eagerly, exactly as without
+    compilation, and the second continues from the cache with single-token compiled steps.
+    Same tokens as one call (the random generator is not reseeded in between)."""
+    first_kw = {k: v for k, v in kwargs.items() if k != "compile_config"}
+    first_kw.update(max_new_tokens=1, disable_compile=True)
+    if kwargs.get("min_new_tokens"):
+        first_kw["min_new_tokens"] = 1
+    first = model.generate(ids, **first_kw)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if kwargs["max_new_tokens"] == 1 or int(first[0, -1]) in eos:
+        return first
+    rest_kw = dict(kwargs, max_new_tokens=kwargs["max_new_tokens"] - 1, prefill_chunk_size=None,
+                   attention_mask=torch.ones_like(first))
+    if kwargs.get("min_new_tokens"):
+        rest_kw["min_new_tokens"] = kwargs["min_new_tokens"] - 1
+    return model.generate(first, **rest_kw)
+
+
 def compile_config(device: torch.device):
     """transformers ``CompileConfig`` for static-cache decoding on ``device``.
 
@@ -219,7 +242,10 @@ def generate(
     try:
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids.to(model.device), **kwargs)
+            if compile:
+                out = _generate_compiled(model, ids.to(model.device), kwargs)
+            else:
+                out = model.generate(ids.to(model.device), **kwargs)
         end = time.perf_counter()
     finally:
         timer.close()

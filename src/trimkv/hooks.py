@@ -136,19 +136,27 @@ def _attention_pre_hook(state: HookState):
         gate = gates[layer_idx] if has_gate and cache.policy.needs_gates else None
         if cache.static_step:  # traceable: tensor writes at fixed slots, a prepared mask
             kwargs["attention_mask"] = cache.static_attention_mask(layer_idx, hidden, gate)
-            return args, kwargs
-        t0 = time.perf_counter()
-        queries = None
-        if cache.policy.query_window:
-            queries = query_states(module, hidden, kwargs["position_embeddings"])
-        timings = cache.timings
-        t1, gate_seconds = time.perf_counter(), timings["scoring_inputs"]
-        mask = cache.before_attention(layer_idx, hidden, gate, queries)
-        gate_seconds = timings["scoring_inputs"] - gate_seconds  # staged gates run in there
-        timings["scoring_inputs"] += t1 - t0
-        timings["cache_bookkeeping"] += time.perf_counter() - t1 - gate_seconds
-        kwargs["attention_mask"] = mask
+        else:
+            kwargs["attention_mask"] = _dynamic_step(module, cache, hidden, gate, kwargs)
         return args, kwargs
 
     return hook
+
+
+# eager even inside torch.compile (e.g. transformers compiling a chunked prefill): Python
+# bookkeeping that changes every call would otherwise be traced and recompiled
+@torch.compiler.disable
+def _dynamic_step(module, cache, hidden, gate, kwargs):
+    """Evict, stash the new tokens' metadata and return the layer's attention mask."""
+    t0 = time.perf_counter()
+    queries = None
+    if cache.policy.query_window:
+        queries = query_states(module, hidden, kwargs["position_embeddings"])
+    timings = cache.timings
+    t1, gate_seconds = time.perf_counter(), timings["scoring_inputs"]
+    mask = cache.before_attention(module.layer_idx, hidden, gate, queries)
+    gate_seconds = timings["scoring_inputs"] - gate_seconds  # staged gates run in there
+    timings["scoring_inputs"] += t1 - t0
+    timings["cache_bookkeeping"] += time.perf_counter() - t1 - gate_seconds
+    return mask
 
