@@ -581,8 +581,11 @@ class EvictionCache(Cache):
         self._new = (valid, pos, count, all_valid)
         self._new_used: set[int] = set()
         if self.static:
+            t0, gate_seconds = time.perf_counter(), self.timings["scoring_inputs"]
             self._set_static_step(q_len == 1 and self._begin_static_step(valid, pos, count,
                                                                           all_valid))
+            gate_seconds = self.timings["scoring_inputs"] - gate_seconds
+            self.timings["cache_bookkeeping"] += time.perf_counter() - t0 - gate_seconds
 
     # ---------------------------------------------------------------- static decode (compile)
     def _check_static(self, layers: list) -> None:

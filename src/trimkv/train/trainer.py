@@ -203,6 +203,9 @@ class Trainer:
             snapshot.load_state_dict(gates_state)
             snapshot.save(tmp)
             torch.save(trainer_state, tmp / TRAINER_FILE)
+            # the log of the steps this checkpoint holds, in the same atomic directory: a kill
+            # between two separate writes would otherwise resume with a log a step short
+            (tmp / "train_log.json").write_text(json.dumps(self.log))
 
         atomic_dir_write(self.out / CKPT_DIR, write)
         atomic_write_json(self.out / "train_log.json", self.log)
@@ -233,7 +236,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_step = int(state["step"])
-        log_path = self.out / "train_log.json"
+        log_path = ckpt / "train_log.json"
+        if not log_path.exists():  # checkpoints written before the log moved inside
+            log_path = self.out / "train_log.json"
         if log_path.exists():
             self.log = [r for r in json.loads(log_path.read_text()) if r["step"] < self.start_step]
 
