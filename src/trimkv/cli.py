@@ -302,16 +302,20 @@ def bench(
     buffer: int = typer.Option(32),
     chunk: int = typer.Option(512, help="Prefill chunk for bounded methods."),
     decode_tokens: int = typer.Option(64),
+    repeats: int = typer.Option(1, help="Runs per configuration; the median run is reported."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
     plot_dir: Path | None = typer.Option(None, help="Write plots here."),
 ):
-    """Speed and memory per method and prompt length (each run in its own process)."""
+    """Speed and memory per method and prompt length (each run in its own process).
+
+    A method written NAME+compile (e.g. trimkv+compile) decodes with torch.compile on a
+    static-shape cache."""
     from trimkv.bench import parser, render, run_bench
 
     argv = ["--methods", methods, "--lengths", lengths, "--budget", str(budget), "--buffer",
             str(buffer), "--chunk", str(chunk), "--decode-tokens", str(decode_tokens),
-            "--dtype", dtype]
+            "--repeats", str(repeats), "--dtype", dtype]
     for flag, value in (("--model", model), ("--gates", gates), ("--json", json_out),
                         ("--plot-dir", plot_dir)):
         if value is not None:
