@@ -210,21 +210,38 @@ class EvictionLayer(CacheLayerMixin):
         for name, tensor in self._state.items():
             if name != "log_beta":
                 tensor[:, :, self.n : end] = 0.0
-        self.n = end
+        self._advance(q, pending["count"], pending["all_valid"])
+        self.policy.on_update(self, pending["queries"])
+        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
+
+    def _advance(self, q: int, count: torch.Tensor, all_valid: bool) -> None:
+        """Count ``q`` tokens appended at the end (per-row real counts ``count``) and update the
+        statistics."""
+        self.n += q
         self.seen += q
-        if pending["all_valid"]:
+        if all_valid:
             self._row_seen_add += q
         else:
-            self._row_seen = self.row_seen + pending["count"]
-            self._row_seen_add = 0
-        if not pending["all_valid"]:
+            self._row_seen = self.row_seen + count
             self.pad_resident = True
         self.last_chunk = q
         self.peak = max(self.peak, self.n)
         self.resident_sum += self.n
         self.seen_sum += self.seen
-        self.policy.on_update(self, pending["queries"])
-        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
+
+    def _reserve_gate_row(self, b: int, d: int, dtype: torch.dtype, device) -> int:
+        """Row of the staging buffer for the next decode token's gate input (a full buffer is
+        run through the gate first)."""
+        rows = max(self.buffer, 1)
+        buf = self._gate_in
+        if buf is None or buf.shape != (b, rows, d) or buf.dtype != dtype:
+            self.flush_gates()
+            self._gate_in = torch.empty(b, rows, d, dtype=dtype, device=device)
+        if self._gate_pending == rows:
+            self.flush_gates()
+        row = self._gate_pending
+        self._gate_pending += 1
+        return row
 
     def _stage_gate_input(self, hidden: torch.Tensor) -> None:
         """Log beta for the tokens being appended at slots ``n : n + q``.
@@ -237,15 +254,8 @@ class EvictionLayer(CacheLayerMixin):
         """
         b, q, d = hidden.shape
         if q == 1 and self.buffer > 0:
-            buf = self._gate_in
-            if buf is None or buf.shape[0] != b or buf.shape[2] != d or buf.dtype != hidden.dtype:
-                self.flush_gates()
-                buf = self._gate_in = torch.empty(b, self.buffer, d, dtype=hidden.dtype,
-                                                  device=hidden.device)
-            if self._gate_pending == buf.shape[1]:
-                self.flush_gates()
-            buf.narrow(1, self._gate_pending, 1).copy_(hidden.detach())
-            self._gate_pending += 1
+            row = self._reserve_gate_row(b, d, hidden.dtype, hidden.device)
+            self._gate_in.narrow(1, row, 1).copy_(hidden.detach())
             return
         self.flush_gates()
         self._state["log_beta"][:, :, self.n : self.n + q] = self._gate(hidden).detach()
@@ -363,30 +373,11 @@ class EvictionLayer(CacheLayerMixin):
             self._alloc(b, h, dk, self.values.shape[-1], cap)
         gate_slot = 0
         if hidden is not None:
-            rows = max(self.buffer, 1)
-            buf = self._gate_in
-            b = self.keys.shape[0]
-            if buf is None or buf.shape != (b, rows, hidden[0]) or buf.dtype != hidden[1]:
-                self.flush_gates()
-                self._gate_in = torch.empty(b, rows, hidden[0], dtype=hidden[1],
-                                            device=self.device)
-            if self._gate_pending == rows:
-                self.flush_gates()
-            gate_slot = self._gate_pending
-            self._gate_pending += 1
+            gate_slot = self._reserve_gate_row(self.keys.shape[0], hidden[0], hidden[1],
+                                               self.device)
         slot = self.n
         self._static_pos = pos
-        self.n += 1
-        self.seen += 1
-        if all_valid:
-            self._row_seen_add += 1
-        else:
-            self._row_seen = self.row_seen + count
-            self.pad_resident = True
-        self.last_chunk = 1
-        self.peak = max(self.peak, self.n)
-        self.resident_sum += self.n
-        self.seen_sum += self.seen
+        self._advance(1, count, all_valid)
         return slot, gate_slot
 
     def _static_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -581,11 +572,16 @@ class EvictionCache(Cache):
         self._new = (valid, pos, count, all_valid)
         self._new_used: set[int] = set()
         if self.static:
-            t0, gate_seconds = time.perf_counter(), self.timings["scoring_inputs"]
+            t0, gates_before = time.perf_counter(), self.timings["scoring_inputs"]
             self._set_static_step(q_len == 1 and self._begin_static_step(valid, pos, count,
                                                                           all_valid))
-            gate_seconds = self.timings["scoring_inputs"] - gate_seconds
-            self.timings["cache_bookkeeping"] += time.perf_counter() - t0 - gate_seconds
+            self.add_bookkeeping_time(t0, gates_before)
+
+    def add_bookkeeping_time(self, t0: float, gates_before: float) -> None:
+        """Charge the time since ``t0`` to cache bookkeeping, minus the staged gate runs done
+        meanwhile (already charged to scoring inputs, which stood at ``gates_before``)."""
+        gates = self.timings["scoring_inputs"] - gates_before
+        self.timings["cache_bookkeeping"] += time.perf_counter() - t0 - gates
 
     # ---------------------------------------------------------------- static decode (compile)
     def _check_static(self, layers: list) -> None:

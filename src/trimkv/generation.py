@@ -229,8 +229,6 @@ def generate(
         kwargs["min_new_tokens"] = min_new_tokens
     if compile:
         kwargs["compile_config"] = compile_config(model.device)
-    else:
-        kwargs["disable_compile"] = True
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:

@@ -152,11 +152,9 @@ def _dynamic_step(module, cache, hidden, gate, kwargs):
     queries = None
     if cache.policy.query_window:
         queries = query_states(module, hidden, kwargs["position_embeddings"])
-    timings = cache.timings
-    t1, gate_seconds = time.perf_counter(), timings["scoring_inputs"]
+    t1, gates_before = time.perf_counter(), cache.timings["scoring_inputs"]
     mask = cache.before_attention(module.layer_idx, hidden, gate, queries)
-    gate_seconds = timings["scoring_inputs"] - gate_seconds  # staged gates run in there
-    timings["scoring_inputs"] += t1 - t0
-    timings["cache_bookkeeping"] += time.perf_counter() - t1 - gate_seconds
+    cache.add_bookkeeping_time(t1, gates_before)  # staged gates may run in there
+    cache.timings["scoring_inputs"] += t1 - t0
     return mask
 
