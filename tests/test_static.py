@@ -161,3 +161,10 @@ def test_generate_with_compile_matches_eager(method, sample, monkeypatch):
     assert comp.seen_tokens == eager.seen_tokens == 20 + 23
     if method == "trimkv":
         assert comp.peak_tokens_per_head == eager.peak_tokens_per_head <= 8 + 4 + 20
+
+
+def test_static_full_cache_needs_its_length():
+    from trimkv.generation import build_cache
+
+    with pytest.raises(TrimKVError, match="max_cache_len"):
+        build_cache(_model(), "full", budget=8, buffer=4, static=True)
