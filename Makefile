@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/trimkv demo
+	$(VENV)/bin/kvbound demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -1,15 +1,15 @@
-"""Check trimkv's baselines against NVIDIA kvpress 0.5.5 on the embedded SmolLM2-135M.
+"""Check kvbound's baselines against NVIDIA kvpress 0.5.5 on the embedded SmolLM2-135M.
 
 Setting: prefill only. One forward over the same token ids, then one compression per layer to the
 same per-head count ``n_kept = int(n * (1 - ratio))`` (kvpress's ``compute_n_kept``). kvpress runs
-in its own virtualenv (it needs transformers < 5.3; trimkv uses 5.x newer), created on first use
+in its own virtualenv (it needs transformers < 5.3; kvbound uses 5.x newer), created on first use
 under ``.venv-kvpress/`` with ``pip install torch==2.13.0 "transformers<5.3" kvpress==0.5.5``. A
-small worker script runs there, loads the converted SmolLM2 checkpoint from trimkv's cache
+small worker script runs there, loads the converted SmolLM2 checkpoint from kvbound's cache
 directory with plain ``from_pretrained(dir)``, applies each press and dumps the kept token indices
 per layer and KV head (read from the press's own scores with the same ``topk`` call as
 ``ScorerPress.compress``, and verified against the keys left in the compressed cache).
 
-Our side builds an :class:`~trimkv.cache.EvictionCache` whose budget exceeds the prompt, runs the
+Our side builds an :class:`~kvbound.cache.EvictionCache` whose budget exceeds the prompt, runs the
 same single prefill, then calls ``layer.evict(n_kept)`` on every layer and reads the resident
 positions. Reported per method and ratio: ``overlap`` = |ours ∩ kvpress| / n_kept and the Jaccard
 index, both averaged over layers x KV heads, and the fraction of heads whose kept sets are equal.
@@ -170,7 +170,7 @@ def ensure_kvpress_venv(venv: Path) -> Path:
 
 def model_dir(model) -> Path:
     """Local directory of the converted checkpoint (plain ``from_pretrained`` can load it)."""
-    from trimkv.models import DEFAULT_MODEL, cache_dir
+    from kvbound.models import DEFAULT_MODEL, cache_dir
 
     candidates = [Path(getattr(model, "name_or_path", "") or "."),
                   cache_dir() / "models" / DEFAULT_MODEL]
@@ -183,7 +183,7 @@ def model_dir(model) -> Path:
 def ours_kept(model, ids, label: str, policy: str, kwargs: dict, sinks: int, n_kept: int):
     import torch
 
-    from trimkv.cache import EvictionCache, EvictionLayer
+    from kvbound.cache import EvictionCache, EvictionLayer
 
     n = ids.shape[1]
     cache = EvictionCache(model, policy, budget=n + 1, buffer=0, sinks=sinks, **kwargs)
@@ -224,7 +224,7 @@ def run(args) -> dict:
     import torch
     import transformers
 
-    from trimkv.models import load_model
+    from kvbound.models import load_model
 
     python = ensure_kvpress_venv(Path(args.venv))
     model, tokenizer = load_model()
@@ -260,7 +260,7 @@ def run(args) -> dict:
             **compare(mine, entry["kept"], entry["n_kept"]),
         })
     return {
-        "model": getattr(model, "trimkv_model_name", "smollm2-135m"),
+        "model": getattr(model, "kvbound_model_name", "smollm2-135m"),
         "model_dir": str(directory),
         "prompt_tokens": n,
         "layers": model.config.num_hidden_layers,
@@ -277,22 +277,22 @@ Why the numbers are not all 1.0:
 
 * **StreamingLLM, K-norm, KeyDiff** score each token from its key (or position) alone, the same
   way in both libraries. The K-norm gaps are exact ties: layer-0 keys depend only on the token
-  id (RoPE preserves norms), so every repeat of a token has the same norm, and trimkv breaks
+  id (RoPE preserves norms), so every repeat of a token has the same norm, and kvbound breaks
   ties toward the most recent token while kvpress takes ``torch.topk``'s order (on the default
   prompt every mismatching pair was the same token id, e.g. 13 repeats in one head). KeyDiff's
   rare gaps are near-ties in the last bits (different transformers versions, 5.x vs < 5.3).
 * **TOVA**: same score (last query's attention, mean over all heads). kvpress forces the newest
-  token to be kept and scores the others by the attention over all but the last key; trimkv
+  token to be kept and scores the others by the attention over all but the last key; kvbound
   follows the official TOVA code and does not force it (its self-attention is usually high, so it
   is kept anyway).
 * **SnapKV** with kvpress's configuration (window 64, kernel 5, avg pooling) is the same
   computation: mean of the window's causal softmax rows, pooling over the prefix only, mean over
-  the GQA group, window kept. trimkv's defaults follow the SnapKV paper's experiment configs
+  the GQA group, window kept. kvbound's defaults follow the SnapKV paper's experiment configs
   (window 32, kernel 7, **max** pooling); kvpress's SnapKVPress only has avg pooling, so the
   `snapkv@w32k7` row isolates the pooling choice and `snapkv@defaults` shows the out-of-the-box
   difference (window and kernel as well).
 * Both sides keep the same per-head count (kvpress's ``int(n * (1 - ratio))``) here; in normal use
-  trimkv keeps a fixed budget M per head rather than a ratio of the prompt, evicts again whenever
+  kvbound keeps a fixed budget M per head rather than a ratio of the prompt, evicts again whenever
   M + buffer is reached (kvpress's presses compress once after prefill), and breaks score ties
   toward the most recent token (kvpress: ``torch.topk``'s order).
 """
@@ -312,7 +312,7 @@ def write_results(report: dict, argv: list[str]) -> Path:
         "",
         f"Model {report['model']} ({report['layers']} layers x {report['kv_heads']} KV heads), "
         f"one prompt of {report['prompt_tokens']} tokens, one prefill then one compression per "
-        f"layer to the same per-head count. trimkv: torch {v['ours']['torch']}, transformers "
+        f"layer to the same per-head count. kvbound: torch {v['ours']['torch']}, transformers "
         f"{v['ours']['transformers']}; kvpress venv: kvpress {v['kvpress_venv']['kvpress']}, "
         f"transformers {v['kvpress_venv']['transformers']}, torch {v['kvpress_venv']['torch']}. "
         "overlap = |ours ∩ kvpress| / n_kept, averaged over layers x KV heads; identical = "

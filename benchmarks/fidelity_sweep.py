@@ -16,11 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import command, machine, write_section  # noqa: E402
 
-from trimkv.eval.fidelity import make_windows, run_fidelity  # noqa: E402
-from trimkv.eval.report import fidelity_plots  # noqa: E402
-from trimkv.eval.textpool import eval_text_pool  # noqa: E402
-from trimkv.models import load_model  # noqa: E402
-from trimkv.policies import METHODS  # noqa: E402
+from kvbound.eval.fidelity import make_windows, run_fidelity  # noqa: E402
+from kvbound.eval.report import fidelity_plots  # noqa: E402
+from kvbound.eval.textpool import eval_text_pool  # noqa: E402
+from kvbound.models import load_model  # noqa: E402
+from kvbound.policies import METHODS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,18 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import command, machine, write_section  # noqa: E402
 
-from trimkv.analysis import (  # noqa: E402
+from kvbound.analysis import (  # noqa: E402
     composition,
     gate_log_betas,
     is_punctuation,
     median_half_life,
 )
-from trimkv.cache import EvictionCache  # noqa: E402
-from trimkv.eval.fidelity import bounded_logprobs, make_windows, run_fidelity  # noqa: E402
-from trimkv.eval.textpool import eval_text_pool  # noqa: E402
-from trimkv.gates import RetentionGates  # noqa: E402
-from trimkv.generation import resolve_gates  # noqa: E402
-from trimkv.models import load_model  # noqa: E402
+from kvbound.cache import EvictionCache  # noqa: E402
+from kvbound.eval.fidelity import bounded_logprobs, make_windows, run_fidelity  # noqa: E402
+from kvbound.eval.textpool import eval_text_pool  # noqa: E402
+from kvbound.gates import RetentionGates  # noqa: E402
+from kvbound.generation import resolve_gates  # noqa: E402
+from kvbound.models import load_model  # noqa: E402
 
 
 def main() -> None:

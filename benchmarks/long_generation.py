@@ -2,7 +2,7 @@
 
     python benchmarks/long_generation.py --write-results
 
-Runs `trimkv generate ... --json` for both methods with the same prompt and greedy decoding
+Runs `kvbound generate ... --json` for both methods with the same prompt and greedy decoding
 (min-new-tokens = max-new-tokens so both decode exactly the same number of tokens) and records
 peak tokens per head, KV bytes and decode speed.
 """
@@ -44,7 +44,7 @@ def main() -> None:
     lines = [
         "## Long generation: 1000 new tokens, TRIM-KV (M=64, b=16) vs full cache",
         "",
-        f"Command: `{command()}` (each run is `trimkv generate --prompt ... --method METHOD "
+        f"Command: `{command()}` (each run is `kvbound generate --prompt ... --method METHOD "
         f"--budget {args.budget} --buffer {args.buffer} --max-new-tokens {args.new} "
         f"--min-new-tokens {args.new} --json`; methods alternate, {args.repeats} runs each)  ",
         f"Machine: {machine()}",

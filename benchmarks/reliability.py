@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _results import command, machine  # noqa: E402
 from test_reliability import SCENARIOS  # noqa: E402
 
-from trimkv.io import atomic_write_text  # noqa: E402
+from kvbound.io import atomic_write_text  # noqa: E402
 
 
 def run(fn):
@@ -68,7 +68,7 @@ def main() -> None:
         "| model conversion killed mid-write | no cache entry appears; the next load converts "
         "again; stale temp dirs are cleaned | `tests/test_models.py` |",
         "| checkpoints, converted models, eval results | written to a temp dir then renamed "
-        "(`trimkv.io`, `models._cached_conversion`) | `test_train.py`, `test_models.py` |",
+        "(`kvbound.io`, `models._cached_conversion`) | `test_train.py`, `test_models.py` |",
         "| 100K tokens through the bounded cache (tiny model) | seen counter exact; resident "
         "tokens <= M + b + chunk; storage capacity bounded; peak RSS flat (< 20 MB growth) | "
         "`test_100k_tokens_flat_memory_and_exact_counter` |",

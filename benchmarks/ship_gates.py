@@ -2,7 +2,7 @@
 
     python benchmarks/ship_gates.py runs/smollm2-gates smollm2-135m
 
-Writes src/trimkv/gates/<name>/: gates.safetensors (fp16), gates.json (config, training metadata,
+Writes src/kvbound/gates/<name>/: gates.safetensors (fp16), gates.json (config, training metadata,
 recommended sinks), train_log.jsonl, loss_curve.png, and README.md (command, config, data spec,
 wall time) generated from the run's own records.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from trimkv.gates import RetentionGates
-from trimkv.models import load_model
+from kvbound.gates import RetentionGates
+from kvbound.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import command, machine, write_section  # noqa: E402
 
-from trimkv.bench import parser, render, run_bench  # noqa: E402
+from kvbound.bench import parser, render, run_bench  # noqa: E402
 
 if __name__ == "__main__":
     ap = parser()

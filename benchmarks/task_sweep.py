@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import command, machine, write_section  # noqa: E402
 
-from trimkv.eval.report import task_table  # noqa: E402
-from trimkv.eval.runner import EvalConfig, run_eval  # noqa: E402
-from trimkv.models import load_model  # noqa: E402
-from trimkv.policies import METHODS  # noqa: E402
+from kvbound.eval.report import task_table  # noqa: E402
+from kvbound.eval.runner import EvalConfig, run_eval  # noqa: E402
+from kvbound.models import load_model  # noqa: E402
+from kvbound.policies import METHODS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trimkv.attention import (
+from kvbound.attention import (
     ATTENTION_NAME,
     naive_retention_attention,
     register_retention_attention,
     retention_attention,
 )
-from trimkv.errors import TrimKVError
+from kvbound.errors import KVBoundError
 
 IMPLS = ["blockwise", "sdpa"]
 
@@ -169,25 +169,25 @@ def test_saved_memory_is_linear_in_t():
 
 def test_input_validation():
     q, k, v, lb = _inputs(1, 4, 2, 8, 8, 8)
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         retention_attention(q, k, v, lb[:, :1])
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         retention_attention(q[:, :3], k, v, lb)
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         retention_attention(q, k, v, lb, attention_mask=torch.ones(1, 8, dtype=torch.bool))
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         retention_attention(q, k, v, lb, impl="nope")
 
 
 def test_flex_refuses_cpu_backward():
     q, k, v, lb = (x.requires_grad_() for x in _inputs(1, 4, 2, 8, 8, 8))
-    with pytest.raises(TrimKVError, match="blockwise"):
+    with pytest.raises(KVBoundError, match="blockwise"):
         retention_attention(q, k, v, lb, impl="flex")
 
 
 @pytest.mark.skipif(
-    not os.environ.get("TRIMKV_SLOW_TESTS"),
-    reason="compiles FlexAttention (~20 s); set TRIMKV_SLOW_TESTS=1",
+    not os.environ.get("KVBOUND_SLOW_TESTS"),
+    reason="compiles FlexAttention (~20 s); set KVBOUND_SLOW_TESTS=1",
 )
 def test_flex_forward_matches_naive():
     q, k, v, lb = _inputs(1, 6, 2, 128, 128, 16, seed=10)
@@ -221,7 +221,7 @@ def _gate_hooks(model, w):
 
     def hook(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        module._trimkv_log_beta = -0.5 * F.softplus(hidden @ w[module.layer_idx]).transpose(1, 2)
+        module._kvbound_log_beta = -0.5 * F.softplus(hidden @ w[module.layer_idx]).transpose(1, 2)
 
     return [
         layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
@@ -274,7 +274,7 @@ def test_tiny_llama_end_to_end():
     model = _tiny_llama()
     model.set_attn_implementation(ATTENTION_NAME)
     for layer in model.model.layers:
-        layer.self_attn._trimkv_log_beta = None
+        layer.self_attn._kvbound_log_beta = None
     with torch.no_grad():
         teacher = model(input_ids=ids).logits
     torch.testing.assert_close(teacher, ref, atol=1e-5, rtol=1e-5)  # teacher pass = sdpa
@@ -310,12 +310,12 @@ def test_tiny_llama_end_to_end():
 
 
 def test_dropout_is_refused():
-    from trimkv.attention import trimkv_attention_forward
+    from kvbound.attention import kvbound_attention_forward
 
     q, k, v, lb = _inputs(1, 4, 2, 8, 8, 8)
     module = torch.nn.Module()
-    module._trimkv_log_beta = lb
-    with pytest.raises(TrimKVError, match="dropout"):
-        trimkv_attention_forward(module, q, k, v, None, dropout=0.1)
-    out, weights = trimkv_attention_forward(module, q, k, v, None)
+    module._kvbound_log_beta = lb
+    with pytest.raises(KVBoundError, match="dropout"):
+        kvbound_attention_forward(module, q, k, v, None, dropout=0.1)
+    out, weights = kvbound_attention_forward(module, q, k, v, None)
     assert weights is None and out.shape == (1, 8, 4, 8)

@@ -1,4 +1,4 @@
-"""`trimkv bench` worker and report on a tiny model (the real sweep is benchmarks/speed.py)."""
+"""`kvbound bench` worker and report on a tiny model (the real sweep is benchmarks/speed.py)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,27 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from trimkv import bench
-from trimkv.gates import RetentionGates
-from trimkv.models import tiny_model
-from trimkv.testing import ByteTokenizer
+from kvbound import bench
+from kvbound.gates import RetentionGates
+from kvbound.models import tiny_model
+from kvbound.testing import ByteTokenizer
 
 
 @pytest.fixture
 def tiny(monkeypatch):
-    import trimkv.generation
-    import trimkv.models
+    import kvbound.generation
+    import kvbound.models
 
     model = tiny_model("llama", seed=0)
     RetentionGates.for_model(model, bias_init=2.0, init_std=0.5, seed=0).attach(model)
-    monkeypatch.setattr(trimkv.models, "load_model", lambda name, dtype=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(kvbound.models, "load_model", lambda name, dtype=None: (model, ByteTokenizer()))
 
     def eager_config(device):
         cfg = CompileConfig(backend="eager", mode=None, fullgraph=False, dynamic=False)
         cfg._compile_all_devices = True
         return cfg
 
-    monkeypatch.setattr(trimkv.generation, "compile_config", eager_config)
+    monkeypatch.setattr(kvbound.generation, "compile_config", eager_config)
     yield model
     torch._dynamo.reset()
 

@@ -8,11 +8,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from trimkv.cache import EvictionCache, EvictionLayer
-from trimkv.errors import TrimKVError
-from trimkv.gates import RetentionGates
-from trimkv.hooks import detach
-from trimkv.models import TINY_ARCHS, tiny_model
+from kvbound.cache import EvictionCache, EvictionLayer
+from kvbound.errors import KVBoundError
+from kvbound.gates import RetentionGates
+from kvbound.hooks import detach
+from kvbound.models import TINY_ARCHS, tiny_model
 
 
 def _model(arch="llama", seed=0, bias_init=2.0, **kw):
@@ -222,7 +222,7 @@ def test_long_generation_far_beyond_budget():
 
 
 def test_ties_keep_most_recent():
-    from trimkv.policies.base import Policy
+    from kvbound.policies.base import Policy
 
     class Constant(Policy):
         name = "constant"
@@ -273,31 +273,31 @@ def test_streaming_keeps_sinks_and_window():
 )
 def test_bad_arguments(kwargs, match):
     model = _model("llama")
-    with pytest.raises(TrimKVError, match=match):
+    with pytest.raises(KVBoundError, match=match):
         EvictionCache(model, "trimkv", **kwargs)
 
 
 def test_unknown_method_lists_valid_ones():
     model = _model("llama")
-    with pytest.raises(TrimKVError, match="streaming"):
+    with pytest.raises(KVBoundError, match="streaming"):
         EvictionCache(model, "nope", budget=8)
 
 
-def test_trimkv_without_gates_says_what_to_do():
+def test_kvbound_without_gates_says_what_to_do():
     model = tiny_model("llama")
-    with pytest.raises(TrimKVError, match="attach"):
+    with pytest.raises(KVBoundError, match="attach"):
         EvictionCache(model, "trimkv", budget=8)
     detach(model)
 
 
 def test_nan_gate_names_the_layer():
     model = _model("llama")
-    from trimkv.hooks import get_state
+    from kvbound.hooks import get_state
 
     with torch.no_grad():
         get_state(model).gates[1].bias.fill_(float("nan"))
     cache = EvictionCache(model, "trimkv", budget=8, buffer=0)
-    with pytest.raises(TrimKVError, match="layer 1"):
+    with pytest.raises(KVBoundError, match="layer 1"):
         model(torch.randint(1, 100, (1, 12)), cache=cache)
         model(torch.randint(1, 100, (1, 1)), cache=cache)
 
@@ -305,8 +305,8 @@ def test_nan_gate_names_the_layer():
 @pytest.mark.parametrize("budget,buffer", [(64, 4), (8, 4), (8, 0)])
 def test_staged_decode_gates_give_the_same_log_beta(budget, buffer):
     """Decode steps stage gate inputs and run the gate batched later: same log beta per token."""
-    from trimkv.architectures import attention_modules
-    from trimkv.hooks import get_state
+    from kvbound.architectures import attention_modules
+    from kvbound.hooks import get_state
 
     model = _model("llama")
     gates = get_state(model).gates

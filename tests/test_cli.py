@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from trimkv.cli import app
+from kvbound.cli import app
 
 pytestmark = pytest.mark.integration
 

@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trimkv.errors import TrimKVError
-from trimkv.eval.shard import merge_results, rank_world, shard, shard_grid
-from trimkv.gates import RetentionGates
-from trimkv.models import tiny_model
-from trimkv.testing import ByteTokenizer
-from trimkv.train.trainer import TrainConfig, Trainer
+from kvbound.errors import KVBoundError
+from kvbound.eval.shard import merge_results, rank_world, shard, shard_grid
+from kvbound.gates import RetentionGates
+from kvbound.models import tiny_model
+from kvbound.testing import ByteTokenizer
+from kvbound.train.trainer import TrainConfig, Trainer
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -35,9 +35,9 @@ WORKER = '''
 import json, sys
 import torch
 import torch.distributed as dist
-from trimkv.models import tiny_model
-from trimkv.testing import ByteTokenizer
-from trimkv.train.trainer import TrainConfig, Trainer
+from kvbound.models import tiny_model
+from kvbound.testing import ByteTokenizer
+from kvbound.train.trainer import TrainConfig, Trainer
 
 spec = json.loads(open(sys.argv[1]).read())
 for phase in spec["phases"]:
@@ -121,7 +121,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
         assert torch.equal(v, ranks[0][k]), k
     assert (out / "checkpoint" / "trainer.pt").exists()
     # the global batch is part of the run: a 2-process checkpoint is not resumed by 1 process
-    with pytest.raises(TrimKVError, match="trained with 2"):
+    with pytest.raises(KVBoundError, match="trained with 2"):
         Trainer(TrainConfig(**_cfg(out, data, steps=6, extra={"resume": True})), model,
                 ByteTokenizer(), progress=False).run()
 
@@ -146,11 +146,11 @@ def _tiny_model_dir(path: Path, data: Path) -> Path:
 
 @needs_gloo
 def test_torchrun_cli(tmp_path):
-    """``torchrun --nproc_per_node 2 -m trimkv train ...`` end to end (the real command line)."""
+    """``torchrun --nproc_per_node 2 -m kvbound train ...`` end to end (the real command line)."""
     data = _text_file(tmp_path / "data.txt")
     model_dir = _tiny_model_dir(tmp_path / "model", data)
     out = tmp_path / "gates"
-    proc = _launch(["-m", "trimkv", "train", "--model", str(model_dir), "--out", str(out),
+    proc = _launch(["-m", "kvbound", "train", "--model", str(model_dir), "--out", str(out),
                     "--data", f"file:{data}", "--seq-len", "32", "--steps", "2", "--save-every",
                     "1", "--memory-size", "8", "--intermediate-size", "8", "--warmup-steps", "1",
                     "--no-bf16", "--quiet"], cwd=tmp_path)
@@ -158,7 +158,7 @@ def test_torchrun_cli(tmp_path):
     log = _log(out)
     assert [r["step"] for r in log] == [0, 1] and all(r["tokens"] == 2 * 32 for r in log)
     meta = json.loads((out / "gates.json").read_text())["metadata"]["training"]
-    assert meta["steps_done"] == 2 and meta["command"].startswith("trimkv train")
+    assert meta["steps_done"] == 2 and meta["command"].startswith("kvbound train")
 
 
 # --------------------------------------------------------------------------- evaluation sharding
@@ -174,7 +174,7 @@ def test_shard_is_a_balanced_partition(n, world):
 
 @pytest.mark.parametrize("rank,world", [(2, 2), (-1, 2), (0, 0), (0, 1.5)])
 def test_shard_rejects_bad_rank_or_world(rank, world):
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         shard([1, 2, 3], rank, world)
 
 
@@ -208,7 +208,7 @@ def _by_key(results):
 
 
 def test_sharded_fidelity_merges_to_the_unsharded_result(tmp_path):
-    from trimkv.eval.fidelity import Window, run_fidelity
+    from kvbound.eval.fidelity import Window, run_fidelity
 
     model = tiny_model("llama", seed=1)
     g = torch.Generator().manual_seed(0)
@@ -232,7 +232,7 @@ def test_sharded_fidelity_merges_to_the_unsharded_result(tmp_path):
 
 
 def test_sharded_task_eval_merges_to_the_unsharded_summary(tmp_path):
-    from trimkv.eval.runner import EvalConfig, run_eval
+    from kvbound.eval.runner import EvalConfig, run_eval
 
     model = tiny_model("llama", seed=0)
     tasks, methods = ["syn_needle", "syn_kv_lookup"], ["full", "streaming", "knorm"]
@@ -253,7 +253,7 @@ def test_sharded_task_eval_merges_to_the_unsharded_summary(tmp_path):
     assert sorted(merged["config"]["tasks"]) == sorted(tasks)
     assert sorted(merged["config"]["methods"]) == ["knorm", "streaming"]
     assert merged["model"] == whole["model"]
-    from trimkv.eval.report import write_report
+    from kvbound.eval.report import write_report
 
     write_report(merged, tmp_path / "merged")  # the merged summary feeds the usual report
     assert (tmp_path / "merged" / "results.md").exists()
@@ -272,15 +272,15 @@ def test_merge_refuses_results_of_different_evaluations(tmp_path):
     merged = merge_results([a, same])
     assert len(merged["results"]) == 1 and merged["seconds"] == 3.0
     other_model = write("b.json", model="other", results=[])
-    with pytest.raises(TrimKVError, match="disagree on 'model'"):
+    with pytest.raises(KVBoundError, match="disagree on 'model'"):
         merge_results([a, other_model])
     conflict = write("c.json", model="m", results=[{**row, "kl_mean": 0.2}])
-    with pytest.raises(TrimKVError, match="Conflicting results"):
+    with pytest.raises(KVBoundError, match="Conflicting results"):
         merge_results([a, conflict])
     seeds = [write(f"s{s}.json", config={"seed": s, "tasks": ["t"]}, results=[]) for s in (0, 1)]
-    with pytest.raises(TrimKVError, match="config.seed"):
+    with pytest.raises(KVBoundError, match="config.seed"):
         merge_results(seeds)
-    with pytest.raises(TrimKVError, match="not a result file"):
+    with pytest.raises(KVBoundError, match="not a result file"):
         merge_results([write("bad.json", foo=1)])
-    with pytest.raises(TrimKVError, match="at least one"):
+    with pytest.raises(KVBoundError, match="at least one"):
         merge_results([])

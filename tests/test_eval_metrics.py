@@ -1,4 +1,4 @@
-"""Unit tests of trimkv.eval.metrics: answer extraction and scoring edge cases."""
+"""Unit tests of kvbound.eval.metrics: answer extraction and scoring edge cases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trimkv.eval import metrics as m
+from kvbound.eval import metrics as m
 
 
 # --------------------------------------------------------------------------------------------

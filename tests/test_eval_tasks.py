@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from trimkv.errors import TrimKVError
-from trimkv.eval.tasks import TASKS, TaskExample, base, get_task, longproc, synthetic
-from trimkv.eval.textpool import (
+from kvbound.errors import KVBoundError
+from kvbound.eval.tasks import TASKS, TaskExample, base, get_task, longproc, synthetic
+from kvbound.eval.textpool import (
     eval_text_pool,
     split_topic_keys,
     train_text_pool,
@@ -50,7 +50,7 @@ def test_registry_has_every_task() -> None:
 
 
 def test_get_task_unknown_lists_valid_names() -> None:
-    with pytest.raises(TrimKVError) as info:
+    with pytest.raises(KVBoundError) as info:
         get_task("gsm9k")
     assert "gsm8k" in str(info.value) and "syn_needle" in str(info.value)
 
@@ -254,7 +254,7 @@ def test_ruler_metrics_by_task() -> None:
 def test_hub_without_datasets_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     for name in ("gsm8k", "ruler", "longbench_v2", "scbench"):
-        with pytest.raises(TrimKVError, match="--data PATH"):
+        with pytest.raises(KVBoundError, match="--data PATH"):
             get_task(name).load(None)
 
 
@@ -275,7 +275,7 @@ def test_hub_path_uses_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
         raise ConnectionError("Hub unreachable")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
-    with pytest.raises(TrimKVError, match="Hub unreachable"):
+    with pytest.raises(KVBoundError, match="Hub unreachable"):
         get_task("math500").load(None)
 
 
@@ -287,12 +287,12 @@ def test_read_records_formats(tmp_path: Path) -> None:
     for name in ("x.json", "y.json", "z.jsonl"):
         assert base.read_records(tmp_path / name) == rows
     (tmp_path / "bad.csv").write_text("a\n1\n")
-    with pytest.raises(TrimKVError, match="unsupported"):
+    with pytest.raises(KVBoundError, match="unsupported"):
         base.read_records(tmp_path / "bad.csv")
-    with pytest.raises(TrimKVError, match="does not exist"):
+    with pytest.raises(KVBoundError, match="does not exist"):
         base.read_records(tmp_path / "missing.jsonl")
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(TrimKVError, match="invalid JSON"):
+    with pytest.raises(KVBoundError, match="invalid JSON"):
         base.read_records(tmp_path / "broken.json")
 
 
@@ -302,7 +302,7 @@ def test_parquet_needs_pyarrow_or_pandas(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "pandas", None)
     path = tmp_path / "rows.parquet"
     path.write_bytes(b"PAR1")
-    with pytest.raises(TrimKVError, match="pyarrow"):
+    with pytest.raises(KVBoundError, match="pyarrow"):
         base.read_records(path)
 
 
@@ -322,13 +322,13 @@ def test_limit_is_seeded_and_keeps_order() -> None:
     assert [order.index(ex.id) for ex in a] == sorted(order.index(ex.id) for ex in a)
     seen = {tuple(ex.id for ex in _load("longmemeval", limit=2, seed=s)) for s in range(10)}
     assert len(seen) > 1
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         base.sample_records([1, 2, 3], -1)
 
 
 def test_prediction_count_must_match() -> None:
     examples = _load("ruler")
-    with pytest.raises(TrimKVError, match="3 examples"):
+    with pytest.raises(KVBoundError, match="3 examples"):
         get_task("ruler").score(["x"], examples)
 
 
@@ -447,7 +447,7 @@ def test_multi_needle_all_codes_present() -> None:
     result = get_task("syn_multi_needle").score(
         [ex.answers[0] for ex in every], every)  # one of four codes
     assert result["score"] == pytest.approx(25.0)
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         synthetic.make_multi_needle(1, ask="some")
 
 
@@ -520,5 +520,5 @@ def test_synthetic_loader_via_registry() -> None:
     assert len(examples) == 3
     assert examples == synthetic.make_needle(3, seed=1, context_tokens_approx=300)
     assert len(get_task("syn_arithmetic").load(None, limit=2, k=2)[0].metadata["ops"]) == 2
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         synthetic.make_needle(-1)

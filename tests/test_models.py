@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trimkv import models
-from trimkv.errors import ModelNotFoundError, TrimKVError
-from trimkv.models import (
+from kvbound import models
+from kvbound.errors import ModelNotFoundError, KVBoundError
+from kvbound.models import (
     KNOWN_MODELS,
     SOURCE_FILE,
     TINY_ARCHS,
@@ -53,7 +53,7 @@ def test_tiny_model_shapes_and_determinism(arch):
     assert getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) == 16
     assert cfg.num_hidden_layers == 2 and cfg.vocab_size == 128
     assert cfg._attn_implementation == "sdpa"
-    assert not model.training and model.trimkv_model_name == f"tiny-{arch}"
+    assert not model.training and model.kvbound_model_name == f"tiny-{arch}"
 
     again = tiny_model(arch, seed=3)
     other = tiny_model(arch, seed=4)
@@ -111,7 +111,7 @@ def test_tiny_model_overrides_and_bad_arch():
     model = tiny_model("mistral", num_layers=3, vocab_size=64, num_key_value_heads=1)
     assert model.config.num_hidden_layers == 3 and model.config.num_key_value_heads == 1
     assert model.lm_head.weight.shape == (64, 64)
-    with pytest.raises(TrimKVError, match="llama"):
+    with pytest.raises(KVBoundError, match="llama"):
         tiny_model("gpt2")
 
 
@@ -227,7 +227,7 @@ def _save_tiny(out_dir: Path, arch="llama", seed=0):
 def test_load_local_directory(tmp_path):
     _save_tiny(tmp_path / "m")
     model, tok = load_model(tmp_path / "m", dtype=torch.bfloat16, attn_implementation="eager")
-    assert model.trimkv_model_name == str((tmp_path / "m").resolve())
+    assert model.kvbound_model_name == str((tmp_path / "m").resolve())
     assert not model.training and model.config._attn_implementation == "eager"
     assert next(model.parameters()).dtype == torch.bfloat16
     assert tok.pad_token == "</s>" and tok.padding_side == "left"
@@ -242,7 +242,7 @@ def test_local_directory_without_tokenizer(tmp_path):
 
 
 def test_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRIMKV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KVBOUND_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "toy.gguf"
     gguf.write_bytes(b"GGUF fake")
     calls = []
@@ -255,7 +255,7 @@ def test_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch):
     model, _ = load_model(str(gguf))
     model2, _ = load_model(str(gguf))
     assert calls == [gguf.resolve()]
-    assert model.trimkv_model_name == str(gguf.resolve())
+    assert model.kvbound_model_name == str(gguf.resolve())
     assert torch.equal(model.lm_head.weight, model2.lm_head.weight)
     entries = list((tmp_path / "cache" / "models").iterdir())
     assert len(entries) == 1 and entries[0].name.startswith("gguf-toy-")
@@ -329,7 +329,7 @@ def test_failed_conversion_leaves_nothing(tmp_path):
 _KILLED_CONVERSION = """
 import os, signal, sys
 from pathlib import Path
-from trimkv.models import _cached_conversion
+from kvbound.models import _cached_conversion
 
 def convert(out_dir):
     (Path(out_dir) / "model.safetensors").write_bytes(b"half")
@@ -361,7 +361,7 @@ def test_killed_conversion_is_invisible_and_cleaned(tmp_path):
 _SLOW_CONVERSION = """
 import os, sys, time
 from pathlib import Path
-from trimkv.models import _cached_conversion
+from kvbound.models import _cached_conversion
 
 def convert(out_dir):
     time.sleep(float(sys.argv[3]))
@@ -441,7 +441,7 @@ def test_chunked_package_is_assembled_and_checked(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", SOURCE_FILE]
 
     sources[1].write_bytes(b"damaged")
-    with pytest.raises(TrimKVError, match="sha256"):
+    with pytest.raises(KVBoundError, match="sha256"):
         _cached_conversion(
             "toy", sources, models._gguf_converter(sources, package="toypkg"), root=tmp_path / "c"
         )
@@ -469,7 +469,7 @@ def test_default_model_loads_from_cache_and_chats():
     start = time.monotonic()
     model, tok = load_model()
     assert time.monotonic() - start < 10  # loose: a cached load takes well under a second
-    assert model.trimkv_model_name == "smollm2-135m" and not model.training
+    assert model.kvbound_model_name == "smollm2-135m" and not model.training
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
     assert tok.chat_template and tok.padding_side == "left" and tok.pad_token is not None

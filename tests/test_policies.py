@@ -14,19 +14,19 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from trimkv.cache import EvictionCache, EvictionLayer
-from trimkv.errors import TrimKVError
-from trimkv.gates import RetentionGates
-from trimkv.models import tiny_model
-from trimkv.policies import METHODS, POLICIES, get_policy
-from trimkv.policies.h2o import H2OPolicy
-from trimkv.policies.keydiff import KeyDiffPolicy
-from trimkv.policies.knorm import KNormPolicy
-from trimkv.policies.pyramidkv import PyramidKVPolicy
-from trimkv.policies.rkv import RKVPolicy
-from trimkv.policies.snapkv import SnapKVPolicy
-from trimkv.policies.streaming import StreamingPolicy
-from trimkv.policies.tova import TOVAPolicy
+from kvbound.cache import EvictionCache, EvictionLayer
+from kvbound.errors import KVBoundError
+from kvbound.gates import RetentionGates
+from kvbound.models import tiny_model
+from kvbound.policies import METHODS, POLICIES, get_policy
+from kvbound.policies.h2o import H2OPolicy
+from kvbound.policies.keydiff import KeyDiffPolicy
+from kvbound.policies.knorm import KNormPolicy
+from kvbound.policies.pyramidkv import PyramidKVPolicy
+from kvbound.policies.rkv import RKVPolicy
+from kvbound.policies.snapkv import SnapKVPolicy
+from kvbound.policies.streaming import StreamingPolicy
+from kvbound.policies.tova import TOVAPolicy
 
 NAMES = ["trimkv", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "keydiff", "rkv",
          "random"]
@@ -211,7 +211,7 @@ def test_recent_query_positions_follow_chunks_and_padding(model):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_recomputed_attention_rows_equal_the_models(arch):
     """Rows from the buffered queries = the eager attention weights the model itself used."""
-    from trimkv.policies.attention_rows import recent_probs
+    from kvbound.policies.attention_rows import recent_probs
 
     model = tiny_model(arch, seed=1)
     model.set_attn_implementation("eager")
@@ -403,10 +403,10 @@ def test_random_is_reproducible_per_seed_and_differs_across_seeds():
 
 
 def test_bad_policy_arguments():
-    with pytest.raises(TrimKVError, match="pooling"):
+    with pytest.raises(KVBoundError, match="pooling"):
         SnapKVPolicy(pooling="median")
-    with pytest.raises(TrimKVError, match="recent_ratio"):
+    with pytest.raises(KVBoundError, match="recent_ratio"):
         H2OPolicy(recent_ratio=2.0)
-    with pytest.raises(TrimKVError, match="mix_lambda"):
+    with pytest.raises(KVBoundError, match="mix_lambda"):
         RKVPolicy(mix_lambda=-1.0)
     assert SnapKVPolicy(query_aware=True).describe()["query_aware"] is True

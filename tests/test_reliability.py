@@ -22,14 +22,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trimkv.cache import EvictionCache
-from trimkv.cli import app
-from trimkv.errors import TrimKVError
-from trimkv.gates import RetentionGates
-from trimkv.generation import generate
-from trimkv.hooks import detach
-from trimkv.models import load_model, tiny_model
-from trimkv.testing import ByteTokenizer
+from kvbound.cache import EvictionCache
+from kvbound.cli import app
+from kvbound.errors import KVBoundError
+from kvbound.gates import RetentionGates
+from kvbound.generation import generate
+from kvbound.hooks import detach
+from kvbound.models import load_model, tiny_model
+from kvbound.testing import ByteTokenizer
 
 
 def _gated(arch="llama", **kw):
@@ -100,7 +100,7 @@ def _unsupported(tmp: Path):
 
 
 def _unknown_task(tmp: Path):
-    from trimkv.eval.tasks import get_task
+    from kvbound.eval.tasks import get_task
 
     get_task("needle_in_a_haystack")
 
@@ -108,32 +108,32 @@ def _unknown_task(tmp: Path):
 #: (what was tried, callable(tmp_path), expected exception or warning class, text the message
 #: must contain)
 SCENARIOS = [
-    ("budget = 0", lambda t: EvictionCache(_gated(), "trimkv", budget=0), TrimKVError,
+    ("budget = 0", lambda t: EvictionCache(_gated(), "trimkv", budget=0), KVBoundError,
      "budget must be >= 1"),
     ("budget not an integer (8.5)", lambda t: EvictionCache(_gated(), "trimkv", budget=8.5),
-     TrimKVError, "budget must be an integer"),
-    ("buffer = -1", lambda t: EvictionCache(_gated(), "trimkv", budget=8, buffer=-1), TrimKVError,
+     KVBoundError, "budget must be an integer"),
+    ("buffer = -1", lambda t: EvictionCache(_gated(), "trimkv", budget=8, buffer=-1), KVBoundError,
      "buffer must be >= 0"),
     ("sinks >= budget", lambda t: EvictionCache(_gated(), "trimkv", budget=4, sinks=4),
-     TrimKVError, "sinks (4) must be smaller"),
+     KVBoundError, "sinks (4) must be smaller"),
     ("chunk = 0", lambda t: generate(_gated(), ByteTokenizer(), "hello", chunk=0,
-                                     max_new_tokens=2), TrimKVError, "chunk must be a positive"),
-    ("unknown method", lambda t: EvictionCache(_gated(), "snap", budget=8), TrimKVError,
+                                     max_new_tokens=2), KVBoundError, "chunk must be a positive"),
+    ("unknown method", lambda t: EvictionCache(_gated(), "snap", budget=8), KVBoundError,
      "Valid: full, trimkv, streaming"),
-    ("unknown model name", lambda t: load_model("smolm2-135m"), TrimKVError, "did you mean"),
-    ("unknown task", _unknown_task, TrimKVError, "syn_needle"),
+    ("unknown model name", lambda t: load_model("smolm2-135m"), KVBoundError, "did you mean"),
+    ("unknown task", _unknown_task, KVBoundError, "syn_needle"),
     ("trimkv without gates", lambda t: EvictionCache(tiny_model("llama"), "trimkv", budget=8),
-     TrimKVError, "needs retention gates"),
-    ("gates made for another model", _other_model_gates, TrimKVError, "num_layers: gates 2"),
-    ("truncated gates.safetensors", _truncated_gates, TrimKVError, "corrupt or truncated"),
-    ("truncated official trimkv_weights.pth", _truncated_official, TrimKVError, "Cannot read"),
-    ("official .pth holding code (pickle)", _pickle_with_code, TrimKVError, "weights-only"),
-    ("gate produces inf/NaN", _nan_gates, TrimKVError, "layer 1"),
+     KVBoundError, "needs retention gates"),
+    ("gates made for another model", _other_model_gates, KVBoundError, "num_layers: gates 2"),
+    ("truncated gates.safetensors", _truncated_gates, KVBoundError, "corrupt or truncated"),
+    ("truncated official trimkv_weights.pth", _truncated_official, KVBoundError, "Cannot read"),
+    ("official .pth holding code (pickle)", _pickle_with_code, KVBoundError, "weights-only"),
+    ("gate produces inf/NaN", _nan_gates, KVBoundError, "layer 1"),
     ("empty prompt", lambda t: generate(_gated(), ByteTokenizer(), "", max_new_tokens=2),
-     TrimKVError, "prompt is empty"),
+     KVBoundError, "prompt is empty"),
     ("prompt beyond the model's context, full cache", _long_prompt_full, UserWarning,
      "exceed the model's context (32)"),
-    ("unsupported architecture (GPT-2)", _unsupported, TrimKVError, "Supported: llama"),
+    ("unsupported architecture (GPT-2)", _unsupported, KVBoundError, "Supported: llama"),
 ]
 
 
@@ -170,9 +170,9 @@ def test_cli_errors_are_clean(args, match):
 _TRAIN_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from trimkv.models import tiny_model
-    from trimkv.testing import ByteTokenizer
-    from trimkv.train.trainer import TrainConfig, Trainer
+    from kvbound.models import tiny_model
+    from kvbound.testing import ByteTokenizer
+    from kvbound.train.trainer import TrainConfig, Trainer
     out, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     cfg = TrainConfig(out=out, memory_size=8, seq_len=48, steps=steps, data="prose", seed=0,
                       lr=1e-2, warmup_steps=1, intermediate_size=8, bias_init=3.0, save_every=1,

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from trimkv.cache import EvictionCache
-from trimkv.errors import TrimKVError
-from trimkv.gates import RetentionGates
-from trimkv.models import tiny_model
+from kvbound.cache import EvictionCache
+from kvbound.errors import KVBoundError
+from kvbound.gates import RetentionGates
+from kvbound.models import tiny_model
 
 
 def _model(arch="llama"):
@@ -91,20 +91,20 @@ def test_compiled_static_decoding_matches_eager_without_recompiling():
 
 def test_static_refuses_what_it_cannot_do():
     model = _model()
-    with pytest.raises(TrimKVError, match="tracks attention"):
+    with pytest.raises(KVBoundError, match="tracks attention"):
         EvictionCache(model, "h2o", budget=8, static=True)
-    from trimkv.policies.streaming import StreamingPolicy
+    from kvbound.policies.streaming import StreamingPolicy
 
     class Uneven(StreamingPolicy):
         def layer_budget(self, layer_idx, evicted, budget):
             return budget + layer_idx
 
-    with pytest.raises(TrimKVError, match="one budget"):
+    with pytest.raises(KVBoundError, match="one budget"):
         EvictionCache(model, Uneven(), budget=8, static=True)
-    with pytest.raises(TrimKVError, match="freeze"):
+    with pytest.raises(KVBoundError, match="freeze"):
         EvictionCache(model, "trimkv", budget=8, static=True).freeze()
     gemma = _model("gemma3")
-    with pytest.raises(TrimKVError, match="sliding-window"):
+    with pytest.raises(KVBoundError, match="sliding-window"):
         EvictionCache(gemma, "trimkv", budget=8, static=True)
 
 
@@ -144,8 +144,8 @@ def test_generate_with_compile_matches_eager(method, sample, monkeypatch):
     """generate(compile=True): static cache (StaticCache for full) + compiled decoding."""
     import torch._dynamo
 
-    from trimkv import generation
-    from trimkv.testing import ByteTokenizer
+    from kvbound import generation
+    from kvbound.testing import ByteTokenizer
 
     model = _model()
     ids = torch.randint(1, 100, (1, 20), generator=torch.Generator().manual_seed(6))
@@ -164,7 +164,7 @@ def test_generate_with_compile_matches_eager(method, sample, monkeypatch):
 
 
 def test_static_full_cache_needs_its_length():
-    from trimkv.generation import build_cache
+    from kvbound.generation import build_cache
 
-    with pytest.raises(TrimKVError, match="max_cache_len"):
+    with pytest.raises(KVBoundError, match="max_cache_len"):
         build_cache(_model(), "full", budget=8, buffer=4, static=True)

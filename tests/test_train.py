@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from trimkv.errors import TrimKVError
-from trimkv.gates import RetentionGates
-from trimkv.hooks import get_state
-from trimkv.models import tiny_model
-from trimkv.testing import ByteTokenizer
-from trimkv.train.data import Mixture, parse_spec
-from trimkv.train.trainer import TrainConfig, Trainer
+from kvbound.errors import KVBoundError
+from kvbound.gates import RetentionGates
+from kvbound.hooks import get_state
+from kvbound.models import tiny_model
+from kvbound.testing import ByteTokenizer
+from kvbound.train.data import Mixture, parse_spec
+from kvbound.train.trainer import TrainConfig, Trainer
 
 
 def _cfg(tmp_path, **kw):
@@ -75,7 +75,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     _train(_cfg(tmp_path, steps=2))
-    with pytest.raises(TrimKVError, match="different configuration"):
+    with pytest.raises(KVBoundError, match="different configuration"):
         _train(_cfg(tmp_path, steps=4, memory_size=16, extra={"resume": True}))
 
 
@@ -109,10 +109,10 @@ def test_synthetic_targets_are_the_answer():
 @pytest.mark.parametrize("spec,match", [("nope:1", "Unknown data source"), ("file", "argument"),
                                         ("prose:0", "> 0"), ("", "Empty")])
 def test_bad_data_spec(spec, match):
-    with pytest.raises(TrimKVError, match=match):
+    with pytest.raises(KVBoundError, match=match):
         parse_spec(spec)
 
 
 def test_bad_config():
-    with pytest.raises(TrimKVError, match="memory_size"):
+    with pytest.raises(KVBoundError, match="memory_size"):
         TrainConfig(memory_size=0).validate()

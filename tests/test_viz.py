@@ -1,4 +1,4 @@
-"""trimkv.viz: head-role classifier on synthetic data, run_viz on tiny models with crafted gates."""
+"""kvbound.viz: head-role classifier on synthetic data, run_viz on tiny models with crafted gates."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from trimkv.analysis import eviction_timeline, gate_log_betas, is_punctuation, median_half_life
-from trimkv.cache import EvictionCache
-from trimkv.errors import TrimKVError
-from trimkv.gates import RetentionGates
-from trimkv.hooks import get_state
-from trimkv.models import tiny_model
-from trimkv.testing import ByteTokenizer
-from trimkv.viz import RoleThresholds, classify_head, run_viz, timeline_from_snapshots
+from kvbound.analysis import eviction_timeline, gate_log_betas, is_punctuation, median_half_life
+from kvbound.cache import EvictionCache
+from kvbound.errors import KVBoundError
+from kvbound.gates import RetentionGates
+from kvbound.hooks import get_state
+from kvbound.models import tiny_model
+from kvbound.testing import ByteTokenizer
+from kvbound.viz import RoleThresholds, classify_head, run_viz, timeline_from_snapshots
 
 BUDGET, BUFFER = 16, 4
 
@@ -224,13 +224,13 @@ def test_bad_arguments(tmp_path):
     model = tiny_model("llama", num_layers=2)
     tok = ByteTokenizer()
     gates = RetentionGates.for_model(model)
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         run_viz(model, tok, gates, text="ab", ids=torch.tensor([3, 4]), out=tmp_path)
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         run_viz(model, tok, gates, text="abc", out=tmp_path, heads=[(5, 0)])
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         run_viz(model, tok, gates, text="abc", out=tmp_path, heads=[(0, 2)])
-    with pytest.raises(TrimKVError):
+    with pytest.raises(KVBoundError):
         run_viz(model, tok, gates, text="abc", out=tmp_path, budget=4, sinks=4)
     assert get_state(model) is None
 

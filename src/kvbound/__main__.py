@@ -1,0 +1,3 @@
+from kvbound.cli import app
+
+app(prog_name="kvbound")

@@ -1,0 +1,255 @@
+"""Speed and memory: prefill and decode throughput, step latency vs position, KV and process memory.
+
+Each (method, length) runs in its own subprocess so that peak process memory (ru_maxrss) is
+per-configuration. A prompt of L tokens (held-out text, repeated as needed) is prefilled (bounded
+methods: in chunks with eviction after each; full cache: in one pass), then D tokens are decoded
+one at a time with greedy argmax, timing every step. A method written ``NAME+compile`` (e.g.
+``trimkv+compile``, ``full+compile``) decodes with ``torch.compile`` on a static-shape cache
+(transformers' StaticCache for the full cache); its first decode step, which compiles, is reported
+as ``compile_seconds`` and excluded like the other warm-up steps.
+
+Also measured: the share of decode time spent computing the policy's inputs (retention gates, or
+recomputed queries for attention-based baselines) and in cache bookkeeping (eviction + mask).
+
+    kvbound bench --json out.json            # or: python benchmarks/speed.py --write-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def worker(args) -> dict:
+    import torch
+
+    from kvbound.cache import EvictionCache
+    from kvbound.eval.textpool import eval_text_pool
+    from kvbound.generation import build_cache, compile_config
+    from kvbound.models import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
+    text_ids = tok("\n\n".join(eval_text_pool()), add_special_tokens=False)["input_ids"]
+    reps = args.length // len(text_ids) + 1
+    ids = torch.tensor((text_ids * reps)[: args.length])[None]
+    method, _, mode = args.method.partition("+")
+    compiled = mode == "compile"
+    cache, _, sinks = build_cache(model, method, budget=args.budget, buffer=args.buffer,
+                                  gates=args.gates, static=compiled,
+                                  max_cache_len=args.length + args.decode_tokens)
+    step_fn = model.get_compiled_call(compile_config(model.device)) if compiled else model
+    bounded = isinstance(cache, EvictionCache)
+    chunk = args.chunk if bounded else args.full_chunk
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for s in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, s : s + chunk], cache=cache, logits_to_keep=1).logits
+        prefill = time.perf_counter() - t0
+        if bounded:
+            for k in cache.timings:
+                cache.timings[k] = 0.0
+        nxt = logits[:, -1:].argmax(-1)
+        steps = []
+        for _ in range(args.decode_tokens):
+            t = time.perf_counter()
+            logits = step_fn(nxt, cache=cache).logits
+            nxt = logits[:, -1:].argmax(-1)
+            steps.append(time.perf_counter() - t)
+    decode = sum(steps[args.warmup:])
+    n = len(steps) - args.warmup
+    rec = {
+        "method": args.method, "length": args.length, "budget": args.budget if bounded else None,
+        "buffer": args.buffer if bounded else None, "sinks": sinks, "dtype": args.dtype,
+        "prefill_tok_s": args.length / prefill, "prefill_seconds": prefill,
+        "compiled": compiled, "compile_seconds": steps[0] if compiled else None,
+        "decode_tok_s": n / decode, "step_ms_mean": 1000 * decode / n,
+        "step_ms": [round(1000 * x, 2) for x in steps],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+    if bounded:
+        st = cache.stats()
+        rec.update(peak_kv_bytes=st.peak_kv_bytes, peak_tokens_per_head=st.peak_tokens_per_head,
+                   full_kv_bytes=st.full_kv_bytes,
+                   scoring_share=cache.timings["scoring_inputs"] / sum(steps),
+                   bookkeeping_share=cache.timings["cache_bookkeeping"] / sum(steps),
+                   evict_share=cache.timings["evict"] / sum(steps))
+    else:
+        kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+        elem = next(model.parameters()).element_size()
+        rec.update(peak_kv_bytes=kv * elem, peak_tokens_per_head=int(cache.get_seq_length()),
+                   full_kv_bytes=kv * elem, scoring_share=0.0, bookkeeping_share=0.0,
+                   evict_share=0.0)
+    return rec
+
+
+def median_run(recs: list[dict]) -> dict:
+    """The run with the median decode speed (the lower one of an even count: a real run), with
+    every run's decode tok/s attached."""
+    ordered = sorted(recs, key=lambda r: r["decode_tok_s"])
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    median["decode_tok_s_runs"] = [round(r["decode_tok_s"], 2) for r in ordered]
+    return median
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--gates", default=None)
+    ap.add_argument("--methods", default="full,trimkv,streaming,knorm,snapkv,h2o,tova")
+    ap.add_argument("--lengths", default="1024,4096,16384")
+    ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--buffer", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk for bounded methods")
+    ap.add_argument("--full-chunk", type=int, default=4096, help="prefill chunk, full cache")
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per configuration (methods alternate); the median run is reported")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot-dir", default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def run_bench(args: argparse.Namespace) -> dict | None:
+    """Run the sweep described by ``args`` (see :func:`parser`); returns the result dict."""
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return None
+    records = []
+    for length in [int(x) for x in args.lengths.split(",")]:
+        runs: dict[str, list] = {}
+        for method in [m for _ in range(args.repeats) for m in args.methods.split(",")]:
+            cmd = [sys.executable, "-m", "kvbound.bench", "--worker", "--method", method, "--length",
+                   str(length), "--budget", str(args.budget), "--buffer", str(args.buffer),
+                   "--chunk", str(args.chunk), "--full-chunk", str(args.full_chunk),
+                   "--decode-tokens", str(args.decode_tokens), "--warmup", str(args.warmup),
+                   "--dtype", args.dtype]
+            if args.model:
+                cmd += ["--model", args.model]
+            if args.gates:
+                cmd += ["--gates", args.gates]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"worker failed: {method} L={length}")
+            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            runs.setdefault(method, []).append(rec)
+            print(f"{method:10s} L={length:6d} prefill {rec['prefill_tok_s']:8.1f} tok/s  decode "
+                  f"{rec['decode_tok_s']:6.1f} tok/s  KV {rec['peak_kv_bytes'] / 1e6:7.2f} MB  "
+                  f"RSS {rec['peak_rss_mb']:7.0f} MB", flush=True)
+        records.extend(median_run(recs) for recs in runs.values())
+    result = {"records": records, "args": {k: v for k, v in vars(args).items()
+                                           if k not in ("worker", "method", "length")}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    
+    if args.plot_dir:
+        plot(result, Path(args.plot_dir))
+    return result
+
+
+def render(result: dict, command: str = "", machine: str = "") -> str:
+    recs = result["records"]
+    a = result["args"]
+    lines = [
+        "## Speed and memory (embedded model, CPU)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine}  ",
+        f"Bounded methods: M={a['budget']}, buffer {a['buffer']}, prefill chunk {a['chunk']}; "
+        f"full cache prefilled in chunks of {a['full_chunk']}; {a['decode_tokens']} decode steps "
+        f"({a['warmup']} warm-up steps excluded); dtype {a['dtype']}; "
+        f"{a.get('repeats', 1)} run(s) per configuration, methods alternating, median run shown.",
+        "",
+        "| method | prompt tokens | prefill tok/s | decode tok/s | decode vs full* | peak KV MB "
+        "| peak RSS MB | gates/queries share | eviction+mask share |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    full = {(r["length"], r.get("compiled", False)): r for r in recs
+            if r["method"].partition("+")[0] == "full"}
+    for r in recs:
+        ref = full.get((r["length"], r.get("compiled", False)))
+        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else ""
+        lines.append(
+            f"| {r['method']} | {r['length']} | {r['prefill_tok_s']:.0f} | {_decode_cell(r)}"
+            f" | {ratio} | {r['peak_kv_bytes'] / 1e6:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{100 * r['scoring_share']:.1f}% | {100 * r['bookkeeping_share']:.1f}% |")
+    lines.append("")
+    lines.append("\\* against the full cache in the same mode (eager, or +compile: torch.compile "
+                 "on a static cache; the first, compiling step is a warm-up step).")
+    comp = [r for r in recs if r.get("compiled")]
+    if comp:
+        lines.append("")
+        for r in comp:
+            eager = next((e for e in recs if e["method"] == r["method"].partition("+")[0]
+                          and e["length"] == r["length"] and not e.get("compiled")), None)
+            vs = (f", {r['decode_tok_s'] / eager['decode_tok_s']:.2f}x its eager decode"
+                  if eager else "")
+            lines.append(f"- {r['method']} L={r['length']}: compiled in "
+                         f"{r['compile_seconds']:.1f} s (first decode step){vs}")
+    full = {length: r for (length, c), r in full.items() if not c}
+    tk = {r["length"]: r for r in recs if r["method"] == "trimkv"}
+    st = {r["length"]: r for r in recs if r["method"] == "streaming"}
+    if tk and st:
+        lines.append("")
+        for length in sorted(tk):
+            if length in st:
+                lines.append(
+                    f"- L={length}: TRIM-KV step {tk[length]['step_ms_mean']:.1f} ms vs "
+                    f"StreamingLLM {st[length]['step_ms_mean']:.1f} ms "
+                    f"({100 * (tk[length]['step_ms_mean'] / st[length]['step_ms_mean'] - 1):+.1f}%)"
+                    + (f"; vs full {full[length]['step_ms_mean']:.1f} ms" if length in full else ""))
+        kv = [tk[length]["peak_kv_bytes"] for length in sorted(tk)]
+        lines.append(f"- TRIM-KV peak KV bytes over lengths {sorted(tk)}: "
+                     f"{', '.join(f'{x / 1e6:.2f} MB' for x in kv)}")
+    lines.append("")
+    lines.append("![decode step latency vs position](img/speed_step_latency.png)")
+    return "\n".join(lines)
+
+
+def _decode_cell(r: dict) -> str:
+    runs = r.get("decode_tok_s_runs") or []
+    spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
+    return f"{r['decode_tok_s']:.1f}{spread}"
+
+
+def plot(result: dict, img: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = result["records"]
+    img.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in recs):
+        rs = sorted((r for r in recs if r["method"] == method), key=lambda r: r["length"])
+        axes[0].plot([r["length"] for r in rs], [r["step_ms_mean"] for r in rs], "-o",
+                     label=method)
+        axes[1].plot([r["length"] for r in rs], [r["peak_kv_bytes"] / 1e6 for r in rs], "-o",
+                     label=method)
+    for ax, ylabel in ((axes[0], "decode step (ms)"), (axes[1], "peak KV cache (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens in context when decoding")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(img / "speed_step_latency.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run_bench(parser().parse_args())

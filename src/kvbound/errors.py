@@ -1,0 +1,21 @@
+"""Errors raised at kvbound's public boundary.
+
+Every error says what went wrong and what to do about it; none should surface as a traceback from
+deep inside torch or transformers.
+"""
+
+
+class KVBoundError(ValueError):
+    """A user-facing error: bad argument, incompatible checkpoint, missing model, ..."""
+
+
+class IncompatibleGatesError(KVBoundError):
+    """Gate checkpoint made for another model (layer count, hidden size or KV heads differ)."""
+
+
+class ModelNotFoundError(KVBoundError):
+    """A model name or path that cannot be resolved; the message names the install command."""
+
+
+class UnsupportedArchitectureError(KVBoundError):
+    """A model whose architecture kvbound does not support; the message lists the supported ones."""

@@ -1,0 +1,367 @@
+"""Retention gates: the small learned scorers of TRIM-KV (arXiv 2512.03324, section 3).
+
+One :class:`RetentionGate` per decoder layer maps the attention block's input hidden state (after
+the layer's input norm, before q/k/v and RoPE) to one retention score per KV head, returned as
+``log beta = logsigmoid(W2 silu(W1 x + c) + b)`` with shape ``(B, H_kv, S)``. A token's importance
+at step ``t`` is ``beta^(t - i)``; the cache evicts the tokens with the smallest one.
+
+:class:`RetentionGates` is the per-model set: it attaches to a stock transformers model through
+forward pre-hooks (see :mod:`kvbound.hooks`), detaches cleanly, and saves/loads as
+``gates.safetensors`` + ``gates.json``. Official TRIM-KV checkpoints (``trimkv_weights.pth``) can be
+imported with :meth:`RetentionGates.from_official`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kvbound.architectures import evicted_layers, model_fingerprint
+from kvbound.errors import IncompatibleGatesError, KVBoundError
+
+GATES_FILE = "gates.safetensors"
+META_FILE = "gates.json"
+FORMAT = "kvbound-gates"
+#: formats written before the rename to kvbound (same layout), still loaded
+LEGACY_FORMATS = ("trimkv-gates",)
+FORMAT_VERSION = 1
+
+
+class RetentionGate(nn.Module):
+    """Per-layer gate: Linear(hidden -> I, bias) -> SiLU -> Linear(I -> H_kv) + per-head bias.
+
+    Parameters
+    ----------
+    hidden_size, num_kv_heads, intermediate_size:
+        Shapes. The paper uses I = 512 for 2-8B models; small models do well with 64-256.
+    bias_init:
+        Initial per-head bias. Large means beta ~ 1 (no forgetting) at the start. The paper uses 18,
+        released checkpoints 8-10; 18 leaves gradients ~1e-8 that AdamW cannot move in a short run.
+    init_std:
+        Std of the normal init of both linear weights.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_kv_heads: int,
+        intermediate_size: int = 128,
+        bias_init: float = 8.0,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(hidden_size, intermediate_size, bias=True)
+        self.linear2 = nn.Linear(intermediate_size, num_kv_heads, bias=False)
+        self.bias = nn.Parameter(torch.full((num_kv_heads,), float(bias_init)))
+        nn.init.normal_(self.linear1.weight, std=init_std)
+        nn.init.zeros_(self.linear1.bias)
+        nn.init.normal_(self.linear2.weight, std=init_std)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Return log beta, shape (B, H_kv, S), float32, computed with autocast off."""
+        if torch.is_autocast_enabled(hidden_states.device.type):
+            with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+                return self._log_beta(hidden_states)
+        return self._log_beta(hidden_states)
+
+    def _log_beta(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(self.linear1.weight.dtype)
+        logits = F.linear(F.silu(self.linear1(x)), self.linear2.weight, self.bias)
+        return F.logsigmoid(logits).transpose(1, 2)
+
+
+@dataclass
+class GateConfig:
+    """Hyper-parameters and the architecture fingerprint a gate set was made for."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    gated_layers: list[int]
+    intermediate_size: int = 128
+    bias_init: float = 8.0
+    init_std: float = 0.02
+    base_model: str | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "num_kv_heads": self.num_kv_heads,
+        }
+
+
+@dataclass
+class GateMetadata:
+    """Free-form provenance stored next to the weights (training command, data, losses...)."""
+
+    training: dict[str, Any] = field(default_factory=dict)
+    recommended: dict[str, Any] = field(default_factory=dict)
+
+
+class RetentionGates(nn.Module):
+    """The set of retention gates for one model (one gate per evicted attention layer)."""
+
+    def __init__(self, config: GateConfig, metadata: GateMetadata | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.metadata = metadata or GateMetadata()
+        self.gates = nn.ModuleDict(
+            {
+                str(i): RetentionGate(
+                    config.hidden_size,
+                    config.num_kv_heads,
+                    config.intermediate_size,
+                    config.bias_init,
+                    config.init_std,
+                )
+                for i in config.gated_layers
+            }
+        )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        *,
+        intermediate_size: int = 128,
+        bias_init: float = 8.0,
+        init_std: float = 0.02,
+        seed: int | None = 0,
+    ) -> RetentionGates:
+        """Fresh (untrained) gates shaped for ``model``; deterministic for a given ``seed``."""
+        fp = model_fingerprint(model)
+        config = GateConfig(
+            model_type=fp["model_type"],
+            num_layers=fp["num_layers"],
+            hidden_size=fp["hidden_size"],
+            num_kv_heads=fp["num_kv_heads"],
+            gated_layers=evicted_layers(model),
+            intermediate_size=intermediate_size,
+            bias_init=bias_init,
+            init_std=init_std,
+            base_model=getattr(model, "kvbound_model_name", None)
+            or getattr(model.config, "_name_or_path", None),
+        )
+        if seed is None:
+            return cls(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(config)
+
+    def __contains__(self, layer_idx: int) -> bool:
+        return str(layer_idx) in self.gates
+
+    def __getitem__(self, layer_idx: int) -> RetentionGate:
+        return self.gates[str(layer_idx)]
+
+    def forward(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.gates[str(layer_idx)](hidden_states)
+
+    # ------------------------------------------------------------------ model wiring
+    def check_compatible(self, model: nn.Module) -> None:
+        """Raise :class:`IncompatibleGatesError` if these gates were made for another model."""
+        fp = model_fingerprint(model)
+        mine = self.config.fingerprint()
+        diffs = [f"{k}: gates {mine[k]} vs model {fp[k]}" for k in mine if mine[k] != fp[k]]
+        if diffs:
+            raise IncompatibleGatesError(
+                f"These retention gates were made for another model ({self.config.base_model or '?'},"
+                f" {self.config.model_type}): " + "; ".join(diffs) + ". Train gates for this model "
+                "with `kvbound train --model ...` or load the gates that match it."
+            )
+
+    def attach(self, model: nn.Module) -> RetentionGates:
+        """Wire the gates into ``model`` (forward pre-hooks); returns self. See :func:`detach`."""
+        from kvbound.hooks import attach
+
+        self.check_compatible(model)
+        ref = next(model.parameters())
+        self.to(device=ref.device)
+        attach(model, gates=self)
+        return self
+
+    def detach(self, model: nn.Module) -> None:
+        """Remove every hook kvbound installed; the model computes exactly as before."""
+        from kvbound.hooks import detach
+
+        detach(model)
+
+    # ------------------------------------------------------------------ persistence
+    def digest(self) -> str:
+        """Short content hash of the weights (recorded in results)."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:12]
+
+    def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write ``gates.safetensors`` + ``gates.json`` atomically into ``directory``.
+
+        ``dtype`` (e.g. ``torch.float16``) shrinks the file; gates are loaded back as float32.
+        """
+        from safetensors.torch import save_file
+
+        from kvbound.io import atomic_dir_write
+
+        state = {k: v.detach().contiguous().cpu().to(dtype or v.dtype)
+                 for k, v in self.state_dict().items()}
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "config": asdict(self.config),
+            "metadata": asdict(self.metadata),
+            "digest": self.digest(),
+            "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        }
+
+        def write(tmp: Path) -> None:
+            save_file(state, str(tmp / GATES_FILE))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+
+        return atomic_dir_write(Path(directory), write, files=(GATES_FILE, META_FILE))
+
+    @classmethod
+    def load(cls, source: str | os.PathLike, model: nn.Module | None = None) -> RetentionGates:
+        """Load gates from a directory written by :meth:`save`, a shipped name, or an official
+        TRIM-KV checkpoint directory. With ``model`` the fingerprint is checked."""
+        path = resolve_gates_path(source)
+        if not (path / META_FILE).exists() and (path / "trimkv_weights.pth").exists():
+            if model is None:
+                raise KVBoundError("Importing an official TRIM-KV checkpoint needs the model.")
+            return cls.from_official(path, model)
+        gates = _load_native(path)
+        if model is not None:
+            gates.check_compatible(model)
+        return gates
+
+    @classmethod
+    def from_official(
+        cls, directory: str | os.PathLike, model: nn.Module, *, bias_init: float | None = None
+    ) -> RetentionGates:
+        """Import an official TRIM-KV checkpoint (``config.json`` + ``trimkv_weights.pth``).
+
+        The weights file is read with ``torch.load(weights_only=True)`` (no code execution).
+        Keys: ``model.layers.{l}.self_attn.retention_gate.{linear1.weight, linear1.bias,
+        linear2.weight, bias}``.
+        """
+        directory = Path(directory)
+        cfg_path, weights_path = directory / "config.json", directory / "trimkv_weights.pth"
+        if not weights_path.exists():
+            raise KVBoundError(f"{weights_path} not found: an official checkpoint has "
+                              "config.json and trimkv_weights.pth.")
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        try:
+            raw = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise KVBoundError(f"Cannot read {weights_path}: {exc}. The file is corrupt, truncated or "
+                              "not a weights-only checkpoint.") from exc
+        prefix = "model.layers."
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in raw.items():
+            if ".retention_gate." not in key or not key.startswith(prefix):
+                continue
+            layer = int(key[len(prefix):].split(".")[0])
+            layers.setdefault(layer, {})[key.split(".retention_gate.")[1]] = tensor
+        if not layers:
+            raise KVBoundError(f"{weights_path} holds no retention_gate tensors.")
+        first = layers[min(layers)]
+        inter, hidden = first["linear1.weight"].shape
+        kv_heads = first["linear2.weight"].shape[0]
+        fp = model_fingerprint(model)
+        if hidden != fp["hidden_size"] or kv_heads != fp["num_kv_heads"] or max(layers) >= fp[
+            "num_layers"
+        ]:
+            raise IncompatibleGatesError(
+                f"Official checkpoint {directory} is for another model (hidden {hidden}, KV heads "
+                f"{kv_heads}, {max(layers) + 1}+ layers; model has {fp['hidden_size']}, "
+                f"{fp['num_kv_heads']}, {fp['num_layers']}). Base model per its config: "
+                f"{cfg.get('base_model', '?')}."
+            )
+        config = GateConfig(
+            model_type=fp["model_type"],
+            num_layers=fp["num_layers"],
+            hidden_size=hidden,
+            num_kv_heads=kv_heads,
+            gated_layers=sorted(layers),
+            intermediate_size=inter,
+            bias_init=float(bias_init if bias_init is not None
+                            else cfg.get("retention_gate_bias_init", 8.0)),
+            base_model=cfg.get("base_model"),
+        )
+        gates = cls(config, GateMetadata(training={"imported_from": str(directory),
+                                                   "official_config": cfg}))
+        state = {f"gates.{layer}.{name}": t.float() for layer, d in layers.items()
+                 for name, t in d.items()}
+        missing, unexpected = gates.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise KVBoundError(f"Official checkpoint {directory}: missing {missing}, "
+                              f"unexpected {unexpected}.")
+        return gates
+
+
+def shipped_gates_dir(name: str) -> Path | None:
+    """Directory of the gates shipped inside the package for model ``name``, if any."""
+    root = resources.files("kvbound") / "shipped_gates" / name
+    path = Path(str(root))
+    return path if (path / META_FILE).exists() else None
+
+
+def resolve_gates_path(source: str | os.PathLike) -> Path:
+    path = Path(source)
+    if path.is_dir():
+        return path
+    shipped = shipped_gates_dir(str(source))
+    if shipped is not None:
+        return shipped
+    raise KVBoundError(
+        f"No gates at {source!r}: give a directory written by `kvbound train` (gates.json + "
+        f"gates.safetensors), an official TRIM-KV checkpoint directory, or a shipped name "
+        f"({', '.join(list_shipped_gates()) or 'none installed'})."
+    )
+
+
+def list_shipped_gates() -> list[str]:
+    root = Path(str(resources.files("kvbound") / "shipped_gates"))
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / META_FILE).exists())
+
+
+def _load_native(path: Path) -> RetentionGates:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KVBoundError(f"Cannot read {path / META_FILE}: {exc}. The checkpoint is corrupt or "
+                          "incomplete; re-train or re-download it.") from exc
+    if meta.get("format") not in (FORMAT, *LEGACY_FORMATS):
+        raise KVBoundError(f"{path / META_FILE} is not a kvbound gate checkpoint.")
+    try:
+        config = GateConfig(**meta["config"])
+        metadata = GateMetadata(**meta.get("metadata", {}))
+        state = load_file(str(path / GATES_FILE))
+    except (OSError, TypeError, KeyError, SafetensorError) as exc:
+        raise KVBoundError(f"Cannot load gates from {path}: {exc}. The checkpoint is corrupt or "
+                          "truncated; re-train or re-download it.") from exc
+    gates = RetentionGates(config, metadata)
+    state = {k: v.float() for k, v in state.items()}
+    try:
+        gates.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise KVBoundError(f"Gate weights in {path} do not match gates.json: {exc}") from exc
+    return gates

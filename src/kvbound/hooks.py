@@ -1,0 +1,160 @@
+"""Forward pre-hooks that wire kvbound into a stock transformers model (no forked model files).
+
+* On the model: record which incoming tokens are padding (from the 2D attention mask) so the
+  cache can keep exact per-row validity.
+* On every attention module: compute the layer's log beta with its retention gate (when gates are
+  attached), and, when the call carries an :class:`~kvbound.cache.EvictionCache`, evict what must go
+  and replace the attention mask with the cache's own. In gate training the log beta is handed to
+  the retention-gated attention function instead (``module._kvbound_log_beta``).
+
+With any other cache (or none) the hooks change nothing. :func:`detach` removes every hook and
+attribute, so the model computes exactly as before.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kvbound.architectures import attention_modules, query_states
+
+STATE_ATTR = "_kvbound_hooks"
+LOG_BETA_ATTR = "_kvbound_log_beta"
+
+
+@dataclass
+class HookState:
+    gates: nn.Module | None = None
+    #: "inference"; "student" (training: hand log beta to the attention function);
+    #: "teacher" (training: plain attention, no gate)
+    mode: str = "inference"
+    #: in training, protect the first N tokens from decay (beta = 1), matching sink protection
+    train_sinks: int = 0
+    handles: list = field(default_factory=list)
+
+
+def get_state(model: nn.Module) -> HookState | None:
+    return model.__dict__.get(STATE_ATTR)
+
+
+def ensure_attached(model: nn.Module) -> HookState:
+    state = get_state(model)
+    return state if state is not None else attach(model)
+
+
+def attach(model: nn.Module, gates: nn.Module | None = None) -> HookState:
+    """Install the hooks (idempotent); ``gates`` replaces any gates attached before."""
+    state = get_state(model)
+    if state is not None:
+        if gates is not None:
+            state.gates = gates
+        return state
+    modules = attention_modules(model)  # raises for unsupported architectures
+    state = HookState(gates=gates)
+    state.handles.append(
+        model.register_forward_pre_hook(_model_pre_hook(state), with_kwargs=True)
+    )
+    state.handles.append(
+        model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True)
+    )
+    for attn in modules:
+        state.handles.append(
+            attn.register_forward_pre_hook(_attention_pre_hook(state), with_kwargs=True)
+        )
+    model.__dict__[STATE_ATTR] = state
+    return state
+
+
+def detach(model: nn.Module) -> None:
+    """Remove every kvbound hook and attribute from ``model``."""
+    state = model.__dict__.pop(STATE_ATTR, None)
+    if state is None:
+        return
+    for handle in state.handles:
+        handle.remove()
+    for attn in attention_modules(model):
+        attn.__dict__.pop(LOG_BETA_ATTR, None)
+
+
+def _cache_of(kwargs: dict):
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _model_pre_hook(state: HookState):
+    # always eager, also inside torch.compile: it evicts and advances Python counters
+    @torch.compiler.disable
+    def hook(module, args, kwargs):
+        from kvbound.cache import EvictionCache
+
+        cache = _cache_of(kwargs)
+        if not isinstance(cache, EvictionCache):
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        cache.begin_forward(mask, ref.shape[0], ref.shape[1], ref.device)
+        return
+
+    return hook
+
+
+@torch.compiler.disable
+def _model_post_hook(module, args, kwargs, output):
+    from kvbound.cache import EvictionCache
+
+    cache = _cache_of(kwargs)
+    if isinstance(cache, EvictionCache):
+        cache.end_forward()
+
+
+def _attention_pre_hook(state: HookState):
+    def hook(module, args, kwargs):
+        from kvbound.cache import EvictionCache
+
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        layer_idx = module.layer_idx
+        gates = state.gates
+        has_gate = gates is not None and layer_idx in gates
+        if state.mode != "inference":
+            log_beta = None
+            if state.mode == "student" and has_gate:
+                log_beta = gates(layer_idx, hidden)
+                if state.train_sinks:
+                    log_beta = log_beta.clone()
+                    log_beta[..., : state.train_sinks] = 0.0
+            module.__dict__[LOG_BETA_ATTR] = log_beta
+            return None
+        cache = _cache_of(kwargs)
+        if not isinstance(cache, EvictionCache) or not cache.evicts(layer_idx):
+            return None
+        # the cache runs the gate itself (batched over decode steps, see EvictionLayer)
+        gate = gates[layer_idx] if has_gate and cache.policy.needs_gates else None
+        if cache.static_step:  # traceable: tensor writes at fixed slots, a prepared mask
+            kwargs["attention_mask"] = cache.static_attention_mask(layer_idx, hidden, gate)
+        else:
+            kwargs["attention_mask"] = _dynamic_step(module, cache, hidden, gate, kwargs)
+        return args, kwargs
+
+    return hook
+
+
+# eager even inside torch.compile (e.g. transformers compiling a chunked prefill): Python
+# bookkeeping that changes every call would otherwise be traced and recompiled
+@torch.compiler.disable
+def _dynamic_step(module, cache, hidden, gate, kwargs):
+    """Evict, stash the new tokens' metadata and return the layer's attention mask."""
+    t0 = time.perf_counter()
+    queries = None
+    if cache.policy.query_window:
+        queries = query_states(module, hidden, kwargs["position_embeddings"])
+    t1, gates_before = time.perf_counter(), cache.timings["scoring_inputs"]
+    mask = cache.before_attention(module.layer_idx, hidden, gate, queries)
+    cache.add_bookkeeping_time(t1, gates_before)  # staged gates may run in there
+    cache.timings["scoring_inputs"] += t1 - t0
+    return mask
+

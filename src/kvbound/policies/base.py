@@ -1,0 +1,57 @@
+"""The policy contract: a policy only scores resident tokens; the cache does everything else.
+
+Higher score = keep. The cache adds the rules that are the same for every policy: padding slots
+score -inf, the first ``sinks`` tokens of a row +inf, ties keep the most recent token, and the
+top-``budget`` tokens per (batch row, KV head) are kept in their original order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from kvbound.cache import EvictionLayer
+
+
+@dataclass
+class Policy:
+    """Base class. Subclasses set ``name`` and implement :meth:`score`.
+
+    Class attributes
+    ----------------
+    needs_gates: the policy reads ``layer.log_beta`` (TRIM-KV).
+    query_window: how many recent post-RoPE queries per layer the policy reads
+        (``layer.recent_queries`` (B, H_q, w, d), ``layer.recent_query_valid`` (B, w) and their
+        absolute positions ``layer.recent_query_pos`` (B, w), -1 for padding); 0 for
+        query-agnostic scorers. Any value > 0 also makes :meth:`on_update` receive the
+        forward's queries.
+    default_sinks: sinks protected when the user does not choose (StreamingLLM: 4).
+    """
+
+    name: ClassVar[str] = "base"
+    needs_gates: ClassVar[bool] = False
+    query_window: ClassVar[int] = 0
+    default_sinks: ClassVar[int] = 0
+
+    def layer_budget(self, layer_idx: int, evicted: list[int], budget: int) -> int:
+        """Tokens per KV head kept in ``layer_idx`` (uniform by default; PyramidKV varies it)."""
+        return budget
+
+    def init_layer(self, layer: EvictionLayer) -> None:
+        """Register per-token state with ``layer.add_state(name)`` (compacted with K/V)."""
+
+    def on_update(self, layer: EvictionLayer, new_queries: torch.Tensor | None) -> None:
+        """Called after the new K/V were appended (H2O accumulates attention here)."""
+
+    def score(self, layer: EvictionLayer) -> torch.Tensor:
+        """Scores (B, H_kv, n) float32 for the ``layer.n`` resident slots; higher = keep."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-able description recorded in results."""
+        from dataclasses import asdict
+
+        return {"policy": self.name, **asdict(self)}

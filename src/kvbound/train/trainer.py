@@ -1,0 +1,400 @@
+"""Gate training: distillation from the frozen model plus the capacity loss (TRIM-KV section 3.3).
+
+Only the retention gates train. Each step runs the model twice on the same tokens: as the teacher
+(gates bypassed, plain causal attention, no grad) and as the student (retention-gated attention,
+``softmax(q.k * scale + (t - i) log beta_i)``). Loss = KL(teacher || student) + NTP on target tokens
+(summed by default, as in the paper) + ``lambda_cap`` * capacity loss with memory ``M``.
+
+Built on ``accelerate`` (bf16 autocast on CPU or GPU, one or several processes). Gradients of the
+tiny gate set are averaged across processes by hand, which keeps one code path for 1..N
+processes. Checkpoints are written atomically every ``save_every`` steps; ``resume=True``
+continues exactly where the last complete checkpoint left off (data example ``i`` is a pure
+function of ``(seed, i)``).
+
+Several processes (``torchrun --nproc_per_node N -m kvbound train ...`` or ``accelerate launch
+-m kvbound train ...``; gloo on CPU, NCCL on GPU, see docs/distributed.md): each process holds the
+whole frozen model and the same gates (seeded, then broadcast from rank 0), takes a disjoint
+slice of every global batch, and the gate gradients are averaged with one ``all_reduce`` per
+step, so N processes x ``batch_size`` B train like one process with ``grad_accum`` N x B (up to
+float summation order). Logged metrics are averaged over processes (``tokens`` summed). Only
+rank 0 writes the log, checkpoints and the final gates; the others wait at barriers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvbound.errors import KVBoundError
+from kvbound.gates import GateMetadata, RetentionGates
+from kvbound.hooks import LOG_BETA_ATTR, attach, detach
+from kvbound.io import atomic_dir_write, atomic_write_json
+from kvbound.progress import progress_bar
+from kvbound.train.data import Mixture
+
+CKPT_DIR = "checkpoint"
+TRAINER_FILE = "trainer.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a gate-training run (saved next to the gates)."""
+
+    model: str | None = None
+    out: str = "runs/gates"
+    memory_size: int = 64
+    seq_len: int = 1024
+    steps: int = 500
+    data: str = "prose"
+    seed: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    intermediate_size: int = 128
+    bias_init: float = 8.0
+    lambda_cap: float = 1.0
+    cap_variant: str = "paper"
+    quality_reduction: str = "sum"
+    train_sinks: int = 4
+    bf16: bool = True
+    grad_checkpointing: bool = False
+    save_every: int = 50
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("memory_size", "seq_len", "steps", "batch_size", "grad_accum", "save_every",
+                     "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise KVBoundError(f"{name} must be a positive integer, got {value!r}.")
+        if self.cap_variant not in ("paper", "official"):
+            raise KVBoundError("cap_variant must be 'paper' or 'official'.")
+        if self.quality_reduction not in ("sum", "mean"):
+            raise KVBoundError("quality_reduction must be 'sum' or 'mean'.")
+        if self.train_sinks < 0:
+            raise KVBoundError("train_sinks must be >= 0.")
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+    return f
+
+
+def _bf16_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
+
+
+def gate_summary(gates: RetentionGates, log_betas: list[torch.Tensor]) -> dict:
+    """Median token half-life (tokens) over the batch, all gated layers."""
+    lb = torch.cat([x.detach().flatten() for x in log_betas]).float()
+    half = math.log(0.5) / lb.clamp(max=-1e-12)
+    return {"half_life_median": float(half.median()), "log_beta_mean": float(lb.mean())}
+
+
+class Trainer:
+    """Runs :class:`TrainConfig`; ``run()`` returns the trained :class:`RetentionGates`."""
+
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, *, progress: bool = True,
+                 command: str | None = None):
+        from accelerate import Accelerator
+
+        cfg.validate()
+        self.cfg, self.progress, self.command = cfg, progress, command
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if model is None:
+            from kvbound.models import load_model
+
+            model, tokenizer = load_model(cfg.model)
+        self.model, self.tokenizer = model, tokenizer
+        self.out = Path(cfg.out)
+        self.device = self.accelerator.device
+        self.use_bf16 = cfg.bf16 and _bf16_ok(self.device)
+
+    # --------------------------------------------------------------------------- setup
+    def _setup(self):
+        cfg, model = self.cfg, self.model
+        torch.manual_seed(cfg.seed)
+        model.to(self.device)
+        model.requires_grad_(False)
+        model.eval()
+        self.gates = RetentionGates.for_model(
+            model, intermediate_size=cfg.intermediate_size, bias_init=cfg.bias_init, seed=cfg.seed
+        ).to(self.device)
+        self.gates.train()
+        self.optimizer = torch.optim.AdamW(self.gates.parameters(), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        # rank 0 first: a selfgen source generates and caches its texts once, the others read them
+        with self.accelerator.main_process_first():
+            self.data = Mixture(cfg.data, self.tokenizer, cfg.seq_len, cfg.seed, model=model,
+                                cache_dir=self.out)
+        self.start_step = 0
+        self.log: list[dict] = []
+        if cfg.extra.get("resume"):
+            self._load_checkpoint()  # every rank reads the same checkpoint
+        self._broadcast_gates()
+        if self.accelerator.is_main_process:  # the log mirrors exactly the steps behind the gates
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.log))
+        self.accelerator.wait_for_everyone()  # nobody starts before every rank has loaded
+
+    def _attach(self):
+        from kvbound.attention import register_retention_attention
+
+        model = self.model
+        detach(model)
+        state = attach(model, gates=self.gates)
+        state.train_sinks = self.cfg.train_sinks
+        name = register_retention_attention()
+        self._prev_impl = model.config._attn_implementation
+        model.set_attn_implementation(name)
+        if self.cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        self.gated = [m for i, m in enumerate(self._attn_modules()) if i in self.gates]
+        return state
+
+    def _attn_modules(self):
+        from kvbound.architectures import attention_modules
+
+        return attention_modules(self.model)
+
+    def _restore(self):
+        model = self.model
+        if self.cfg.grad_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.set_attn_implementation(self._prev_impl)
+        detach(model)
+
+    # --------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.gates.metadata = self._metadata(step)
+        gates_state = {k: v.detach().cpu().clone() for k, v in self.gates.state_dict().items()}
+        trainer_state = {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": asdict(self.cfg),
+            "processes": self.accelerator.num_processes,
+        }
+
+        def write(tmp: Path) -> None:
+            snapshot = RetentionGates(self.gates.config, self.gates.metadata)
+            snapshot.load_state_dict(gates_state)
+            snapshot.save(tmp)
+            torch.save(trainer_state, tmp / TRAINER_FILE)
+            # the log of the steps this checkpoint holds, in the same atomic directory: a kill
+            # between two separate writes would otherwise resume with a log a step short
+            (tmp / "train_log.json").write_text(json.dumps(self.log))
+
+        atomic_dir_write(self.out / CKPT_DIR, write)
+        atomic_write_json(self.out / "train_log.json", self.log)
+
+    def _load_checkpoint(self) -> None:
+        ckpt = self.out / CKPT_DIR
+        if not (ckpt / TRAINER_FILE).exists():
+            return  # nothing to resume: start from scratch
+        loaded = RetentionGates.load(ckpt, self.model)
+        self.gates.load_state_dict(loaded.state_dict())
+        try:
+            state = torch.load(ckpt / TRAINER_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise KVBoundError(f"Cannot read {ckpt / TRAINER_FILE}: {exc}. Delete the checkpoint "
+                              "directory to start over.") from exc
+        saved = {k: v for k, v in state["config"].items() if k not in ("steps", "out", "extra")}
+        mine = {k: v for k, v in asdict(self.cfg).items() if k not in ("steps", "out", "extra")}
+        if saved != mine:
+            diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
+            raise KVBoundError(f"--resume with a different configuration: {diff}. Use the same "
+                              "settings (only --steps may change) or a new --out directory.")
+        # the data of step s depends on the global batch, batch_size * grad_accum * processes
+        saved_procs, procs = state.get("processes", 1), self.accelerator.num_processes
+        if saved_procs != procs:
+            raise KVBoundError(f"--resume with {procs} process(es), but the checkpoint was trained "
+                              f"with {saved_procs}: the global batch would change. Resume with "
+                              f"{saved_procs} process(es) or use a new --out directory.")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_step = int(state["step"])
+        log_path = ckpt / "train_log.json"
+        if not log_path.exists():  # checkpoints written before the log moved inside
+            log_path = self.out / "train_log.json"
+        if log_path.exists():
+            self.log = [r for r in json.loads(log_path.read_text()) if r["step"] < self.start_step]
+
+    def _metadata(self, step: int) -> GateMetadata:
+        cfg = self.cfg
+        last = self.log[-1] if self.log else {}
+        return GateMetadata(
+            training={
+                "steps_done": step,
+                "config": asdict(cfg),
+                "command": self.command,
+                "wall_seconds": round(sum(r["seconds"] for r in self.log), 1),
+                "tokens": sum(r["tokens"] for r in self.log),
+                "final": {k: last.get(k) for k in ("loss", "kl", "ntp", "cap")},
+                "torch": torch.__version__,
+            },
+            recommended={"memory_size": cfg.memory_size, "sinks": cfg.train_sinks},
+        )
+
+    # --------------------------------------------------------------------------- loop
+    def _micro_step(self, indices: list[int], state) -> dict:
+        from kvbound.train.losses import capacity_loss, distillation_loss
+
+        cfg = self.cfg
+        batch = {k: v.to(self.device) for k, v in self.data.batch(indices).items()}
+        ids, att, tgt = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+        with autocast:
+            state.mode = "teacher"
+            with torch.no_grad():
+                teacher = self.model(input_ids=ids, attention_mask=att).logits
+            state.mode = "student"
+            student = self.model(input_ids=ids, attention_mask=att).logits
+        log_betas = [m.__dict__[LOG_BETA_ATTR] for m in self.gated]
+        labels = torch.roll(ids, -1, dims=1)
+        quality = distillation_loss(student, teacher, tgt, labels,
+                                    reduction_mode=cfg.quality_reduction)
+        valid = att.bool()
+        cap = torch.stack([capacity_loss(lb, cfg.memory_size, variant=cfg.cap_variant,
+                                         valid_mask=valid) for lb in log_betas]).mean()
+        loss = quality["total"] + cfg.lambda_cap * cap
+        (loss / cfg.grad_accum).backward()
+        return {
+            "loss": float(loss.detach()),
+            "kl": float(quality["kl"]),
+            "ntp": float(quality["ntp"]),
+            "cap": float(cap.detach()),
+            "tokens": int(att.sum()),
+            **gate_summary(self.gates, log_betas),
+        }
+
+    def _broadcast_gates(self) -> None:
+        """Make rank 0's gate weights everyone's (they are seeded alike; this guarantees it)."""
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for t in self.gates.state_dict().values():
+                dist.broadcast(t, src=0)
+
+    def _sync_grads(self) -> None:
+        """Average the gate gradients over processes: one flat ``all_reduce`` per dtype."""
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        params = list(self.gates.parameters())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for dtype in dict.fromkeys(p.grad.dtype for p in params):  # same order on every rank
+            grads = [p.grad for p in params if p.grad.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= self.accelerator.num_processes
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def _reduce_record(self, parts: list[dict]) -> dict:
+        """Per-step metrics: mean over micro-steps and processes; ``tokens`` summed."""
+        rec = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+        rec["tokens"] = sum(p["tokens"] for p in parts)
+        world = self.accelerator.num_processes
+        if world > 1:
+            import torch.distributed as dist
+
+            keys = list(rec)
+            vals = torch.tensor([float(rec[k]) for k in keys], dtype=torch.float64,
+                                device=self.device)
+            dist.all_reduce(vals, op=dist.ReduceOp.SUM)
+            rec = {k: float(v) / (1 if k == "tokens" else world) for k, v in zip(keys, vals)}
+            rec["tokens"] = int(round(rec["tokens"]))
+        return rec
+
+    def run(self, stop_after: int | None = None) -> RetentionGates:
+        """Train to ``cfg.steps`` (or stop after ``stop_after`` steps, for tests)."""
+        cfg = self.cfg
+        self._setup()
+        state = self._attach()
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_step = cfg.batch_size * cfg.grad_accum * world
+        progress = progress_bar(self.progress and self.accelerator.is_main_process, info=True)
+        try:
+            with progress:
+                task = progress.add_task("training gates", total=cfg.steps,
+                                         completed=self.start_step, info="")
+                for step in range(self.start_step, cfg.steps):
+                    if stop_after is not None and step >= self.start_step + stop_after:
+                        break
+                    t0 = time.perf_counter()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    parts = []
+                    for micro in range(cfg.grad_accum):
+                        base = step * per_step + micro * cfg.batch_size * world
+                        idx = [base + rank * cfg.batch_size + j for j in range(cfg.batch_size)]
+                        parts.append(self._micro_step(idx, state))
+                    self._sync_grads()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.gates.parameters(),
+                                                               cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    rec = self._reduce_record(parts)
+                    seconds = time.perf_counter() - t0
+                    rec.update(step=step, seconds=seconds, lr=self.scheduler.get_last_lr()[0],
+                               grad_norm=float(grad_norm))
+                    self.log.append(rec)
+                    if self.accelerator.is_main_process:
+                        _append_jsonl(self.out / LOG_FILE, rec)
+                    progress.update(task, advance=1, info=(
+                        f"loss {rec['loss']:.3f} kl {rec['kl']:.3f} ntp {rec['ntp']:.3f} "
+                        f"cap {rec['cap']:.3f} t½ {rec['half_life_median']:.0f} "
+                        f"{rec['tokens'] / seconds:.0f} tok/s"))
+                    if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                        self._save_checkpoint(step + 1)
+        finally:
+            state.mode = "inference"
+            self._restore()
+        done = self.log[-1]["step"] + 1 if self.log else self.start_step
+        self.gates.metadata = self._metadata(done)
+        self.gates.eval()
+        if self.accelerator.is_main_process and done == cfg.steps:
+            self.gates.save(self.out)
+        self.accelerator.wait_for_everyone()  # on every rank, return once the gates are on disk
+        return self.gates
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def train(cfg: TrainConfig, model=None, tokenizer=None, **kwargs) -> RetentionGates:
+    """Train retention gates as configured; writes checkpoints and the final gates to cfg.out."""
+    return Trainer(cfg, model, tokenizer, **kwargs).run()
+

@@ -1,3 +1,0 @@
-from trimkv.cli import app
-
-app(prog_name="trimkv")
