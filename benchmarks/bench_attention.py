@@ -13,7 +13,7 @@ CPU time (summed over threads). On a shared, oversubscribed machine (see ``loada
 times with 2 threads are dominated by OpenMP barrier waits for descheduled threads; the 1-thread CPU
 times are then the reliable comparison between implementations.
 
-Implementations: ``blockwise`` / ``sdpa`` / ``flex`` (kvbound.attention), ``naive`` (materialises
+Implementations: ``blockwise`` / ``sdpa`` / ``flex`` (kvbound.train.attention), ``naive`` (materialises
 the full fp32 scores), ``vanilla_sdpa`` (plain causal SDPA without the retention bias; reference
 for the cost of the teacher's attention).
 
@@ -52,7 +52,7 @@ def run_one(cfg: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kvbound.attention import (
+    from kvbound.train.attention import (
         DEFAULT_BLOCK_SIZE,
         naive_retention_attention,
         retention_attention,
@@ -142,7 +142,7 @@ def main() -> None:
 
     import torch
 
-    from kvbound.attention import DEFAULT_BLOCK_SIZE
+    from kvbound.train.attention import DEFAULT_BLOCK_SIZE
 
     configs = []
     for th, t in ((th, t) for th in args.threads for t in args.seq_lens):

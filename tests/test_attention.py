@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvbound.attention import (
+from kvbound.errors import KVBoundError
+from kvbound.train.attention import (
     ATTENTION_NAME,
     naive_retention_attention,
     register_retention_attention,
     retention_attention,
 )
-from kvbound.errors import KVBoundError
 
 IMPLS = ["blockwise", "sdpa"]
 
@@ -310,7 +310,7 @@ def test_tiny_llama_end_to_end():
 
 
 def test_dropout_is_refused():
-    from kvbound.attention import kvbound_attention_forward
+    from kvbound.train.attention import kvbound_attention_forward
 
     q, k, v, lb = _inputs(1, 4, 2, 8, 8, 8)
     module = torch.nn.Module()

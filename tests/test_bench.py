@@ -8,8 +8,7 @@ from transformers import CompileConfig
 
 from kvbound import bench
 from kvbound.gates import RetentionGates
-from kvbound.models import tiny_model
-from kvbound.testing import ByteTokenizer
+from kvbound.testing import ByteTokenizer, tiny_model
 
 
 @pytest.fixture

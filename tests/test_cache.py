@@ -12,7 +12,8 @@ from kvbound.cache import EvictionCache, EvictionLayer
 from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates
 from kvbound.hooks import detach
-from kvbound.models import TINY_ARCHS, tiny_model
+from kvbound.testing import TINY_ARCHS, tiny_model
+from tests.oracle import EvictionSpy
 
 
 def _model(arch="llama", seed=0, bias_init=2.0, **kw):
@@ -56,39 +57,6 @@ def test_bounded_generation_every_arch(arch):
         assert set(stats.resident_tokens) == set(cache.evicted)
 
 
-class _Spy:
-    """Wraps EvictionLayer.evict to check that it keeps exactly the top-scored tokens."""
-
-    def __init__(self):
-        self.checked = 0
-
-    def install(self, cache):
-        for layer in cache.layers:
-            if isinstance(layer, EvictionLayer):
-                original = layer.evict
-
-                def evict(keep, layer=layer, original=original):
-                    scores = layer.policy.score(layer).float().clone()
-                    pos = layer.positions.clone()
-                    k0 = layer.keys_.clone()
-                    original(keep)
-                    scores = torch.where(pos >= 0, scores, torch.tensor(-float("inf")))
-                    if layer.sinks:
-                        scores = torch.where((pos >= 0) & (pos < layer.sinks),
-                                             torch.tensor(float("inf")), scores)
-                    for b in range(pos.shape[0]):
-                        for h in range(pos.shape[1]):
-                            # rank by (score desc, position desc): ties keep the most recent
-                            order = sorted(range(pos.shape[2]),
-                                           key=lambda i: (scores[b, h, i].item(), i), reverse=True)
-                            expect = sorted(order[:keep])
-                            assert layer.positions[b, h].tolist() == pos[b, h, expect].tolist()
-                            assert torch.equal(layer.keys_[b, h], k0[b, h, expect])
-                    self.checked += 1
-
-                layer.evict = evict
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     budget=st.integers(2, 12),
@@ -111,27 +79,32 @@ def test_cache_invariants(budget, buffer, chunk, prompt, new, batch, sinks, poli
         mask[b, :pad] = 0
     cache = EvictionCache(model, policy, budget=budget, buffer=buffer,
                           sinks=min(sinks, budget - 1) if policy == "trimkv" else None)
-    spy = _Spy()
-    spy.install(cache)
-    peaks = []
-    original_update = EvictionLayer.update
-
+    spy = EvictionSpy().install(cache)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                          cache=cache, prefill_chunk_size=chunk)
     assert out.shape == (batch, prompt + new)
     stats = cache.stats()
-    assert stats.seen_tokens == prompt + new - 1
-    assert stats.peak_tokens_per_head <= budget + buffer + chunk
+    seen = prompt + new - 1
+    assert stats.seen_tokens == seen
+    # the largest forward is a prompt chunk (or the whole prompt when it fits in one)
+    largest = max(min(chunk, prompt), 1)
     for layer in cache.layers:
-        peaks.append(layer.peak)
-        # resident positions are increasing per head and real (or padding at the end)
+        assert layer.peak <= max(budget + buffer + largest, 1)
+        assert layer.peak == stats.peak_tokens[layer.layer_idx]
+        # every resident row holds its real tokens in increasing position order; padding slots
+        # (-1) are the row's leading pads that were never evicted
         pos = layer.positions
         for b in range(batch):
-            real = pos[b][pos[b] >= 0].view(pos.shape[1], -1) if (pos[b] >= 0).all() else None
-            if real is not None:
-                assert (real[:, 1:] > real[:, :-1]).all()
+            for h in range(pos.shape[1]):
+                row = pos[b, h]
+                real = row[row >= 0]
+                assert (real[1:] > real[:-1]).all()
+                assert (row[: len(row) - len(real)] < 0).all()  # pads come first
+                assert real.max() == mask[b].sum() + new - 2  # newest token always resident
         assert layer.row_seen.tolist() == (mask.sum(-1) + new - 1).tolist()
-    assert original_update is EvictionLayer.update
+    # evictions happened exactly when the cache overflowed and each was checked by the oracle
+    assert spy.checked == stats.evictions
+    assert (stats.evictions > 0) == (seen > budget + buffer)
 
 
 def test_decode_bound_is_budget_plus_buffer():
@@ -331,7 +304,7 @@ def test_staged_decode_gates_give_the_same_log_beta(budget, buffer):
         ref = torch.cat(per_step[idx], dim=-1)  # (H, 35)
         want = ref.gather(1, layer.positions[0])
         torch.testing.assert_close(layer.log_beta[0], want, atol=1e-6, rtol=1e-5)
-        assert layer._gate_pending == 0  # reading log beta ran the staged tokens
+        assert layer.gates.pending == 0  # reading log beta ran the staged tokens
     if budget < 35:
         assert cache.stats().evictions > 0
 

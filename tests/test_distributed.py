@@ -22,8 +22,8 @@ import torch.distributed as dist
 from kvbound.errors import KVBoundError
 from kvbound.eval.shard import merge_results, rank_world, shard, shard_grid
 from kvbound.gates import RetentionGates
-from kvbound.models import tiny_model
-from kvbound.testing import ByteTokenizer
+from kvbound.io import read_versioned
+from kvbound.testing import ByteTokenizer, tiny_model
 from kvbound.train.trainer import TrainConfig, Trainer
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -35,7 +35,7 @@ WORKER = '''
 import json, sys
 import torch
 import torch.distributed as dist
-from kvbound.models import tiny_model
+from kvbound.testing import tiny_model
 from kvbound.testing import ByteTokenizer
 from kvbound.train.trainer import TrainConfig, Trainer
 
@@ -119,7 +119,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     assert saved.metadata.training["steps_done"] == 4
     for k, v in saved.state_dict().items():
         assert torch.equal(v, ranks[0][k]), k
-    assert (out / "checkpoint" / "trainer.pt").exists()
+    assert (read_versioned(out, "checkpoint") / "trainer.pt").exists()
     # the global batch is part of the run: a 2-process checkpoint is not resumed by 1 process
     with pytest.raises(KVBoundError, match="trained with 2"):
         Trainer(TrainConfig(**_cfg(out, data, steps=6, extra={"resume": True})), model,

@@ -9,8 +9,7 @@ from kvbound.cache import EvictionCache
 from kvbound.errors import KVBoundError
 from kvbound.eval.fidelity import Window, bounded_logprobs, run_fidelity
 from kvbound.gates import RetentionGates
-from kvbound.models import tiny_model
-from kvbound.testing import ByteTokenizer
+from kvbound.testing import ByteTokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")

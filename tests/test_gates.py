@@ -11,7 +11,7 @@ from kvbound.cache import EvictionCache
 from kvbound.errors import IncompatibleGatesError, KVBoundError, UnsupportedArchitectureError
 from kvbound.gates import RetentionGate, RetentionGates
 from kvbound.hooks import detach, get_state
-from kvbound.models import TINY_ARCHS, tiny_model
+from kvbound.testing import TINY_ARCHS, tiny_model
 
 
 def test_gate_shape_and_init():

@@ -14,18 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvbound import models
-from kvbound.errors import ModelNotFoundError, KVBoundError
-from kvbound.models import (
-    KNOWN_MODELS,
-    SOURCE_FILE,
-    TINY_ARCHS,
-    KnownModel,
-    _cached_conversion,
-    list_models,
-    load_model,
-    tiny_model,
-)
+from kvbound.errors import KVBoundError, ModelNotFoundError
+from kvbound.models import KNOWN_MODELS, KnownModel, convert, list_models, load_model, registry
+from kvbound.models.convert import SOURCE_FILE, cached_conversion
+from kvbound.testing import TINY_ARCHS, tiny_model
 
 # ------------------------------------------------------------------------------------------
 # Tiny random models
@@ -147,8 +139,8 @@ def test_directory_without_model(tmp_path):
 
 
 def _hide_package(monkeypatch, package):
-    real = models._package_dir
-    monkeypatch.setattr(models, "_package_dir", lambda p: None if p == package else real(p))
+    real = registry._package_dir
+    monkeypatch.setattr(registry, "_package_dir", lambda p: None if p == package else real(p))
 
 
 def test_missing_gemma_package_names_pip_command(monkeypatch):
@@ -196,7 +188,7 @@ def test_unreachable_hub_is_explained(monkeypatch, tmp_path):
     ],
 )
 def test_path_or_hub_id(name, is_path):
-    assert models._looks_like_path(name) is is_path
+    assert registry._looks_like_path(name) is is_path
 
 
 # ------------------------------------------------------------------------------------------
@@ -251,7 +243,7 @@ def test_gguf_file_is_converted_once_and_cached(tmp_path, monkeypatch):
         calls.append(src)
         _save_tiny(out_dir, seed=7)
 
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(convert, "_convert_gguf", fake_convert)
     model, _ = load_model(str(gguf))
     model2, _ = load_model(str(gguf))
     assert calls == [gguf.resolve()]
@@ -295,14 +287,14 @@ def test_cache_reuses_and_invalidates(tmp_path):
     src.write_bytes(b"abc")
     root = tmp_path / "models"
     conv = _Converter()
-    first = _cached_conversion("m", src, conv, root=root)
+    first = cached_conversion("m", src, conv, root=root)
     assert first == root / "m" and (first / "weights.txt").read_text() == "v1"
-    second = _cached_conversion("m", src, conv, root=root)
+    second = cached_conversion("m", src, conv, root=root)
     assert second == first and conv.calls == 1
 
     src.write_bytes(b"abcd")  # the source changed: convert again, replace the entry
     conv.payload = "v2"
-    third = _cached_conversion("m", src, conv, root=root)
+    third = cached_conversion("m", src, conv, root=root)
     assert conv.calls == 2 and (third / "weights.txt").read_text() == "v2"
     assert sorted(p.name for p in root.iterdir()) == ["m"]
 
@@ -312,30 +304,30 @@ def test_failed_conversion_leaves_nothing(tmp_path):
     src.write_bytes(b"abc")
     root = tmp_path / "models"
     with pytest.raises(RuntimeError, match="conversion failed"):
-        _cached_conversion("m", src, _Converter(fail=True), root=root)
+        cached_conversion("m", src, _Converter(fail=True), root=root)
     assert list(root.iterdir()) == []
 
     # with a valid entry in place, a failed re-conversion keeps the entry and retries next time
-    _cached_conversion("m", src, _Converter("v1"), root=root)
+    cached_conversion("m", src, _Converter("v1"), root=root)
     src.write_bytes(b"changed")
     with pytest.raises(RuntimeError):
-        _cached_conversion("m", src, _Converter("v2", fail=True), root=root)
+        cached_conversion("m", src, _Converter("v2", fail=True), root=root)
     assert sorted(p.name for p in root.iterdir()) == ["m"]
     conv = _Converter("v3")
-    assert (_cached_conversion("m", src, conv, root=root) / "weights.txt").read_text() == "v3"
+    assert (cached_conversion("m", src, conv, root=root) / "weights.txt").read_text() == "v3"
     assert conv.calls == 1
 
 
 _KILLED_CONVERSION = """
 import os, signal, sys
 from pathlib import Path
-from kvbound.models import _cached_conversion
+from kvbound.models.convert import cached_conversion
 
 def convert(out_dir):
     (Path(out_dir) / "model.safetensors").write_bytes(b"half")
     os.kill(os.getpid(), signal.SIGKILL)
 
-_cached_conversion("m", sys.argv[1], convert, root=Path(sys.argv[2]))
+cached_conversion("m", sys.argv[1], convert, root=Path(sys.argv[2]))
 """
 
 
@@ -353,7 +345,7 @@ def test_killed_conversion_is_invisible_and_cleaned(tmp_path):
     assert not (root / "m").exists()
 
     conv = _Converter()
-    path = _cached_conversion("m", src, conv, root=root)
+    path = cached_conversion("m", src, conv, root=root)
     assert conv.calls == 1 and (path / "weights.txt").read_text() == "v1"
     assert sorted(p.name for p in root.iterdir()) == ["m"]  # the dead process's temp dir is gone
 
@@ -361,13 +353,13 @@ def test_killed_conversion_is_invisible_and_cleaned(tmp_path):
 _SLOW_CONVERSION = """
 import os, sys, time
 from pathlib import Path
-from kvbound.models import _cached_conversion
+from kvbound.models.convert import cached_conversion
 
 def convert(out_dir):
     time.sleep(float(sys.argv[3]))
     (Path(out_dir) / "weights.txt").write_text(str(os.getpid()))
 
-print(_cached_conversion("m", sys.argv[1], convert, root=Path(sys.argv[2])))
+print(cached_conversion("m", sys.argv[1], convert, root=Path(sys.argv[2])))
 """
 
 
@@ -397,9 +389,9 @@ def test_live_conversion_temp_dir_is_kept(tmp_path):
     root = tmp_path / "models"
     root.mkdir()
     # our own pid: a conversion that may be in progress in another thread
-    live = root / f".m.tmp-{models._host_tag()}-{os.getpid()}-abcd1234"
+    live = root / f".m.tmp-{convert._host_tag()}-{os.getpid()}-abcd1234"
     live.mkdir()
-    _cached_conversion("m", src, _Converter(), root=root)
+    cached_conversion("m", src, _Converter(), root=root)
     assert live.exists()
 
 
@@ -424,7 +416,7 @@ def test_chunked_package_is_assembled_and_checked(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = KnownModel("toy", "toy model", "toypkg", "toy.gguf", "pip install toypkg")
 
-    sources = models._package_gguf_sources(spec)
+    sources = registry._package_gguf_sources(spec)
     assert [p.name for p in sources] == ["toy.gguf.part00", "toy.gguf.part01", "toy.gguf.part02"]
 
     seen = {}
@@ -433,17 +425,17 @@ def test_chunked_package_is_assembled_and_checked(tmp_path, monkeypatch):
         seen["bytes"] = gguf.read_bytes()
         (out_dir / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
-    out = _cached_conversion(
-        "toy", sources, models._gguf_converter(sources, package="toypkg"), root=tmp_path / "c"
+    monkeypatch.setattr(convert, "_convert_gguf", fake_convert)
+    out = cached_conversion(
+        "toy", sources, convert.gguf_converter(sources, package="toypkg"), root=tmp_path / "c"
     )
     assert seen["bytes"] == whole
     assert sorted(p.name for p in out.iterdir()) == ["config.json", SOURCE_FILE]
 
     sources[1].write_bytes(b"damaged")
     with pytest.raises(KVBoundError, match="sha256"):
-        _cached_conversion(
-            "toy", sources, models._gguf_converter(sources, package="toypkg"), root=tmp_path / "c"
+        cached_conversion(
+            "toy", sources, convert.gguf_converter(sources, package="toypkg"), root=tmp_path / "c"
         )
 
 
@@ -453,7 +445,7 @@ def test_installed_package_without_gguf(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = KnownModel("e", "empty", "emptypkg", "e.gguf", "pip install emptypkg")
     with pytest.raises(ModelNotFoundError, match="pip install emptypkg"):
-        models._package_gguf_sources(spec)
+        registry._package_gguf_sources(spec)
 
 
 # ------------------------------------------------------------------------------------------
@@ -473,7 +465,7 @@ def test_default_model_loads_from_cache_and_chats():
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
     assert tok.chat_template and tok.padding_side == "left" and tok.pad_token is not None
-    entry = models.cache_dir() / "models" / "smollm2-135m"
+    entry = registry.cache_dir() / "models" / "smollm2-135m"
     assert json.loads((entry / SOURCE_FILE).read_text())["sources"][0]["path"].endswith(".gguf")
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]

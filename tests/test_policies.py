@@ -17,7 +17,6 @@ from transformers import DynamicCache
 from kvbound.cache import EvictionCache, EvictionLayer
 from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates
-from kvbound.models import tiny_model
 from kvbound.policies import METHODS, POLICIES, get_policy
 from kvbound.policies.h2o import H2OPolicy
 from kvbound.policies.keydiff import KeyDiffPolicy
@@ -27,6 +26,8 @@ from kvbound.policies.rkv import RKVPolicy
 from kvbound.policies.snapkv import SnapKVPolicy
 from kvbound.policies.streaming import StreamingPolicy
 from kvbound.policies.tova import TOVAPolicy
+from kvbound.testing import tiny_model
+from tests.oracle import EvictionSpy
 
 NAMES = ["trimkv", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "keydiff", "rkv",
          "random"]
@@ -97,52 +98,6 @@ def _reference(model, batch, chunk, sample):
     return _REFERENCE[key]
 
 
-class _Spy:
-    """Wraps each layer's ``evict`` and checks it kept exactly the top-scored slots.
-
-    Ranking rule (independent re-implementation): padding -inf, sinks +inf, then score
-    descending, ties to the most recent slot; kept slots stay in their original order.
-    """
-
-    def __init__(self):
-        self.checked = 0
-
-    def install(self, cache):
-        for layer in cache.layers:
-            if isinstance(layer, EvictionLayer):
-                layer.evict = self._wrap(layer, layer.evict)
-        return self
-
-    def _wrap(self, layer, original):
-        def evict(keep):
-            if layer.n <= keep:
-                return original(keep)
-            scores = layer.policy.score(layer).float().clone()
-            again = layer.policy.score(layer).float()
-            assert torch.equal(scores, again), "score() must be a pure function of the cache"
-            pos = layer.positions.clone()
-            keys = layer.keys_.clone()
-            states = {k: v[:, :, : layer.n].clone() for k, v in layer._state.items()
-                      if v is not None}
-            original(keep)
-            scores = torch.where(pos >= 0, scores, torch.tensor(-math.inf))
-            if layer.sinks:
-                scores = torch.where((pos >= 0) & (pos < layer.sinks),
-                                     torch.tensor(math.inf), scores)
-            for b in range(pos.shape[0]):
-                for h in range(pos.shape[1]):
-                    order = sorted(range(pos.shape[2]),
-                                   key=lambda i: (scores[b, h, i].item(), i), reverse=True)
-                    expect = sorted(order[:keep])
-                    assert layer.positions[b, h].tolist() == pos[b, h, expect].tolist()
-                    assert torch.equal(layer.keys_[b, h], keys[b, h, expect])
-                    for name, before in states.items():
-                        assert torch.equal(layer.state(name)[b, h], before[b, h, expect]), name
-            self.checked += 1
-
-        return evict
-
-
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sample"])
 @pytest.mark.parametrize("chunk", [None, CHUNK], ids=["full", "chunked"])
 @pytest.mark.parametrize("batch", [1, 3], ids=["b1", "b3pad"])
@@ -150,7 +105,7 @@ class _Spy:
 def test_policy_matrix(model, name, batch, chunk, sample):
     kwargs = KWARGS.get(name, {})
     cache = EvictionCache(model, name, budget=BUDGET, buffer=BUFFER, **kwargs)
-    spy = _Spy().install(cache)
+    spy = EvictionSpy().install(cache)
     out = _generate(model, cache, batch, chunk, sample)
     assert out.shape == (batch, NEW)
     step = chunk or PROMPT
@@ -200,12 +155,12 @@ def test_recent_query_positions_follow_chunks_and_padding(model):
     layer = cache.layers[0]
     with torch.no_grad():
         model(ids[:, :8], attention_mask=mask[:, :8], cache=cache)
-        assert layer.recent_query_pos.tolist() == [[4, 5, 6, 7], [-1, -1, -1, 0], [-1] * 4]
-        assert layer.recent_query_valid.tolist() == [[True] * 4, [False] * 3 + [True],
+        assert layer.queries.pos.tolist() == [[4, 5, 6, 7], [-1, -1, -1, 0], [-1] * 4]
+        assert layer.queries.valid.tolist() == [[True] * 4, [False] * 3 + [True],
                                                      [False] * 4]
         model(ids[:, 8:], attention_mask=mask, cache=cache)
-    assert layer.recent_query_pos.tolist() == [list(range(n - 4, n)) for n in (30, 23, 10)]
-    assert layer.recent_queries.shape[2] == 4 and layer.recent_query_valid.all()
+    assert layer.queries.pos.tolist() == [list(range(n - 4, n)) for n in (30, 23, 10)]
+    assert layer.queries.queries.shape[2] == 4 and layer.queries.valid.all()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -244,7 +199,7 @@ def _feed(layer, keys, queries=None, values=None):
     seen = layer.row_seen if layer.row_seen is not None else torch.zeros(b, dtype=torch.long)
     pos = seen[:, None] + torch.arange(q)
     layer.prepare(torch.ones(b, q, dtype=torch.bool), pos, torch.full((b,), q), True, None,
-                  queries)
+                  None, queries)
     layer.update(keys, keys.clone() if values is None else values)
 
 

@@ -28,8 +28,9 @@ from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates
 from kvbound.generation import generate
 from kvbound.hooks import detach
-from kvbound.models import load_model, tiny_model
-from kvbound.testing import ByteTokenizer
+from kvbound.io import read_versioned
+from kvbound.models import load_model
+from kvbound.testing import ByteTokenizer, tiny_model
 
 
 def _gated(arch="llama", **kw):
@@ -170,7 +171,7 @@ def test_cli_errors_are_clean(args, match):
 _TRAIN_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from kvbound.models import tiny_model
+    from kvbound.testing import tiny_model
     from kvbound.testing import ByteTokenizer
     from kvbound.train.trainer import TrainConfig, Trainer
     out, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
@@ -191,12 +192,13 @@ def test_killed_training_resumes_from_last_complete_checkpoint(tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(script), str(run), str(steps), "0"], env=env)
     deadline = time.time() + 120
-    ckpt = run / "checkpoint" / "trainer.pt"
-    while time.time() < deadline and not ckpt.exists():
+    while time.time() < deadline and read_versioned(run, "checkpoint") is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert ckpt.exists(), "no checkpoint was written before the kill"
+    found = read_versioned(run, "checkpoint")
+    assert found is not None, "no checkpoint was written before the kill"
+    ckpt = found / "trainer.pt"
     # whatever step it died at, the checkpoint directory is complete and loadable
     state = torch.load(ckpt, weights_only=True)
     assert 1 <= state["step"] < steps, "the run finished before it could be killed"

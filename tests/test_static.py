@@ -9,7 +9,7 @@ from transformers import CompileConfig
 from kvbound.cache import EvictionCache
 from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates
-from kvbound.models import tiny_model
+from kvbound.testing import tiny_model
 
 
 def _model(arch="llama"):

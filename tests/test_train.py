@@ -10,8 +10,7 @@ import torch
 from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates
 from kvbound.hooks import get_state
-from kvbound.models import tiny_model
-from kvbound.testing import ByteTokenizer
+from kvbound.testing import ByteTokenizer, tiny_model
 from kvbound.train.data import Mixture, parse_spec
 from kvbound.train.trainer import TrainConfig, Trainer
 

@@ -13,8 +13,7 @@ from kvbound.cache import EvictionCache
 from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates
 from kvbound.hooks import get_state
-from kvbound.models import tiny_model
-from kvbound.testing import ByteTokenizer
+from kvbound.testing import ByteTokenizer, tiny_model
 from kvbound.viz import RoleThresholds, classify_head, run_viz, timeline_from_snapshots
 
 BUDGET, BUFFER = 16, 4

@@ -8,8 +8,8 @@ from kvbound.cache import CacheStats, EvictionCache, TrimKVCache
 from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGate, RetentionGates
 from kvbound.generation import GenerationResult, generate
-from kvbound.hooks import attach, detach
-from kvbound.models import load_model, tiny_model
+from kvbound.hooks import attach, attached, detach
+from kvbound.models import load_model
 from kvbound.policies import METHODS, POLICIES, Policy, get_policy
 
 __version__ = "0.1.0"
@@ -26,9 +26,9 @@ __all__ = [
     "TrimKVCache",
     "KVBoundError",
     "attach",
+    "attached",
     "detach",
     "generate",
     "get_policy",
     "load_model",
-    "tiny_model",
 ]

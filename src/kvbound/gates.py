@@ -200,12 +200,8 @@ class RetentionGates(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def digest(self) -> str:
-        """Short content hash of the weights (recorded in results)."""
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()[:12]
+        """Short content hash of the weights (recorded in results and in ``gates.json``)."""
+        return _digest(self.state_dict())
 
     def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write ``gates.safetensors`` + ``gates.json`` atomically into ``directory``.
@@ -223,7 +219,10 @@ class RetentionGates(nn.Module):
             "version": FORMAT_VERSION,
             "config": asdict(self.config),
             "metadata": asdict(self.metadata),
-            "digest": self.digest(),
+            # the digest of the weights as stored (and loaded back as float32), so that the
+            # digest in gates.json is the one results report for these gates
+            "digest": _digest(state),
+            "digest_of": "stored",
             "dtype": str(dtype or torch.float32).replace("torch.", ""),
         }
 
@@ -312,6 +311,14 @@ class RetentionGates(nn.Module):
         return gates
 
 
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def shipped_gates_dir(name: str) -> Path | None:
     """Directory of the gates shipped inside the package for model ``name``, if any."""
     root = resources.files("kvbound") / "shipped_gates" / name
@@ -360,6 +367,15 @@ def _load_native(path: Path) -> RetentionGates:
                           "truncated; re-train or re-download it.") from exc
     gates = RetentionGates(config, metadata)
     state = {k: v.float() for k, v in state.items()}
+    # older files hashed the float32 weights before a cast to float16: checkable when float32
+    if meta.get("digest_of") == "stored" or meta.get("dtype", "float32") == "float32":
+        if meta.get("digest") is not None and _digest(state) != meta["digest"]:
+            raise KVBoundError(
+                f"{path / GATES_FILE} does not match {META_FILE} (digest {_digest(state)}, "
+                f"expected {meta['digest']}): the directory holds weights and metadata of two "
+                "different saves, e.g. a writer killed between its two renames. Save the gates "
+                "again (or resume training, which rewrites them)."
+            )
     try:
         gates.load_state_dict(state, strict=True)
     except RuntimeError as exc:

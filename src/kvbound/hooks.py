@@ -5,7 +5,10 @@
 * On every attention module: compute the layer's log beta with its retention gate (when gates are
   attached), and, when the call carries an :class:`~kvbound.cache.EvictionCache`, evict what must go
   and replace the attention mask with the cache's own. In gate training the log beta is handed to
-  the retention-gated attention function instead (``module._kvbound_log_beta``).
+  the retention-gated attention function instead (:mod:`kvbound.train.gating`).
+
+Hooks call the cache, never the reverse. :func:`attached` scopes them: ``with attached(model,
+gates): ...`` detaches on exit.
 
 With any other cache (or none) the hooks change nothing. :func:`detach` removes every hook and
 attribute, so the model computes exactly as before.
@@ -14,15 +17,17 @@ attribute, so the model computes exactly as before.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from kvbound.architectures import attention_modules, query_states
+from kvbound.train import gating
 
 STATE_ATTR = "_kvbound_hooks"
-LOG_BETA_ATTR = "_kvbound_log_beta"
+LOG_BETA_ATTR = gating.LOG_BETA_ATTR
 
 
 @dataclass
@@ -68,6 +73,22 @@ def attach(model: nn.Module, gates: nn.Module | None = None) -> HookState:
     return state
 
 
+@contextmanager
+def attached(model: nn.Module, gates: nn.Module | None = None):
+    """``with attached(model, gates): ...`` - the hooks (and gates) for the block only; on exit
+    the model computes exactly as before (hooks that were there before stay)."""
+    had = get_state(model) is not None
+    previous = get_state(model).gates if had else None
+    state = attach(model, gates)
+    try:
+        yield state
+    finally:
+        if had:
+            state.gates = previous
+        else:
+            detach(model)
+
+
 def detach(model: nn.Module) -> None:
     """Remove every kvbound hook and attribute from ``model``."""
     state = model.__dict__.pop(STATE_ATTR, None)
@@ -76,7 +97,7 @@ def detach(model: nn.Module) -> None:
     for handle in state.handles:
         handle.remove()
     for attn in attention_modules(model):
-        attn.__dict__.pop(LOG_BETA_ATTR, None)
+        gating.clear(attn)
 
 
 def _cache_of(kwargs: dict):
@@ -119,16 +140,10 @@ def _attention_pre_hook(state: HookState):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         layer_idx = module.layer_idx
         gates = state.gates
-        has_gate = gates is not None and layer_idx in gates
         if state.mode != "inference":
-            log_beta = None
-            if state.mode == "student" and has_gate:
-                log_beta = gates(layer_idx, hidden)
-                if state.train_sinks:
-                    log_beta = log_beta.clone()
-                    log_beta[..., : state.train_sinks] = 0.0
-            module.__dict__[LOG_BETA_ATTR] = log_beta
+            gating.hand_off(module, state.mode, gates, hidden, state.train_sinks)
             return None
+        has_gate = gates is not None and layer_idx in gates
         cache = _cache_of(kwargs)
         if not isinstance(cache, EvictionCache) or not cache.evicts(layer_idx):
             return None

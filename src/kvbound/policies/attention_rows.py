@@ -70,12 +70,12 @@ def recent_probs(layer) -> tuple[torch.Tensor, torch.Tensor]:
     if no query was buffered yet.
     """
     keys, pos = layer.keys_, layer.positions
-    if layer.recent_queries is None:
+    if layer.queries.queries is None:
         b, h_kv, n, _ = keys.shape
         empty = torch.zeros(b, h_kv, 1, 0, n, device=keys.device)
         return empty, torch.zeros(b, 0, dtype=torch.bool, device=keys.device)
-    valid = layer.recent_query_valid & (layer.recent_query_pos >= 0)
-    probs = grouped_probs(keys, layer.recent_queries, pos, layer.recent_query_pos, valid)
+    valid = layer.queries.valid & (layer.queries.pos >= 0)
+    probs = grouped_probs(keys, layer.queries.queries, pos, layer.queries.pos, valid)
     return probs, valid
 
 

@@ -8,12 +8,38 @@ top-``budget`` tokens per (batch row, KV head) are kept in their original order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from kvbound.cache import EvictionLayer
+
+class LayerView(Protocol):
+    """What a policy may read (and, through ``add_state`` / ``state``, write) of a cache layer.
+
+    Shapes: B batch rows, H KV heads, n resident slots, d head dim, w query window.
+    """
+
+    layer_idx: int
+    n: int  #: resident slots (same for every head of the layer)
+    budget: int  #: tokens per head kept by an eviction
+    evictions: int  #: evictions so far
+    queries: object  #: last w queries: ``.queries`` (B, H_q, w, d), ``.valid``/``.pos`` (B, w)
+
+    @property
+    def keys_(self) -> torch.Tensor: ...  # (B, H, n, d) post-RoPE keys
+
+    @property
+    def positions(self) -> torch.Tensor: ...  # (B, H, n) absolute positions, -1 = padding
+
+    @property
+    def row_seen(self) -> torch.Tensor: ...  # (B,) real tokens seen per row
+
+    @property
+    def log_beta(self) -> torch.Tensor: ...  # (B, H, n) retention gates' log beta (TRIM-KV)
+
+    def state(self, name: str) -> torch.Tensor: ...  # (B, H, n) per-token float32 state
+
+    def add_state(self, name: str) -> None: ...  # declare a state compacted with the keys
 
 
 @dataclass
@@ -24,8 +50,8 @@ class Policy:
     ----------------
     needs_gates: the policy reads ``layer.log_beta`` (TRIM-KV).
     query_window: how many recent post-RoPE queries per layer the policy reads
-        (``layer.recent_queries`` (B, H_q, w, d), ``layer.recent_query_valid`` (B, w) and their
-        absolute positions ``layer.recent_query_pos`` (B, w), -1 for padding); 0 for
+        (``layer.queries.queries`` (B, H_q, w, d), ``layer.queries.valid`` (B, w) and their
+        absolute positions ``layer.queries.pos`` (B, w), -1 for padding); 0 for
         query-agnostic scorers. Any value > 0 also makes :meth:`on_update` receive the
         forward's queries.
     default_sinks: sinks protected when the user does not choose (StreamingLLM: 4).
@@ -40,13 +66,13 @@ class Policy:
         """Tokens per KV head kept in ``layer_idx`` (uniform by default; PyramidKV varies it)."""
         return budget
 
-    def init_layer(self, layer: EvictionLayer) -> None:
+    def init_layer(self, layer: LayerView) -> None:
         """Register per-token state with ``layer.add_state(name)`` (compacted with K/V)."""
 
-    def on_update(self, layer: EvictionLayer, new_queries: torch.Tensor | None) -> None:
+    def on_update(self, layer: LayerView, new_queries: torch.Tensor | None) -> None:
         """Called after the new K/V were appended (H2O accumulates attention here)."""
 
-    def score(self, layer: EvictionLayer) -> torch.Tensor:
+    def score(self, layer: LayerView) -> torch.Tensor:
         """Scores (B, H_kv, n) float32 for the ``layer.n`` resident slots; higher = keep."""
         raise NotImplementedError
 

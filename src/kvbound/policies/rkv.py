@@ -60,11 +60,11 @@ class RKVPolicy(Policy):
     def importance(self, layer, window: torch.Tensor) -> torch.Tensor:
         """(B, H_kv, n) pooled attention of the window queries over the non-window tokens."""
         keys, pos = layer.keys_, layer.positions
-        if layer.recent_queries is None:
+        if layer.queries.queries is None:
             return torch.zeros(pos.shape, device=pos.device)
-        valid = layer.recent_query_valid & (layer.recent_query_pos >= 0)
-        logits, allowed = grouped_logits(keys, layer.recent_queries, pos,
-                                         layer.recent_query_pos, valid)
+        valid = layer.queries.valid & (layer.queries.pos >= 0)
+        logits, allowed = grouped_logits(keys, layer.queries.queries, pos,
+                                         layer.queries.pos, valid)
         allowed = allowed & ~window[:, :, None, None, :]  # (B, H_kv, 1, w, n)
         logits = logits.masked_fill(~allowed, -math.inf).amax(2)  # max over the group
         probs = masked_softmax(logits, allowed[:, :, 0])  # (B, H_kv, w, n)

@@ -32,10 +32,11 @@ import torch
 
 from kvbound.errors import KVBoundError
 from kvbound.gates import GateMetadata, RetentionGates
-from kvbound.hooks import LOG_BETA_ATTR, attach, detach
-from kvbound.io import atomic_dir_write, atomic_write_json
+from kvbound.hooks import attach, detach
+from kvbound.io import atomic_write_json, read_versioned, write_versioned
 from kvbound.progress import progress_bar
 from kvbound.train.data import Mixture
+from kvbound.train.gating import log_beta_of
 
 CKPT_DIR = "checkpoint"
 TRAINER_FILE = "trainer.pt"
@@ -158,7 +159,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()  # nobody starts before every rank has loaded
 
     def _attach(self):
-        from kvbound.attention import register_retention_attention
+        from kvbound.train.attention import register_retention_attention
 
         model = self.model
         detach(model)
@@ -207,13 +208,15 @@ class Trainer:
             # between two separate writes would otherwise resume with a log a step short
             (tmp / "train_log.json").write_text(json.dumps(self.log))
 
-        atomic_dir_write(self.out / CKPT_DIR, write)
+        write_versioned(self.out, CKPT_DIR, write)
         atomic_write_json(self.out / "train_log.json", self.log)
 
     def _load_checkpoint(self) -> None:
-        ckpt = self.out / CKPT_DIR
-        if not (ckpt / TRAINER_FILE).exists():
-            return  # nothing to resume: start from scratch
+        ckpt = read_versioned(self.out, CKPT_DIR)
+        if ckpt is None or not (ckpt / TRAINER_FILE).exists():
+            raise KVBoundError(f"--resume: no checkpoint in {self.out} (nothing to resume). Run "
+                               "without --resume to start training there, or give the --out "
+                               "directory of the run to continue.")
         loaded = RetentionGates.load(ckpt, self.model)
         self.gates.load_state_dict(loaded.state_dict())
         try:
@@ -272,7 +275,7 @@ class Trainer:
                 teacher = self.model(input_ids=ids, attention_mask=att).logits
             state.mode = "student"
             student = self.model(input_ids=ids, attention_mask=att).logits
-        log_betas = [m.__dict__[LOG_BETA_ATTR] for m in self.gated]
+        log_betas = [log_beta_of(m) for m in self.gated]
         labels = torch.roll(ids, -1, dims=1)
         quality = distillation_loss(student, teacher, tgt, labels,
                                     reduction_mode=cfg.quality_reduction)

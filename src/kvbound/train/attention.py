@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kvbound.errors import KVBoundError
+from kvbound.train.gating import log_beta_of
 
 __all__ = [
     "ATTENTION_NAME",
@@ -546,7 +547,7 @@ def kvbound_attention_forward(
     registered ``sdpa_mask``: ``None`` for plain causal, else a boolean (B, 1, Tq, Tk) keep-mask).
     Returns ``(attn_output (B, Tq, Hq, d), None)`` like every transformers attention function.
     """
-    log_beta = getattr(module, "_kvbound_log_beta", None)
+    log_beta = log_beta_of(module)
     if log_beta is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -1,0 +1,253 @@
+"""EvictionCache: one memory-bounded transformers ``Cache`` for every eviction policy.
+
+The cache builds one :class:`~kvbound.cache.layer.EvictionLayer` per full-attention layer (a
+:class:`~kvbound.cache.static.StaticEvictionLayer` with ``static=True``) and transformers'
+sliding-window layer for the others. ``get_seq_length()`` is the number of tokens seen, so
+positions and generation stay logical.
+
+Per forward: the model-level pre-hook (:mod:`kvbound.hooks`) calls :meth:`EvictionCache.begin_forward`
+(validity and positions of the incoming tokens, shared by all layers); each attention pre-hook
+calls :meth:`EvictionCache.before_attention` (evict, stash metadata, return the layer's mask);
+the attention module calls the layer's ``update`` (append); the post-hook calls
+:meth:`EvictionCache.end_forward`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from kvbound.architectures import evicted_layers, layer_types, model_fingerprint, text_config
+from kvbound.cache.layer import EvictionLayer
+from kvbound.cache.static import StaticDecode, StaticEvictionLayer, check_static_support
+from kvbound.cache.stats import CacheStats, kv_bytes, new_timings
+from kvbound.errors import KVBoundError
+from kvbound.policies import Policy, get_policy
+
+
+class EvictionCache(Cache):
+    """A memory-bounded transformers Cache; the eviction rule is a :class:`Policy`.
+
+    Parameters
+    ----------
+    model:
+        The model this cache serves; kvbound's hooks are attached to it if needed.
+    policy:
+        A :class:`Policy` or a registered name (``trimkv``, ``streaming``, ``h2o``, ...).
+    budget:
+        M, tokens kept per (layer, KV head) after an eviction.
+    buffer:
+        b, tokens allowed to accumulate before the next eviction (eviction every b decode steps).
+    sinks:
+        Protect the first N real tokens of each row (counted inside M). ``None`` = policy default.
+    static:
+        Fixed-shape decode steps for ``torch.compile`` (see :mod:`kvbound.cache.static`).
+
+    Usage::
+
+        cache = EvictionCache(model, "trimkv", budget=64, buffer=16)
+        model.generate(**inputs, cache=cache, max_new_tokens=1000)
+        cache.stats()
+    """
+
+    def __init__(self, model: nn.Module, policy: Policy | str = "trimkv", *, budget: int = 256,
+                 buffer: int = 32, sinks: int | None = None, static: bool = False,
+                 **policy_kwargs) -> None:
+        from kvbound.hooks import ensure_attached
+
+        check_int("budget", budget, minimum=1)
+        check_int("buffer", buffer, minimum=0)
+        self.policy = get_policy(policy, **policy_kwargs) if isinstance(policy, str) else policy
+        sinks = min(self.policy.default_sinks, budget - 1) if sinks is None else sinks
+        check_int("sinks", sinks, minimum=0)
+        if sinks >= budget:
+            raise KVBoundError(f"sinks ({sinks}) must be smaller than the budget ({budget}).")
+        state = ensure_attached(model)
+        if self.policy.needs_gates and state.gates is None:
+            raise KVBoundError(
+                f"Policy {self.policy.name!r} needs retention gates: load them with "
+                "`kvbound.RetentionGates.load(NAME_OR_DIR, model).attach(model)` (or train some "
+                "with `kvbound train`) before building the cache."
+            )
+        self.budget, self.buffer, self.sinks, self.static = budget, buffer, sinks, static
+        fp = model_fingerprint(model)
+        self._head_dim, self._kv_heads = fp["head_dim"], fp["num_kv_heads"]
+        self.evicted = evicted_layers(model)
+        kinds = layer_types(model)
+        budgets = {i: self.policy.layer_budget(i, self.evicted, budget)
+                   for i, kind in enumerate(kinds) if kind == "full_attention"}
+        self._static = StaticDecode(fp["hidden_size"]) if static else None
+        if static:
+            check_static_support(kinds, self.policy, set(budgets.values()))
+        super().__init__(layers=self._build_layers(kinds, budgets, text_config(model)))
+        self._new: tuple | None = None
+        self._row_seen: torch.Tensor | None = None
+        self.timings = new_timings()
+        for layer in self.eviction_layers:
+            layer.timings = self.timings
+
+    def _build_layers(self, kinds: list[str], budgets: dict[int, int], cfg) -> list:
+        layers: list[CacheLayerMixin] = []
+        for i, kind in enumerate(kinds):
+            if kind != "full_attention":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
+            elif self._static is not None:
+                layers.append(StaticEvictionLayer(i, budgets[i], self.buffer, self.policy,
+                                                  self.sinks, self._static))
+            else:
+                layers.append(EvictionLayer(i, budgets[i], self.buffer, self.policy, self.sinks))
+        return layers
+
+    @property
+    def eviction_layers(self) -> list[EvictionLayer]:
+        return [layer for layer in self.layers if isinstance(layer, EvictionLayer)]
+
+    @property
+    def static_step(self) -> bool:
+        """This forward is a static (compiled) decode step."""
+        return self._static is not None and self._static.active
+
+    def evicts(self, layer_idx: int) -> bool:
+        return isinstance(self.layers[layer_idx], EvictionLayer)
+
+    # ---------------------------------------------------------------- one forward
+    def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, q_len: int,
+                      device: torch.device) -> None:
+        """Record the incoming tokens' validity and positions (shared by every layer)."""
+        valid, all_valid = _incoming_validity(attention_mask, batch, q_len, device)
+        if self._row_seen is None or self._row_seen.shape[0] != batch:
+            self._row_seen = torch.zeros(batch, dtype=torch.long, device=device)
+        if all_valid:
+            pos = self._row_seen[:, None] + torch.arange(q_len, device=device)
+            count = torch.full((batch,), q_len, dtype=torch.long, device=device)
+        else:
+            pos = self._row_seen[:, None] + valid.long().cumsum(-1) - 1
+            pos = torch.where(valid, pos, torch.full_like(pos, -1))
+            count = valid.long().sum(-1)
+        self._row_seen = self._row_seen + count
+        self._new = (valid, pos, count, all_valid)
+        self._new_used: set[int] = set()
+        if self._static is not None:
+            t0, gates_before = time.perf_counter(), self.timings["scoring_inputs"]
+            self._static.active = q_len == 1 and self._static.begin(
+                self.eviction_layers, self.policy.needs_gates, valid, pos, count, all_valid)
+            self.add_bookkeeping_time(t0, gates_before)
+
+    def before_attention(self, layer_idx: int, hidden_states: torch.Tensor,
+                         gate: nn.Module | None, queries: torch.Tensor | None):
+        """Evict what must go, stash the new tokens' metadata; return this layer's 4D mask.
+
+        ``gate`` is the layer's retention gate when the policy reads log beta (run on
+        ``hidden_states``, possibly later and batched)."""
+        b, q = hidden_states.shape[:2]
+        if self._new is None or self._new[0].shape != (b, q) or layer_idx in self._new_used:
+            # called without the model-level hook (e.g. on the inner model): all tokens real
+            self.begin_forward(None, b, q, hidden_states.device)
+        self._new_used.add(layer_idx)
+        valid, pos, count, all_valid = self._new
+        layer: EvictionLayer = self.layers[layer_idx]
+        layer.prepare(valid, pos, count, all_valid, gate, hidden_states, queries)
+        return layer.attention_mask(valid, hidden_states.dtype, all_valid)
+
+    def static_attention_mask(self, layer_idx: int, hidden_states: torch.Tensor,
+                              gate: nn.Module | None) -> torch.Tensor:
+        """Compiled half of a static decode step in the attention hook: stage the gate input,
+        return the step's mask (B, 1, 1, capacity)."""
+        if gate is not None:
+            self.layers[layer_idx].stage_gate_input(hidden_states)
+        return self._static.mask
+
+    def end_forward(self) -> None:
+        """Called after every forward of the model (kvbound's post-hook)."""
+        if self._static is not None:
+            self._static.active = False
+
+    def add_bookkeeping_time(self, t0: float, gates_before: float) -> None:
+        """Charge the time since ``t0`` to cache bookkeeping, minus the staged gate runs done
+        meanwhile (already charged to scoring inputs, which stood at ``gates_before``)."""
+        gates = self.timings["scoring_inputs"] - gates_before
+        self.timings["cache_bookkeeping"] += time.perf_counter() - t0 - gates
+
+    def get_seq_length(self, layer_idx: int = 0):
+        """Tokens seen before the current forward. Inside a static decode step this is a 0-d
+        tensor (as for transformers' StaticCache) so compiled code does not specialise on it."""
+        if self.static_step:
+            return self._static.seen_before
+        return super().get_seq_length(layer_idx)
+
+    # ---------------------------------------------------------------- control
+    def compress_now(self) -> None:
+        """Evict every layer down to its budget now (e.g. once after a context prefill)."""
+        for layer in self.eviction_layers:
+            if layer.is_initialized:
+                layer.evict(layer.budget)
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or resume) evicting: the cache then grows like a full cache."""
+        if frozen and self.static:
+            raise KVBoundError("A static cache has a fixed size and cannot stop evicting; build "
+                               "it with static=False to freeze it.")
+        for layer in self.eviction_layers:
+            layer.frozen = frozen
+
+    # ---------------------------------------------------------------- statistics
+    def stats(self) -> CacheStats:
+        ev = self.eviction_layers
+        init = [layer for layer in ev if layer.is_initialized]
+        shape = {"batch": init[0].keys.shape[0] if init else 1, "kv_heads": self._kv_heads,
+                 "head_dim": self._head_dim,
+                 "element_size": init[0].keys.element_size() if init else 2}
+        seen = max((layer.seen for layer in ev), default=0)
+        return CacheStats(
+            seen_tokens=seen,
+            resident_tokens={layer.layer_idx: layer.n for layer in ev},
+            peak_tokens={layer.layer_idx: layer.peak for layer in ev},
+            peak_tokens_per_head=max((layer.peak for layer in ev), default=0),
+            kv_bytes=kv_bytes(sum(layer.n for layer in ev), **shape),
+            peak_kv_bytes=kv_bytes(sum(layer.peak for layer in ev), **shape),
+            full_kv_bytes=kv_bytes(len(ev) * seen, **shape),
+            evicted_tokens=sum(layer.evicted_tokens for layer in ev),
+            evictions=sum(layer.evictions for layer in ev),
+            kv_footprint=(sum(layer.resident_sum for layer in ev)
+                          / max(sum(layer.seen_sum for layer in ev), 1)),
+            budget=self.budget, buffer=self.buffer, sinks=self.sinks, policy=self.policy.name,
+        )
+
+    def resident_positions(self, layer_idx: int) -> torch.Tensor:
+        """(B, H_kv, n) absolute positions of the tokens layer ``layer_idx`` holds now."""
+        return self.layers[layer_idx].positions.clone()
+
+
+class TrimKVCache(EvictionCache):
+    """EvictionCache with the TRIM-KV retention policy (arXiv 2512.03324; needs gates attached
+    to the model)."""
+
+    def __init__(self, model: nn.Module, *, budget: int = 256, buffer: int = 32,
+                 sinks: int | None = None, static: bool = False) -> None:
+        super().__init__(model, "trimkv", budget=budget, buffer=buffer, sinks=sinks,
+                         static=static)
+
+
+def _incoming_validity(attention_mask, batch: int, q_len: int, device):
+    """(valid (B, q) bool, all valid) of a forward's new tokens, from its attention mask."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        valid = attention_mask[:, -q_len:].to(device=device, dtype=torch.bool)
+    elif attention_mask is not None and attention_mask.dim() == 4 and q_len > 1:
+        # generate() turns the 2D mask into a 4D one for compileable (static) caches; its last
+        # query row (a real token under left padding) tells which new tokens are padding. Its
+        # last q columns are the new tokens (see get_mask_sizes).
+        last = attention_mask[:, 0, -1, -q_len:]
+        valid = (last if last.dtype == torch.bool else last == 0).to(device)
+    else:
+        return torch.ones(batch, q_len, dtype=torch.bool, device=device), True
+    return valid, bool(valid.all())
+
+
+def check_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KVBoundError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise KVBoundError(f"{name} must be >= {minimum}, got {value}.")

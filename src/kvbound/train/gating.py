@@ -1,0 +1,38 @@
+"""The student/teacher log-beta hand-off of gate training.
+
+In training the attention pre-hook (:mod:`kvbound.hooks`) does not touch a cache: it computes the
+layer's log beta with the retention gate (student pass) or ``None`` (teacher pass, the frozen
+model's plain attention) and leaves it in a side channel on the attention module, which the
+registered attention function ``"kvbound_retention"`` (:mod:`kvbound.train.attention`) reads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: key of the side channel in ``module.__dict__`` (never a registered buffer or parameter)
+LOG_BETA_ATTR = "_kvbound_log_beta"
+
+
+def hand_off(module: nn.Module, mode: str, gates: nn.Module | None, hidden: torch.Tensor,
+             train_sinks: int = 0) -> None:
+    """Leave this forward's log beta (B, H_kv, T) on ``module``: the gate's in ``"student"``
+    mode (the first ``train_sinks`` tokens protected: log beta 0), ``None`` in ``"teacher"``."""
+    log_beta = None
+    layer_idx = module.layer_idx
+    if mode == "student" and gates is not None and layer_idx in gates:
+        log_beta = gates(layer_idx, hidden)
+        if train_sinks:
+            log_beta = log_beta.clone()
+            log_beta[..., :train_sinks] = 0.0
+    module.__dict__[LOG_BETA_ATTR] = log_beta
+
+
+def log_beta_of(module: nn.Module) -> torch.Tensor | None:
+    """The log beta the pre-hook left for this forward (``None``: plain attention)."""
+    return module.__dict__.get(LOG_BETA_ATTR)
+
+
+def clear(module: nn.Module) -> None:
+    module.__dict__.pop(LOG_BETA_ATTR, None)
