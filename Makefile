@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/kvbound demo
 
+# The suite runs in a shuffled order (pytest-randomly, seed TEST_SEED; any seed must pass) and
+# re-runs its portability tests under other CPU kernels and thread counts (tests/test_portability.py).
+TEST_SEED ?= 1
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -p randomly --randomly-seed=$(TEST_SEED) tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -2,7 +2,7 @@
 
     python benchmarks/reliability.py
 
-The scenarios are the ones in tests/test_reliability.py (the tests assert the same behaviour).
+The scenarios are the ones in tests/cli/test_reliability.py (the tests assert the same behaviour).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _results import command, machine  # noqa: E402
-from test_reliability import SCENARIOS  # noqa: E402
+from tests.cli.test_reliability import SCENARIOS  # noqa: E402
 
 from kvbound.io import atomic_write_text  # noqa: E402
 
@@ -48,7 +48,7 @@ def main() -> None:
         "# Reliability",
         "",
         "What happens when things go wrong. The first table is written by "
-        "`benchmarks/reliability.py`, which runs the scenarios of `tests/test_reliability.py` "
+        "`benchmarks/reliability.py`, which runs the scenarios of `tests/cli/test_reliability.py` "
         "and records the library's actual behaviour (the tests assert the same).",
         "",
         f"Command: `{command()}`  ",
@@ -65,15 +65,25 @@ def main() -> None:
         "| training process killed with SIGKILL mid-run, then `--resume` | resumes from the last "
         "complete checkpoint; final gates bit-identical to an uninterrupted run; log has each step "
         "once | `test_killed_training_resumes_from_last_complete_checkpoint` |",
+        "| training checkpoint write killed (os._exit) after each of its steps: files written, "
+        "version renamed, pointer replaced, old version trashed | `read_versioned` finds a "
+        "complete checkpoint every time; resume gives gates bit-identical to an uninterrupted "
+        "run | `tests/train/test_checkpoints.py` |",
+        "| gate directory write killed between the weights and the metadata rename | load "
+        "refuses: digest in gates.json does not match the weights, with the reason | "
+        "`test_gates_killed_between_weights_and_metadata_are_refused_with_a_reason` |",
+        "| `--resume` in a directory without a checkpoint | error: nothing to resume | "
+        "`test_resume_without_a_checkpoint_says_so` |",
         "| model conversion killed mid-write | no cache entry appears; the next load converts "
-        "again; stale temp dirs are cleaned | `tests/test_models.py` |",
-        "| checkpoints, converted models, eval results | written to a temp dir then renamed "
-        "(`kvbound.io`, `models._cached_conversion`) | `test_train.py`, `test_models.py` |",
+        "again; stale temp dirs are cleaned | `tests/models/test_models.py` |",
+        "| checkpoints, converted models, eval results | checkpoints: numbered directories + "
+        "pointer (`kvbound.io.write_versioned`); models and results: fsynced temp dir then "
+        "rename (`kvbound.models.convert`, `kvbound.io`) | `tests/train/`, `tests/models/` |",
         "| 100K tokens through the bounded cache (tiny model) | seen counter exact; resident "
         "tokens <= M + b + chunk; storage capacity bounded; peak RSS flat (< 20 MB growth) | "
         "`test_100k_tokens_flat_memory_and_exact_counter` |",
         "| random budgets, buffers, chunks, prompts, batches with padding (hypothesis) | bound, "
-        "exact seen count, kept = top-scored in order | `tests/test_cache.py::test_cache_invariants`"
+        "exact seen count, kept = top-scored in order | `tests/cache/test_cache.py::test_cache_invariants`"
         " |",
         "| `.pth` checkpoints | only ever read with `torch.load(weights_only=True)`; our own format "
         "is safetensors + JSON | `test_official_import_rejects_pickles_with_code` |",

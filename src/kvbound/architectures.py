@@ -11,7 +11,7 @@ import sys
 import torch
 from torch import nn
 
-from kvbound.errors import UnsupportedArchitectureError
+from kvbound.errors import KVBoundError, UnsupportedArchitectureError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "gemma3")
 
@@ -95,5 +95,11 @@ def query_states(
         q = attn.q_norm(q)
     q = q.transpose(1, 2)
     cos, sin = position_embeddings
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    # transformers has no public per-architecture RoPE accessor (checked against 5.24): use the
+    # function the attention module's own file applies. Test:
+    # tests/policies/test_policies.py::test_recomputed_attention_rows_equal_the_models
+    rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if rope is None:
+        raise KVBoundError(f"{type(attn).__module__} has no apply_rotary_pos_emb: attention-based "
+                           "policies cannot recompute queries for this architecture.")
     return rope(q, q, cos, sin)[0]

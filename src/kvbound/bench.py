@@ -28,7 +28,7 @@ from pathlib import Path
 def worker(args) -> dict:
     import torch
 
-    from kvbound.cache import EvictionCache
+    from kvbound.cache import EvictionCache, stored_kv_bytes
     from kvbound.eval.textpool import eval_text_pool
     from kvbound.generation import build_cache, compile_config
     from kvbound.models import load_model
@@ -81,10 +81,9 @@ def worker(args) -> dict:
                    bookkeeping_share=cache.timings["cache_bookkeeping"] / sum(steps),
                    evict_share=cache.timings["evict"] / sum(steps))
     else:
-        kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
-        elem = next(model.parameters()).element_size()
-        rec.update(peak_kv_bytes=kv * elem, peak_tokens_per_head=int(cache.get_seq_length()),
-                   full_kv_bytes=kv * elem, scoring_share=0.0, bookkeeping_share=0.0,
+        kv = stored_kv_bytes(cache)
+        rec.update(peak_kv_bytes=kv, peak_tokens_per_head=int(cache.get_seq_length()),
+                   full_kv_bytes=kv, scoring_share=0.0, bookkeeping_share=0.0,
                    evict_share=0.0)
     return rec
 

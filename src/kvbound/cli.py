@@ -87,10 +87,9 @@ def generate(
 def _check_budget_args(method: str, budget: int, buffer: int, chunk: int | None,
                        sinks: int | None) -> None:
     """Fail fast (before loading a model) on arguments the cache would refuse."""
-    from kvbound.policies import METHODS
+    from kvbound.policies import check_method
 
-    if method not in METHODS:
-        raise KVBoundError(f"Unknown method {method!r}. Valid: {', '.join(METHODS)}.")
+    check_method(method)
     if budget <= 0:
         raise KVBoundError(f"budget must be >= 1, got {budget}.")
     if buffer < 0:
@@ -181,13 +180,12 @@ def eval_fidelity(
     from kvbound.eval.fidelity import make_windows, run_fidelity
     from kvbound.io import atomic_write_json
     from kvbound.models import load_model
-    from kvbound.policies import METHODS
+    from kvbound.policies import check_method
 
     try:
         meths, buds = _csv(methods), _csv(budgets, int)
         for mth in meths:
-            if mth not in METHODS:
-                raise KVBoundError(f"Unknown method {mth!r}. Valid: {', '.join(METHODS)}.")
+            check_method(mth)
         if any(b <= 0 for b in buds):
             raise KVBoundError("Budgets must be positive integers.")
         if not text_file and not self_generated:

@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from kvbound.cache import EvictionCache
+from kvbound.cache import EvictionCache, stored_kv_bytes
 from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates, list_shipped_gates, shipped_gates_dir
 from kvbound.hooks import get_state
-from kvbound.policies import METHODS, POLICIES
+from kvbound.policies import POLICIES, check_method
 
 DEFAULT_CHUNK = 128
 
@@ -85,9 +85,7 @@ def build_cache(model, method: str, *, budget: int, buffer: int, sinks: int | No
     Returns (cache, gates_or_None, sinks_used)."""
     from transformers import DynamicCache, StaticCache
 
-    if method not in METHODS:
-        raise KVBoundError(f"Unknown method {method!r}. Valid: {', '.join(METHODS)}.")
-    if method == "full":
+    if check_method(method) == "full":
         if static:
             if max_cache_len is None:
                 raise KVBoundError("A static full cache needs max_cache_len (prompt + new tokens).")
@@ -136,6 +134,12 @@ def compile_config(device: torch.device):
 
     cuda = torch.device(device).type == "cuda"
     cfg = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if cuda else "default")
+    # No public switch exists (checked against transformers 5.24): generate() compiles decoding
+    # only on accelerators unless this private flag is set. tests/cache/test_static.py fails
+    # loudly if the attribute disappears.
+    if not hasattr(cfg, "_compile_all_devices"):
+        raise KVBoundError("This transformers version has no CompileConfig._compile_all_devices; "
+                           "compiled decoding on CPU is unsupported with it (tested with 5.24).")
     cfg._compile_all_devices = True
     return cfg
 
@@ -272,10 +276,7 @@ def generate(
     else:
         seen = int(cache.get_seq_length())
         result.seen_tokens = result.peak_tokens_per_head = seen
-        kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers
-                 if getattr(layer, "keys", None) is not None)
-        elem = next(p.element_size() for p in model.parameters())
-        result.peak_kv_bytes = result.full_kv_bytes = kv * elem
+        result.peak_kv_bytes = result.full_kv_bytes = stored_kv_bytes(cache)
     state = get_state(model)
     if state is not None:
         state.mode = "inference"

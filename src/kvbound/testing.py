@@ -89,6 +89,7 @@ def tiny_config(arch: str, *, num_layers: int = 2, vocab_size: int = 128, **over
         "bos_token_id": 1,
         "eos_token_id": 2,
         "tie_word_embeddings": False,
+        "attn_implementation": "sdpa",
     }
     if arch == "mistral":
         kwargs["sliding_window"] = None
@@ -141,7 +142,7 @@ def tiny_model(
     config = tiny_config(arch, num_layers=num_layers, vocab_size=vocab_size, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = classes[arch]._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = classes[arch](config)
     model.to(dtype)
     model.eval()
     model.kvbound_model_name = f"tiny-{arch}"

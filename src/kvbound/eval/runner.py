@@ -32,7 +32,7 @@ from kvbound.errors import KVBoundError
 from kvbound.eval.tasks import get_task
 from kvbound.eval.tasks.base import TaskExample
 from kvbound.io import atomic_dir_write, atomic_write_json, atomic_write_text
-from kvbound.policies import METHODS
+from kvbound.policies import check_method
 
 PREFILL_MODES = ("chunked", "full")
 
@@ -55,8 +55,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         for m in self.methods:
-            if m not in METHODS:
-                raise KVBoundError(f"Unknown method {m!r}. Valid: {', '.join(METHODS)}.")
+            check_method(m)
         for t in self.tasks:
             get_task(t)
         if any(not isinstance(b, int) or b <= 0 for b in self.budgets):

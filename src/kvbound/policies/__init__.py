@@ -35,19 +35,25 @@ POLICIES: dict[str, type[Policy]] = {
 METHODS = ("full", *POLICIES)
 
 
+def check_method(name: str) -> str:
+    """``name`` if it is a method (a policy or ``full``); else an error listing the valid ones.
+    The one place every entry point (CLI, generate, eval, bench) validates method names."""
+    if name not in METHODS:
+        raise KVBoundError(f"Unknown method {name!r}. Valid: {', '.join(METHODS)}.")
+    return name
+
+
 def get_policy(name: str, **kwargs) -> Policy:
     """Instantiate a registered policy by name; unknown names list the valid ones."""
-    try:
-        cls = POLICIES[name]
-    except KeyError:
-        raise KVBoundError(
-            f"Unknown method {name!r}. Valid: {', '.join(METHODS)}."
-        ) from None
-    return cls(**kwargs)
+    if check_method(name) == "full":
+        raise KVBoundError("'full' is the uncompressed cache, not an eviction policy: use "
+                           "transformers' DynamicCache (or kvbound.generate(method='full')).")
+    return POLICIES[name](**kwargs)
 
 
 __all__ = [
     "METHODS",
+    "check_method",
     "POLICIES",
     "H2OPolicy",
     "KNormPolicy",

@@ -166,6 +166,7 @@ class Trainer:
         state = attach(model, gates=self.gates)
         state.train_sinks = self.cfg.train_sinks
         name = register_retention_attention()
+        # transformers documents no public getter (5.24); set_attn_implementation is the setter
         self._prev_impl = model.config._attn_implementation
         model.set_attn_implementation(name)
         if self.cfg.grad_checkpointing:

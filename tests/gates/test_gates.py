@@ -12,11 +12,12 @@ from kvbound.errors import IncompatibleGatesError, KVBoundError, UnsupportedArch
 from kvbound.gates import RetentionGate, RetentionGates
 from kvbound.hooks import detach, get_state
 from kvbound.testing import TINY_ARCHS, tiny_model
+from tests.rng import gen
 
 
 def test_gate_shape_and_init():
     gate = RetentionGate(hidden_size=32, num_kv_heads=3, intermediate_size=16, bias_init=8.0)
-    x = torch.randn(2, 7, 32)
+    x = torch.randn(2, 7, 32, generator=gen(19))
     out = gate(x)
     assert out.shape == (2, 3, 7) and out.dtype == torch.float32
     assert (out <= 0).all()
@@ -29,7 +30,7 @@ def test_gate_shape_and_init():
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_attach_detach_is_bit_identical(arch):
     model = tiny_model(arch)
-    ids = torch.randint(1, 100, (2, 16))
+    ids = torch.randint(1, 100, (2, 16), generator=gen(32))
     with torch.no_grad():
         before = model(ids).logits
     gates = RetentionGates.for_model(model, init_std=0.5, bias_init=1.0).attach(model)
@@ -68,7 +69,7 @@ def test_save_load_roundtrip(tmp_path):
     loaded = RetentionGates.load(tmp_path / "g", model)
     assert loaded.digest() == gates.digest()
     assert loaded.metadata.training["steps"] == 5
-    x = torch.randn(1, 4, model.config.hidden_size)
+    x = torch.randn(1, 4, model.config.hidden_size, generator=gen(71))
     assert torch.equal(loaded(0, x), gates(0, x))
 
 
@@ -120,7 +121,7 @@ def test_import_official_checkpoint(tmp_path):
     state = _write_official(tmp_path / "official", model)
     gates = RetentionGates.load(tmp_path / "official", model)
     assert gates.config.intermediate_size == 16 and gates.config.base_model == "Qwen/Qwen3-tiny"
-    x = torch.randn(1, 5, model.config.hidden_size)
+    x = torch.randn(1, 5, model.config.hidden_size, generator=gen(123))
     p = "model.layers.1.self_attn.retention_gate."
     h = torch.nn.functional.silu(x @ state[p + "linear1.weight"].T + state[p + "linear1.bias"])
     expected = torch.nn.functional.logsigmoid(h @ state[p + "linear2.weight"].T + state[p + "bias"])
@@ -128,7 +129,7 @@ def test_import_official_checkpoint(tmp_path):
     gates.attach(model)
     cache = EvictionCache(model, "trimkv", budget=4, buffer=1)
     with torch.no_grad():
-        model(torch.randint(1, 100, (1, 12)), cache=cache)
+        model(torch.randint(1, 100, (1, 12), generator=gen(131)), cache=cache)
     detach(model)
     # a different model is refused
     with pytest.raises(IncompatibleGatesError):

@@ -50,7 +50,7 @@ def test_registry_has_every_task() -> None:
 
 
 def test_get_task_unknown_lists_valid_names() -> None:
-    with pytest.raises(KVBoundError) as info:
+    with pytest.raises(KVBoundError, match='Unknown evaluation task') as info:
         get_task("gsm9k")
     assert "gsm8k" in str(info.value) and "syn_needle" in str(info.value)
 
@@ -322,7 +322,7 @@ def test_limit_is_seeded_and_keeps_order() -> None:
     assert [order.index(ex.id) for ex in a] == sorted(order.index(ex.id) for ex in a)
     seen = {tuple(ex.id for ex in _load("longmemeval", limit=2, seed=s)) for s in range(10)}
     assert len(seen) > 1
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='limit must be'):
         base.sample_records([1, 2, 3], -1)
 
 
@@ -447,7 +447,7 @@ def test_multi_needle_all_codes_present() -> None:
     result = get_task("syn_multi_needle").score(
         [ex.answers[0] for ex in every], every)  # one of four codes
     assert result["score"] == pytest.approx(25.0)
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='ask must be'):
         synthetic.make_multi_needle(1, ask="some")
 
 
@@ -520,5 +520,5 @@ def test_synthetic_loader_via_registry() -> None:
     assert len(examples) == 3
     assert examples == synthetic.make_needle(3, seed=1, context_tokens_approx=300)
     assert len(get_task("syn_arithmetic").load(None, limit=2, k=2)[0].metadata["ops"]) == 2
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='Number of examples'):
         synthetic.make_needle(-1)

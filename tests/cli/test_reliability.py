@@ -31,6 +31,7 @@ from kvbound.hooks import detach
 from kvbound.io import read_versioned
 from kvbound.models import load_model
 from kvbound.testing import ByteTokenizer, tiny_model
+from tests.rng import gen
 
 
 def _gated(arch="llama", **kw):
@@ -81,15 +82,15 @@ def _nan_gates(tmp: Path):
         gates[1].linear2.weight.fill_(float("inf"))
     cache = EvictionCache(model, "trimkv", budget=4, buffer=0)
     try:
-        model(torch.randint(3, 100, (1, 8)), cache=cache)
-        model(torch.randint(3, 100, (1, 1)), cache=cache)  # the first eviction scores them
+        model(torch.randint(3, 100, (1, 8), generator=gen(84)), cache=cache)
+        model(torch.randint(3, 100, (1, 1), generator=gen(85)), cache=cache)  # the first eviction scores them
     finally:
         detach(model)
 
 
 def _long_prompt_full(tmp: Path):
     model = tiny_model("llama", max_position_embeddings=32)
-    generate(model, ByteTokenizer(), torch.randint(3, 100, (1, 40)), method="full",
+    generate(model, ByteTokenizer(), torch.randint(3, 100, (1, 40), generator=gen(92)), method="full",
              max_new_tokens=2)
 
 
@@ -215,7 +216,7 @@ def test_100k_tokens_flat_memory_and_exact_counter():
     RetentionGates.for_model(model).attach(model)
     cache = EvictionCache(model, "trimkv", budget=64, buffer=16)
     chunk, total = 64, 100_000
-    ids = torch.randint(3, 100, (1, chunk))
+    ids = torch.randint(3, 100, (1, chunk), generator=gen(218))
     rss = []
     with torch.no_grad():
         for i in range(0, total, chunk):
@@ -237,5 +238,5 @@ def test_no_warning_for_bounded_methods_past_context():
     model = _gated(max_position_embeddings=32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        generate(model, ByteTokenizer(), torch.randint(3, 100, (1, 40)), method="trimkv",
+        generate(model, ByteTokenizer(), torch.randint(3, 100, (1, 40), generator=gen(240)), method="trimkv",
                  budget=8, buffer=2, max_new_tokens=2)

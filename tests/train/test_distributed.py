@@ -174,7 +174,7 @@ def test_shard_is_a_balanced_partition(n, world):
 
 @pytest.mark.parametrize("rank,world", [(2, 2), (-1, 2), (0, 0), (0, 1.5)])
 def test_shard_rejects_bad_rank_or_world(rank, world):
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='must be'):
         shard([1, 2, 3], rank, world)
 
 

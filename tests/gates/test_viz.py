@@ -8,13 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from kvbound.analysis import eviction_timeline, gate_log_betas, is_punctuation, median_half_life
+from kvbound.analysis import (
+    RoleThresholds,
+    classify_head,
+    eviction_timeline,
+    gate_log_betas,
+    is_punctuation,
+    median_half_life,
+    timeline_from_snapshots,
+)
 from kvbound.cache import EvictionCache
 from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates
 from kvbound.hooks import get_state
 from kvbound.testing import ByteTokenizer, tiny_model
-from kvbound.viz import RoleThresholds, classify_head, run_viz, timeline_from_snapshots
+from kvbound.viz import run_viz
 
 BUDGET, BUFFER = 16, 4
 
@@ -223,13 +231,13 @@ def test_bad_arguments(tmp_path):
     model = tiny_model("llama", num_layers=2)
     tok = ByteTokenizer()
     gates = RetentionGates.for_model(model)
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='Give exactly one'):
         run_viz(model, tok, gates, text="ab", ids=torch.tensor([3, 4]), out=tmp_path)
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='\(layer, head\) \(5,'):
         run_viz(model, tok, gates, text="abc", out=tmp_path, heads=[(5, 0)])
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='\(layer, head\) \(0,'):
         run_viz(model, tok, gates, text="abc", out=tmp_path, heads=[(0, 2)])
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='sinks must be'):
         run_viz(model, tok, gates, text="abc", out=tmp_path, budget=4, sinks=4)
     assert get_state(model) is None
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from kvbound.errors import KVBoundError
 from kvbound.train.losses import capacity_loss, distillation_loss, soft_memory
+from tests.rng import gen
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +81,7 @@ def test_soft_memory_gradient_formula():
 def test_soft_memory_backward_keeps_linear_memory():
     """At T = 4096 autograd saves O(T) (log beta), not a (T x T) matrix per (B, H)."""
     b, h, t = 1, 3, 4096
-    lb = (-0.01 * torch.rand(b, h, t)).requires_grad_()
+    lb = (-0.01 * torch.rand(b, h, t, generator=gen(83))).requires_grad_()
     saved = []
 
     def pack(x):
@@ -165,11 +166,11 @@ def test_capacity_loss_list_of_layers_is_layer_mean():
 
 
 def test_capacity_loss_validation():
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='memory_size must be'):
         capacity_loss(torch.zeros(1, 1, 4), 0.0)
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='variant must be'):
         capacity_loss(torch.zeros(1, 1, 4), 4.0, variant="other")
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='log_beta must be'):
         soft_memory(torch.zeros(4, 4))
 
 
@@ -184,7 +185,7 @@ def _logits(b=2, t=12, v=40, seed=0):
 
 def test_kl_zero_when_student_equals_teacher():
     s, _ = _logits()
-    labels = torch.randint(0, 40, (2, 12))
+    labels = torch.randint(0, 40, (2, 12), generator=gen(187))
     out = distillation_loss(s.clone().requires_grad_(), s, None, labels)
     assert out["kl"] == pytest.approx(0.0, abs=1e-6)
     assert out["num_targets"] == 24
@@ -247,7 +248,7 @@ def test_target_mask_ignore_index_and_mean_mode():
     assert mean["total"].item() == pytest.approx(out["total"].item() / 2, rel=1e-6)
     # positions outside the targets do not matter
     student2 = student.clone()
-    student2[~sel] = 100.0 * torch.randn(int((~sel).sum()), 40)
+    student2[~sel] = 100.0 * torch.randn(int((~sel).sum()), 40, generator=gen(250))
     again = distillation_loss(student2, teacher, target, labels)
     assert again["total"].item() == pytest.approx(out["total"].item(), rel=1e-6)
 
@@ -260,7 +261,7 @@ def test_no_targets_and_bf16_inputs():
     none["total"].backward()
     assert x.grad.abs().sum() == 0
 
-    labels = torch.randint(0, 40, (2, 12))
+    labels = torch.randint(0, 40, (2, 12), generator=gen(263))
     ref = distillation_loss(student, teacher, None, labels)
     xb = student.to(torch.bfloat16).requires_grad_()
     low = distillation_loss(xb, teacher.to(torch.bfloat16), None, labels)
@@ -272,7 +273,7 @@ def test_no_targets_and_bf16_inputs():
 
 def test_distillation_validation():
     student, teacher = _logits()
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='student and teacher'):
         distillation_loss(student, teacher[:, :5], None, torch.zeros(2, 12, dtype=torch.long))
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='reduction_mode must be'):
         distillation_loss(student, teacher, None, torch.zeros(2, 12), reduction_mode="avg")

@@ -50,6 +50,7 @@ def test_metrics(model):
     assert by[("streaming", 8)]["sinks"] == 4
 
 
+@pytest.mark.portability
 def test_batched_windows_match_single(model):
     kw = dict(methods=["streaming"], budgets=[8], buffer=4, progress=False)
     batched = run_fidelity(model, ByteTokenizer(), _windows(), batch_size=3, **kw)

@@ -11,6 +11,8 @@ from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates
 from kvbound.testing import tiny_model
 
+pytestmark = pytest.mark.portability
+
 
 def _model(arch="llama"):
     model = tiny_model(arch, seed=0)

@@ -8,12 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from kvbound.cache import EvictionCache, EvictionLayer
+from kvbound.cache import EvictionCache
 from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates
 from kvbound.hooks import detach
 from kvbound.testing import TINY_ARCHS, tiny_model
 from tests.oracle import EvictionSpy
+from tests.rng import gen
 
 
 def _model(arch="llama", seed=0, bias_init=2.0, **kw):
@@ -109,7 +110,7 @@ def test_cache_invariants(budget, buffer, chunk, prompt, new, batch, sinks, poli
 
 def test_decode_bound_is_budget_plus_buffer():
     model = _model("llama")
-    ids = torch.randint(1, 100, (1, 5))
+    ids = torch.randint(1, 100, (1, 5), generator=gen(112))
     cache = EvictionCache(model, "trimkv", budget=6, buffer=3)
     _gen(model, ids, cache, new=50)
     assert cache.stats().peak_tokens_per_head == 6 + 3
@@ -118,7 +119,7 @@ def test_decode_bound_is_budget_plus_buffer():
 
 def test_full_prefill_then_cut_and_memory_freed():
     model = _model("llama")
-    ids = torch.randint(1, 100, (1, 200))
+    ids = torch.randint(1, 100, (1, 200), generator=gen(121))
     cache = EvictionCache(model, "trimkv", budget=8, buffer=2)
     _gen(model, ids, cache, new=5)
     stats = cache.stats()
@@ -131,7 +132,7 @@ def test_full_prefill_then_cut_and_memory_freed():
 def test_layer0_keys_match_full_cache_at_their_positions():
     """Layer-0 keys depend only on (token, position): resident ones must equal the full cache's."""
     model = _model("llama")
-    ids = torch.randint(1, 100, (1, 60))
+    ids = torch.randint(1, 100, (1, 60), generator=gen(134))
     full = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids, cache=full)
@@ -147,6 +148,7 @@ def test_layer0_keys_match_full_cache_at_their_positions():
     assert cache.get_seq_length() == 60
 
 
+@pytest.mark.portability
 def test_left_padded_batch_matches_rows_alone():
     model = _model("qwen3")
     g = torch.Generator().manual_seed(5)
@@ -171,7 +173,7 @@ def test_left_padded_batch_matches_rows_alone():
 
 def test_sampling_is_seeded_and_bounded():
     model = _model("llama")
-    ids = torch.randint(1, 100, (2, 12))
+    ids = torch.randint(1, 100, (2, 12), generator=gen(175))
     outs = []
     for _ in range(2):
         torch.manual_seed(7)
@@ -183,7 +185,7 @@ def test_sampling_is_seeded_and_bounded():
 
 def test_long_generation_far_beyond_budget():
     model = _model("llama", num_layers=1)
-    ids = torch.randint(1, 100, (1, 8))
+    ids = torch.randint(1, 100, (1, 8), generator=gen(187))
     cache = EvictionCache(model, "trimkv", budget=64, buffer=16)
     out = _gen(model, ids, cache, new=4096)
     stats = cache.stats()
@@ -204,7 +206,7 @@ def test_ties_keep_most_recent():
             return torch.zeros(layer.positions.shape)
 
     model = _model("llama")
-    ids = torch.randint(1, 100, (1, 30))
+    ids = torch.randint(1, 100, (1, 30), generator=gen(208))
     cache = EvictionCache(model, Constant(), budget=5, buffer=0)
     with torch.no_grad():
         model(ids, cache=cache)
@@ -214,7 +216,7 @@ def test_ties_keep_most_recent():
 
 def test_sinks_are_protected():
     model = _model("llama")
-    ids = torch.randint(1, 100, (1, 50))
+    ids = torch.randint(1, 100, (1, 50), generator=gen(218))
     cache = EvictionCache(model, "trimkv", budget=8, buffer=2, sinks=3)
     _gen(model, ids, cache, new=30, prefill_chunk_size=5)
     for idx in cache.evicted:
@@ -224,7 +226,7 @@ def test_sinks_are_protected():
 
 def test_streaming_keeps_sinks_and_window():
     model = _model("llama")
-    ids = torch.randint(1, 100, (1, 40))
+    ids = torch.randint(1, 100, (1, 40), generator=gen(228))
     cache = EvictionCache(model, "streaming", budget=10, buffer=0)
     with torch.no_grad():
         model(ids, cache=cache)
@@ -271,8 +273,8 @@ def test_nan_gate_names_the_layer():
         get_state(model).gates[1].bias.fill_(float("nan"))
     cache = EvictionCache(model, "trimkv", budget=8, buffer=0)
     with pytest.raises(KVBoundError, match="layer 1"):
-        model(torch.randint(1, 100, (1, 12)), cache=cache)
-        model(torch.randint(1, 100, (1, 1)), cache=cache)
+        model(torch.randint(1, 100, (1, 12), generator=gen(275)), cache=cache)
+        model(torch.randint(1, 100, (1, 1), generator=gen(276)), cache=cache)
 
 
 @pytest.mark.parametrize("budget,buffer", [(64, 4), (8, 4), (8, 0)])

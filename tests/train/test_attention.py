@@ -16,6 +16,7 @@ from kvbound.train.attention import (
     register_retention_attention,
     retention_attention,
 )
+from tests.rng import gen
 
 IMPLS = ["blockwise", "sdpa"]
 
@@ -89,7 +90,7 @@ def test_negative_log_beta_changes_output_and_decays_old_keys():
 def test_query_suffix_against_longer_keys(impl):
     """Tq < Tk: queries are the last Tq positions."""
     q, k, v, lb = _inputs(1, 4, 2, 7, 19, 8, seed=5)
-    go = torch.randn(q.shape)
+    go = torch.randn(q.shape, generator=gen(92))
     ref, ref_g = _grads(lambda *x: naive_retention_attention(*x), [q, k, v, lb], go)
     out, g = _grads(lambda *x: retention_attention(*x, block_size=3, impl=impl), [q, k, v, lb], go)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -110,7 +111,7 @@ def test_padding_masks_bool_and_additive(impl):
     keep[1, :5] = False  # left padding in row 1
     bool_mask = keep[:, None, None, :].expand(b, 1, t, t)
     add_mask = torch.zeros(b, 1, t, t).masked_fill(~bool_mask, float("-inf"))
-    go = torch.randn(q.shape)
+    go = torch.randn(q.shape, generator=gen(113))
     ref, ref_g = _grads(
         lambda *x: naive_retention_attention(*x, attention_mask=bool_mask), [q, k, v, lb], go
     )
@@ -169,13 +170,13 @@ def test_saved_memory_is_linear_in_t():
 
 def test_input_validation():
     q, k, v, lb = _inputs(1, 4, 2, 8, 8, 8)
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='log_beta must have'):
         retention_attention(q, k, v, lb[:, :1])
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='query heads \(3\)'):
         retention_attention(q[:, :3], k, v, lb)
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match='attention_mask must be'):
         retention_attention(q, k, v, lb, attention_mask=torch.ones(1, 8, dtype=torch.bool))
-    with pytest.raises(KVBoundError):
+    with pytest.raises(KVBoundError, match="unknown impl 'nope';"):
         retention_attention(q, k, v, lb, impl="nope")
 
 
