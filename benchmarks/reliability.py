@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _results import command, machine  # noqa: E402
-from tests.cli.test_reliability import SCENARIOS  # noqa: E402
 
 from kvbound.io import atomic_write_text  # noqa: E402
+from tests.cli.test_reliability import SCENARIOS  # noqa: E402
 
 
 def run(fn):

@@ -1,3 +1,5 @@
-from kvbound.cli import app
+import sys
 
-app(prog_name="kvbound")
+from kvbound.cli import main
+
+sys.exit(main())

@@ -6,10 +6,12 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.console import Console
 
+from kvbound import cli_args as arg
 from kvbound.errors import KVBoundError
 
 app = typer.Typer(
@@ -18,6 +20,12 @@ app = typer.Typer(
     help="kvbound: memory-bounded KV cache for Hugging Face LLMs (TRIM-KV and baselines).",
 )
 console = Console(stderr=True)
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")):
+    _DEBUG["on"] = debug
 
 
 def _fail(exc: Exception) -> None:
@@ -32,24 +40,28 @@ def _command_line() -> str:
 @app.command()
 def generate(
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt text."),
-    prompt_file: Path | None = typer.Option(None, help="Read the prompt from a file."),
+    prompt_file: Path | None = typer.Option(None, help="Read the prompt from a UTF-8 text file."),
     model: str | None = typer.Option(None, help="Model name, directory, .gguf or hub id."),
     method: str = typer.Option("trimkv", help="full|trimkv|streaming|h2o|tova|snapkv|..."),
     gates: str | None = typer.Option(None, help="Gate directory or shipped name."),
-    budget: int = typer.Option(256, help="M: tokens kept per layer and KV head."),
-    buffer: int = typer.Option(32, help="b: tokens accumulated between evictions."),
-    chunk: int | None = typer.Option(None, help="Prefill chunk for long prompts (default 128)."),
+    budget: int = typer.Option(256, min=1, help="M: tokens kept per layer and KV head."),
+    buffer: int = typer.Option(32, min=0, help="b: tokens accumulated between evictions."),
+    chunk: int | None = typer.Option(None, min=1,
+                                     help="Prefill chunk for long prompts (default 128)."),
     full_prefill: bool = typer.Option(False, "--full-prefill",
                                       help="Prefill the whole prompt, then cut to the budget."),
-    sinks: int | None = typer.Option(None, help="Protect the first N tokens (inside M)."),
+    sinks: int | None = typer.Option(None, min=0, help="Protect the first N tokens (inside M)."),
     compile: bool = typer.Option(False, "--compile",
                                  help="Decode with torch.compile on a static-shape cache."),
-    max_new_tokens: int = typer.Option(128, help="Tokens to generate."),
-    min_new_tokens: int | None = typer.Option(None, help="Generate at least this many."),
+    positions: Literal["auto", "absolute", "rolling"] = typer.Option(
+        "auto", help="RoPE positions of a bounded cache: absolute, rolling (inside the cache), "
+                     "auto (absolute, rolling once past the model's context)."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Tokens to generate."),
+    min_new_tokens: int | None = typer.Option(None, min=0, help="Generate at least this many."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
-    temperature: float = typer.Option(0.7),
-    top_p: float = typer.Option(0.9),
-    seed: int = typer.Option(0),
+    temperature: float = typer.Option(0.7, min=0.0, help="Sampling temperature (> 0)."),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0, help="Nucleus sampling mass (0, 1]."),
+    seed: int = typer.Option(0, min=0),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -58,18 +70,26 @@ def generate(
     from kvbound.models import load_model
 
     try:
-        if (prompt is None) == (prompt_file is None):
-            raise KVBoundError("Give exactly one of --prompt or --prompt-file.")
-        _check_budget_args(method, budget, buffer, chunk, sinks)
-        text = prompt if prompt is not None else prompt_file.read_text()
-        if not text.strip():
-            raise KVBoundError("The prompt is empty: give some text (or --prompt-file).")
-        m, tok = load_model(model)
+        text = _prompt(prompt, prompt_file)
+        arg.methods(method, "--method")
+        if sinks is not None and sinks >= budget:
+            raise arg.OptionError("--sinks", f"must be smaller than --budget ({budget}), "
+                                             f"got {sinks}.")
+        if sample and temperature <= 0:
+            raise arg.OptionError("--temperature", "must be > 0 with --sample (use greedy "
+                                                   "decoding, without --sample, for T = 0).")
+        if sample and top_p <= 0:
+            raise arg.OptionError("--top-p", "must be > 0 with --sample.")
+        if min_new_tokens is not None and min_new_tokens > max_new_tokens:
+            raise arg.OptionError("--min-new-tokens", f"must be <= --max-new-tokens "
+                                                      f"({max_new_tokens}).")
+        arg.gates_source(gates, "--gates")
+        m, tok = load_model(arg.model_name(model, "--model"))
         result = run(m, tok, text, method=method, gates=gates, budget=budget, buffer=buffer,
                      chunk=chunk, sinks=sinks, max_new_tokens=max_new_tokens, sample=sample,
                      temperature=temperature, top_p=top_p, seed=seed,
                      chat=False if no_chat else None, min_new_tokens=min_new_tokens,
-                     full_prefill=full_prefill, compile=compile)
+                     full_prefill=full_prefill, compile=compile, positions=positions)
     except (KVBoundError, OSError) as exc:
         _fail(exc)
     if as_json:
@@ -84,46 +104,40 @@ def generate(
     )
 
 
-def _check_budget_args(method: str, budget: int, buffer: int, chunk: int | None,
-                       sinks: int | None) -> None:
-    """Fail fast (before loading a model) on arguments the cache would refuse."""
-    from kvbound.policies import check_method
-
-    check_method(method)
-    if budget <= 0:
-        raise KVBoundError(f"budget must be >= 1, got {budget}.")
-    if buffer < 0:
-        raise KVBoundError(f"buffer must be >= 0, got {buffer}.")
-    if chunk is not None and chunk <= 0:
-        raise KVBoundError(f"chunk must be a positive integer, got {chunk}.")
-    if sinks is not None and not 0 <= sinks < budget:
-        raise KVBoundError(f"sinks must be in [0, budget), got {sinks}.")
+def _prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise arg.OptionError("--prompt", "give exactly one of --prompt or --prompt-file.")
+    if prompt is not None:
+        return arg.nonempty(prompt, "--prompt")
+    return arg.read_text(prompt_file, "--prompt-file")
 
 
 @app.command()
 def train(
     model: str | None = typer.Option(None, help="Model to train gates for (default: embedded)."),
     out: Path = typer.Option(..., help="Output directory (gates, checkpoints, log)."),
-    memory_size: int = typer.Option(64, help="M used by the capacity loss."),
-    seq_len: int = typer.Option(1024, help="Training sequence length."),
-    steps: int = typer.Option(500, help="Optimizer steps."),
+    memory_size: int = typer.Option(64, min=1, help="M used by the capacity loss."),
+    seq_len: int = typer.Option(1024, min=2, help="Training sequence length."),
+    steps: int = typer.Option(500, min=1, help="Optimizer steps."),
     data: str = typer.Option("prose", help="Mixture, e.g. 'prose:0.8,synthetic:0.2,file:x.txt:1'."),
-    seed: int = typer.Option(0),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
-    batch_size: int = typer.Option(1),
-    grad_accum: int = typer.Option(1),
-    lr: float = typer.Option(1e-3),
-    weight_decay: float = typer.Option(0.01),
-    warmup_steps: int = typer.Option(20),
-    intermediate_size: int = typer.Option(128, help="Gate hidden width I."),
+    seed: int = typer.Option(0, min=0),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT's last checkpoint."),
+    batch_size: int = typer.Option(1, min=1),
+    grad_accum: int = typer.Option(1, min=1),
+    lr: float = typer.Option(1e-3, min=0.0),
+    weight_decay: float = typer.Option(0.01, min=0.0),
+    warmup_steps: int = typer.Option(20, min=0),
+    intermediate_size: int = typer.Option(128, min=1, help="Gate hidden width I."),
     bias_init: float = typer.Option(8.0, help="Initial gate bias (beta ~ sigmoid(b))."),
-    lambda_cap: float = typer.Option(1.0, help="Weight of the capacity loss."),
-    cap_variant: str = typer.Option("paper", help="paper|official capacity loss."),
-    quality_reduction: str = typer.Option("sum", help="sum (paper) or mean of KL and NTP."),
-    train_sinks: int = typer.Option(4, help="First N tokens never decay in training."),
+    lambda_cap: float = typer.Option(1.0, min=0.0, help="Weight of the capacity loss."),
+    cap_variant: Literal["paper", "official"] = typer.Option("paper",
+                                    help="paper|official capacity loss."),
+    quality_reduction: Literal["sum", "mean"] = typer.Option("sum",
+                                          help="sum (paper) or mean of KL and NTP."),
+    train_sinks: int = typer.Option(4, min=0, help="First N tokens never decay in training."),
     bf16: bool = typer.Option(True, help="bf16 autocast where supported."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
-    save_every: int = typer.Option(50, help="Checkpoint every N steps."),
+    save_every: int = typer.Option(50, min=1, help="Checkpoint every N steps."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
     """Train retention gates (distillation + capacity loss); only the gates change."""
@@ -139,38 +153,56 @@ def train(
         extra={"resume": resume},
     )
     try:
+        if lr <= 0:
+            raise arg.OptionError("--lr", f"must be > 0, got {lr}.")
+        arg.writable(out, "--out", directory=True)
+        _check_data(data)
+        arg.model_name(model, "--model")
+        if resume:
+            from kvbound.io import read_versioned
+
+            if read_versioned(out, "checkpoint") is None:
+                raise arg.OptionError("--resume", f"nothing to resume: no checkpoint in {out}. "
+                                                  "Run without --resume to start there.")
+        cfg.validate()
         gates = Trainer(cfg, progress=not quiet, command=_command_line()).run()
     except KVBoundError as exc:
         _fail(exc)
     console.print(f"gates written to {out} (digest {gates.digest()})")
 
 
+def _check_data(data: str) -> None:
+    """--data: known sources, and files that exist and are readable."""
+    from kvbound.train.data import parse_spec
+
+    for kind, source, _ in arg.check("--data", parse_spec, data):
+        if kind == "file" and not Path(source).is_file():
+            raise arg.OptionError("--data", f"no file {source!r}.")
+
+
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate methods x budgets (fidelity, tasks).")
 app.add_typer(eval_app, name="eval")
-
-
-def _csv(value: str, cast=str) -> list:
-    try:
-        return [cast(v.strip()) for v in value.split(",") if v.strip()]
-    except ValueError as exc:
-        raise KVBoundError(f"Cannot parse {value!r}: {exc}") from None
 
 
 @eval_app.command("fidelity")
 def eval_fidelity(
     text_file: list[Path] = typer.Option([], help="Text file(s) to score (repeatable)."),
-    self_generated: int = typer.Option(0, help="Also score N texts the model writes itself."),
+    self_generated: int = typer.Option(0, min=0,
+                                       help="Also score N texts the model writes itself."),
     model: str | None = typer.Option(None),
     gates: str | None = typer.Option(None, help="Gates for trimkv (default: shipped)."),
     methods: str = typer.Option("full,trimkv,streaming", help="Comma-separated methods."),
     budgets: str = typer.Option("64,128", help="Comma-separated budgets M."),
-    buffer: int = typer.Option(16),
-    sinks: int | None = typer.Option(None, help="Protected first tokens (default: per method)."),
-    seq_len: int = typer.Option(1024, help="Window length in tokens."),
-    max_windows: int = typer.Option(8, help="Windows scored at most."),
-    protocol: str = typer.Option("decode", help="decode (evict throughout) or context (kvpress)."),
-    context_len: int | None = typer.Option(None, help="context protocol: tokens compressed."),
-    seed: int = typer.Option(0),
+    buffer: int = typer.Option(16, min=0),
+    sinks: int | None = typer.Option(None, min=0,
+                                     help="Protected first tokens (default: per method)."),
+    seq_len: int = typer.Option(1024, min=2, help="Window length in tokens."),
+    max_windows: int = typer.Option(8, min=1, help="Windows scored at most."),
+    protocol: Literal["decode", "context"] = typer.Option("decode",
+                                 help="decode (evict throughout) or context (kvpress)."),
+    context_len: int | None = typer.Option(None, min=1,
+                                           help="context protocol: tokens compressed."),
+    seed: int = typer.Option(0, min=0),
     json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
     quiet: bool = typer.Option(False),
 ):
@@ -178,24 +210,27 @@ def eval_fidelity(
     from rich.table import Table
 
     from kvbound.eval.fidelity import make_windows, run_fidelity
+    from kvbound.eval.textpool import self_generated_eval_texts
     from kvbound.io import atomic_write_json
     from kvbound.models import load_model
-    from kvbound.policies import check_method
 
     try:
-        meths, buds = _csv(methods), _csv(budgets, int)
-        for mth in meths:
-            check_method(mth)
-        if any(b <= 0 for b in buds):
-            raise KVBoundError("Budgets must be positive integers.")
+        meths = arg.methods(methods, "--methods")
+        buds = arg.csv(budgets, "--budgets", int, minimum=1)
         if not text_file and not self_generated:
-            raise KVBoundError("Give --text-file F (repeatable) and/or --self-generated N.")
-        m, tok = load_model(model)
-        texts = [(str(f), f.read_text(errors="replace")) for f in text_file]
+            raise arg.OptionError("--text-file", "give --text-file F (repeatable) and/or "
+                                                 "--self-generated N.")
+        texts = [(str(f), arg.read_text(f, "--text-file")) for f in text_file]
+        if sinks is not None and sinks >= min(buds):
+            raise arg.OptionError("--sinks", f"must be smaller than every budget, got {sinks}.")
+        if json_out is not None:
+            arg.writable(json_out, "--json", directory=False)
+        arg.gates_source(gates, "--gates")
+        m, tok = load_model(arg.model_name(model, "--model"))
         if self_generated:
 
             texts += [(f"self-generated/{i}", t) for i, t in
-                      enumerate(_self_generated(m, tok, self_generated, seq_len, seed))]
+                      enumerate(self_generated_eval_texts(m, tok, self_generated, seq_len, seed))]
         windows = make_windows(tok, texts, seq_len, max_windows)
         result = run_fidelity(m, tok, windows, methods=meths, budgets=buds, buffer=buffer,
                               sinks=sinks, gates=gates, protocol=protocol, context_len=context_len,
@@ -226,36 +261,50 @@ def eval_tasks(
     gates: str | None = typer.Option(None, help="Gates for trimkv (default: shipped)."),
     methods: str = typer.Option("full,trimkv,streaming,snapkv", help="Comma-separated methods."),
     budgets: str = typer.Option("64,128", help="Comma-separated budgets M."),
-    buffer: int = typer.Option(16),
-    chunk: int = typer.Option(128, help="Prefill chunk for bounded methods."),
-    sinks: int | None = typer.Option(None, help="Protected first tokens (default: per method)."),
-    limit: int = typer.Option(10, help="Examples per task."),
-    context_tokens: int = typer.Option(1024, help="Context length of synthetic tasks."),
-    prefill: str = typer.Option("chunked", help="chunked (query-agnostic) or full (query-aware)."),
+    buffer: int = typer.Option(16, min=0),
+    chunk: int = typer.Option(128, min=1, help="Prefill chunk for bounded methods."),
+    sinks: int | None = typer.Option(None, min=0,
+                                     help="Protected first tokens (default: per method)."),
+    limit: int = typer.Option(10, min=1, help="Examples per task."),
+    context_tokens: int = typer.Option(1024, min=16, help="Context length of synthetic tasks."),
+    prefill: Literal["chunked", "full"] = typer.Option("chunked",
+                                help="chunked (query-agnostic) or full (query-aware)."),
     data: list[str] = typer.Option([], help="TASK=PATH local file for a benchmark (repeatable)."),
-    batch_size: int = typer.Option(8),
-    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0, min=0),
     out: Path = typer.Option(Path("eval_out"), help="Results directory."),
     quiet: bool = typer.Option(False),
 ):
     """Task accuracy per method and budget; kvpress-style result directories, table, plots."""
     from kvbound.eval.report import task_table
     from kvbound.eval.runner import EvalConfig, run_eval
+    from kvbound.eval.tasks import get_task
     from kvbound.models import load_model
 
     try:
         data_map = {}
         for item in data:
             if "=" not in item:
-                raise KVBoundError(f"--data expects TASK=PATH, got {item!r}.")
+                raise arg.OptionError("--data", f"expects TASK=PATH, got {item!r}.")
             k, v = item.split("=", 1)
+            arg.check("--data", get_task, k)
+            if not Path(v).exists():
+                raise arg.OptionError("--data", f"no file {v!r} for task {k}.")
             data_map[k] = v
-        cfg = EvalConfig(tasks=_csv(tasks), methods=_csv(methods), budgets=_csv(budgets, int),
+        task_names = arg.csv(tasks, "--tasks")
+        for t in task_names:
+            arg.check("--tasks", get_task, t)
+        cfg = EvalConfig(tasks=task_names, methods=arg.methods(methods, "--methods"),
+                         budgets=arg.csv(budgets, "--budgets", int, minimum=1),
                          buffer=buffer, chunk=chunk, sinks=sinks, gates=gates, limit=limit,
                          seed=seed, context_tokens=context_tokens, prefill=prefill,
                          batch_size=batch_size, data=data_map)
         cfg.validate()
-        m, tok = load_model(model)
+        if sinks is not None and sinks >= min(cfg.budgets):
+            raise arg.OptionError("--sinks", f"must be smaller than every budget, got {sinks}.")
+        arg.writable(out, "--out", directory=True)
+        arg.gates_source(gates, "--gates")
+        m, tok = load_model(arg.model_name(model, "--model"))
         summary = run_eval(m, tok, cfg, out, progress=not quiet)
     except (KVBoundError, OSError) as exc:
         _fail(exc)
@@ -272,36 +321,20 @@ def eval_list():
         print(f"{name}\t{spec.metric}\t{spec.description}")
 
 
-def _self_generated(model, tokenizer, n: int, seq_len: int, seed: int) -> list[str]:
-    import random
-
-    from kvbound.train.data import SelfGenSource, _generate_text
-
-    rng = random.Random(f"eval-selfgen:{seed}")
-    texts = []
-    for i in range(n):
-        prompt = rng.choice(SelfGenSource.PROMPTS).format(topic=rng.choice(EVAL_TOPICS))
-        texts.append(_generate_text(model, tokenizer, prompt, seq_len + 32, seed + 1000 + i))
-    return texts
-
-
-# topics for self-generated evaluation text (disjoint from the training topics)
-EVAL_TOPICS = ("coral reefs", "medieval castles", "weather forecasting", "tea ceremonies",
-               "railway signalling", "desert plants", "violin making", "deep sea fish")
-
-
 @app.command()
 def bench(
     model: str | None = typer.Option(None),
     gates: str | None = typer.Option(None),
     methods: str = typer.Option("full,trimkv,streaming,knorm,snapkv,h2o,tova"),
     lengths: str = typer.Option("1024,4096,16384", help="Prompt lengths (tokens)."),
-    budget: int = typer.Option(256),
-    buffer: int = typer.Option(32),
-    chunk: int = typer.Option(512, help="Prefill chunk for bounded methods."),
-    decode_tokens: int = typer.Option(64),
-    repeats: int = typer.Option(1, help="Runs per configuration; the median run is reported."),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
+    budget: int = typer.Option(256, min=1),
+    buffer: int = typer.Option(32, min=0),
+    chunk: int = typer.Option(512, min=1, help="Prefill chunk for bounded methods."),
+    decode_tokens: int = typer.Option(64, min=5, help="Decode steps timed (4 are warm-up)."),
+    repeats: int = typer.Option(1, min=1,
+                                help="Runs per configuration; the median run is reported."),
+    dtype: Literal["float32", "bfloat16"] = typer.Option("float32",
+                              help="float32 or bfloat16."),
     json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
     plot_dir: Path | None = typer.Option(None, help="Write plots here."),
 ):
@@ -311,6 +344,17 @@ def bench(
     static-shape cache."""
     from kvbound.bench import parser, render, run_bench
 
+    try:
+        arg.methods(methods, "--methods", compile_suffix=True)
+        arg.csv(lengths, "--lengths", int, minimum=1)
+        arg.gates_source(gates, "--gates")
+        arg.model_name(model, "--model")
+        if json_out is not None:
+            arg.writable(json_out, "--json", directory=False)
+        if plot_dir is not None:
+            arg.writable(plot_dir, "--plot-dir", directory=True)
+    except KVBoundError as exc:
+        _fail(exc)
     argv = ["--methods", methods, "--lengths", lengths, "--budget", str(budget), "--buffer",
             str(buffer), "--chunk", str(chunk), "--decode-tokens", str(decode_tokens),
             "--repeats", str(repeats), "--dtype", dtype]
@@ -325,27 +369,20 @@ def bench(
     print(render(result, _command_line()))
 
 
-def _pair(text: str) -> tuple[int, int]:
-    try:
-        layer, head = text.split(":")
-        return int(layer), int(head)
-    except ValueError:
-        raise KVBoundError(f"Expected LAYER:HEAD, got {text!r}.") from None
-
-
 @app.command()
 def viz(
     prompt: str | None = typer.Option(None, "--prompt", help="Text to analyse."),
-    prompt_file: Path | None = typer.Option(None, help="Read the text from a file."),
+    prompt_file: Path | None = typer.Option(None, help="Read the text from a UTF-8 file."),
     model: str | None = typer.Option(None),
     gates: str | None = typer.Option(None, help="Gate directory or shipped name."),
     out: Path = typer.Option(Path("viz_out"), help="Output directory (PNG, HTML, JSON)."),
-    budget: int = typer.Option(64),
-    buffer: int = typer.Option(16),
-    sinks: int = typer.Option(0, help="Protected first tokens (0 shows what gates keep alone)."),
+    budget: int = typer.Option(64, min=1),
+    buffer: int = typer.Option(16, min=0),
+    sinks: int = typer.Option(0, min=0,
+                              help="Protected first tokens (0 shows what gates keep alone)."),
     heads: str | None = typer.Option(None, help="Timelines for these heads: 'L:H,L:H'."),
     html_head: str | None = typer.Option(None, help="Head for retention.html: 'L:H'."),
-    max_new_tokens: int = typer.Option(0, help="Let the model continue the text first."),
+    max_new_tokens: int = typer.Option(0, min=0, help="Let the model continue the text first."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the text in the chat template."),
 ):
     """Retention maps, eviction timelines, coloured text and head roles for a text."""
@@ -354,21 +391,22 @@ def viz(
     from kvbound.viz import run_viz
 
     try:
-        if (prompt is None) == (prompt_file is None):
-            raise KVBoundError("Give exactly one of --prompt or --prompt-file.")
-        text = prompt if prompt is not None else prompt_file.read_text()
-        if not text.strip():
-            raise KVBoundError("The text is empty.")
-        m, tok = load_model(model)
+        text = _prompt(prompt, prompt_file)
+        if sinks >= budget:
+            raise arg.OptionError("--sinks", f"must be smaller than --budget ({budget}).")
+        head_list = [arg.pair(x, "--heads") for x in arg.csv(heads, "--heads")] if heads else None
+        html = arg.pair(html_head, "--html-head") if html_head else None
+        arg.writable(out, "--out", directory=True)
+        arg.gates_source(gates, "--gates")
+        m, tok = load_model(arg.model_name(model, "--model"))
         kwargs = {"ids": encode_prompt(tok, text, chat=True)} if chat else {"text": text}
-        res = run_viz(m, tok, gates, out=out, budget=budget, buffer=buffer, sinks=sinks,
-                      heads=[_pair(x) for x in heads.split(",")] if heads else None,
-                      html_head=_pair(html_head) if html_head else None,
-                      max_new_tokens=max_new_tokens, **kwargs)
+        res = arg.check("--heads", run_viz, m, tok, gates, out=out, budget=budget,
+                        buffer=buffer, sinks=sinks, heads=head_list, html_head=html,
+                        max_new_tokens=max_new_tokens, **kwargs)
     except (KVBoundError, OSError) as exc:
         _fail(exc)
-    for f in res["files"]:
-        print(f)
+    for path in res["files"].values():
+        print(path)
     console.print(f"head roles: {res['roles'].get('counts')}")
     for w in res["roles"].get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
@@ -385,7 +423,7 @@ def models():
 
 @app.command()
 def demo(
-    budget: int = typer.Option(64, help="Tight budget M for the bounded methods."),
+    budget: int = typer.Option(64, min=8, help="Tight budget M for the bounded methods."),
     quick: bool = typer.Option(False, help="Shorter run (for tests)."),
     out: Path = typer.Option(Path("demo_out"), help="Where the plot and pictures go."),
 ):
@@ -393,14 +431,35 @@ def demo(
     from kvbound.demo import run_demo
 
     try:
+        arg.writable(out, "--out", directory=True)
         run_demo(budget=budget, quick=quick, out=out)
     except KVBoundError as exc:
         _fail(exc)
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main(argv: list[str] | None = None) -> int:
+    """The console script: one clear line for any error, the traceback with ``--debug``.
+
+    Usage errors (bad types, ranges, choices, unknown options) are typer's own messages, which
+    name the option (exit 2); errors of ours name it too (exit 2); anything unexpected from
+    transformers, torch or the file system becomes one line (exit 1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        app(args=argv, prog_name="kvbound")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the boundary: no traceback for a user
+        if "--debug" in argv:
+            raise
+        what = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        console.print(f"[bold red]error:[/] {type(exc).__name__}: {what} "
+                      "(run again with --debug for the traceback)")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

@@ -42,6 +42,7 @@ class GenerationResult:
     evictions: int = 0
     kv_footprint: float = 1.0
     compiled: bool = False
+    positions: str | None = None  #: RoPE positions at the end: absolute or rolling
     token_ids: list[int] = field(default_factory=list, repr=False)
 
     @property
@@ -125,6 +126,16 @@ def _generate_compiled(model, ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return model.generate(first, **rest_kw)
 
 
+def prefill_chunk_size(method: str, chunk: int | None, prompt_len: int, budget: int, *,
+                       full_prefill: bool = False) -> int | None:
+    """The ``prefill_chunk_size`` for ``model.generate``: bounded methods prefill a prompt longer
+    than the budget in chunks (default :data:`DEFAULT_CHUNK`), so memory is bounded from the first
+    token; ``None`` (one pass) for the full cache, ``full_prefill`` or a prompt that fits."""
+    if method == "full" or full_prefill or prompt_len <= budget:
+        return None
+    return DEFAULT_CHUNK if chunk is None else chunk
+
+
 def compile_config(device: torch.device):
     """transformers ``CompileConfig`` for static-cache decoding on ``device``.
 
@@ -194,6 +205,7 @@ def generate(
     min_new_tokens: int | None = None,
     full_prefill: bool = False,
     compile: bool = False,
+    positions: str = "auto",
 ) -> GenerationResult:
     """Generate from one prompt with ``method`` under a budget; returns text, timings, stats.
 
@@ -201,7 +213,9 @@ def generate(
     each); default 128 for bounded methods. ``full_prefill=True`` prefills the whole prompt at
     once, then cuts it to the budget (the official TRIM-KV behaviour; peak = prompt length).
     ``compile=True`` decodes with ``torch.compile`` on a static-shape cache (see
-    :func:`compile_config`); the first decode step pays the compilation.
+    :func:`compile_config`); the first decode step pays the compilation. ``positions``: RoPE
+    positions of a bounded cache, ``"auto"`` (absolute, then rolling once the run passes the
+    model's context), ``"absolute"`` or ``"rolling"`` (:mod:`kvbound.cache.positions`).
     """
     ids = prompt if isinstance(prompt, torch.Tensor) else encode_prompt(tokenizer, prompt,
                                                                         chat=chat)
@@ -221,12 +235,10 @@ def generate(
         raise KVBoundError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     cache, used_gates, used_sinks = build_cache(
         model, method, budget=budget, buffer=buffer, sinks=sinks, gates=gates, static=compile,
-        max_cache_len=ids.shape[1] + max_new_tokens)
-    if method == "full":
-        chunk = None
-    elif chunk is None:
-        chunk = DEFAULT_CHUNK
-    prefill_chunk = chunk if chunk and not full_prefill and ids.shape[1] > budget else None
+        max_cache_len=ids.shape[1] + max_new_tokens,
+        **({} if method == "full" else {"positions": positions}))
+    prefill_chunk = prefill_chunk_size(method, chunk, ids.shape[1], budget,
+                                       full_prefill=full_prefill)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, cache=cache,
                   attention_mask=torch.ones_like(ids), prefill_chunk_size=prefill_chunk)
     if min_new_tokens is not None:
@@ -271,6 +283,8 @@ def generate(
         result.seen_tokens, result.peak_tokens_per_head = st.seen_tokens, st.peak_tokens_per_head
         result.peak_kv_bytes, result.full_kv_bytes = st.peak_kv_bytes, st.full_kv_bytes
         result.evictions, result.kv_footprint = st.evictions, st.kv_footprint
+        result.positions = "rolling" if cache.rolling is not None and cache.rolling.active \
+            else "absolute"
         if used_gates is not None:
             result.gates = f"{used_gates.config.base_model}@{used_gates.digest()}"
     else:

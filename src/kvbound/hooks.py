@@ -119,7 +119,10 @@ def _model_pre_hook(state: HookState):
         ref = ids if ids is not None else embeds
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         cache.begin_forward(mask, ref.shape[0], ref.shape[1], ref.device)
-        return
+        if cache.position_ids is not None:  # rolling positions (kvbound.cache.positions)
+            kwargs["position_ids"] = cache.position_ids
+            return args, kwargs
+        return None
 
     return hook
 

@@ -234,9 +234,15 @@ def test_100k_tokens_flat_memory_and_exact_counter():
     detach(model)
 
 
-def test_no_warning_for_bounded_methods_past_context():
+def test_bounded_methods_warn_once_past_the_context():
     model = _gated(max_position_embeddings=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(model, ByteTokenizer(), torch.randint(3, 100, (1, 30), generator=gen(240)),
+                 method="trimkv", budget=8, buffer=2, max_new_tokens=8, chunk=4)
+    past = [w for w in caught if "max_position_embeddings (32)" in str(w.message)]
+    assert len(past) == 1
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        generate(model, ByteTokenizer(), torch.randint(3, 100, (1, 40), generator=gen(240)), method="trimkv",
-                 budget=8, buffer=2, max_new_tokens=2)
+        warnings.simplefilter("error")  # within the context: no warning
+        generate(model, ByteTokenizer(), torch.randint(3, 100, (1, 20), generator=gen(241)),
+                 method="trimkv", budget=8, buffer=2, max_new_tokens=8, chunk=4)

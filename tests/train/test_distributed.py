@@ -25,6 +25,7 @@ from kvbound.gates import RetentionGates
 from kvbound.io import read_versioned
 from kvbound.testing import ByteTokenizer, tiny_model
 from kvbound.train.trainer import TrainConfig, Trainer
+from tests.helpers import tiny_model_dir
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -126,29 +127,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
                 ByteTokenizer(), progress=False).run()
 
 
-def _tiny_model_dir(path: Path, data: Path) -> Path:
-    """A tiny llama with a small byte-level BPE tokenizer, loadable by ``--model PATH``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([data.read_text()], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    model = tiny_model("llama", seed=0, vocab_size=len(hf))
-    model.save_pretrained(path)
-    hf.save_pretrained(path)
-    return path
-
-
 @needs_gloo
 def test_torchrun_cli(tmp_path):
     """``torchrun --nproc_per_node 2 -m kvbound train ...`` end to end (the real command line)."""
     data = _text_file(tmp_path / "data.txt")
-    model_dir = _tiny_model_dir(tmp_path / "model", data)
+    model_dir = tiny_model_dir(tmp_path / "model", data)
     out = tmp_path / "gates"
     proc = _launch(["-m", "kvbound", "train", "--model", str(model_dir), "--out", str(out),
                     "--data", f"file:{data}", "--seq-len", "32", "--steps", "2", "--save-every",

@@ -15,6 +15,7 @@ the attention module calls the layer's ``update`` (append); the post-hook calls
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from kvbound.architectures import evicted_layers, layer_types, model_fingerprint, text_config
 from kvbound.cache.layer import EvictionLayer
+from kvbound.cache.positions import MODES, RollingPositions, check_rolling_support
 from kvbound.cache.static import StaticDecode, StaticEvictionLayer, check_static_support
 from kvbound.cache.stats import CacheStats, kv_bytes, new_timings
 from kvbound.errors import KVBoundError
@@ -45,6 +47,11 @@ class EvictionCache(Cache):
         Protect the first N real tokens of each row (counted inside M). ``None`` = policy default.
     static:
         Fixed-shape decode steps for ``torch.compile`` (see :mod:`kvbound.cache.static`).
+    positions:
+        RoPE positions: ``"absolute"`` (where each token was created), ``"rolling"`` (counted
+        inside the cache, StreamingLLM's remedy for runs past the model's context) or ``"auto"``
+        (absolute until the run would pass ``max_position_embeddings``, then rolling). See
+        :mod:`kvbound.cache.positions`.
 
     Usage::
 
@@ -55,7 +62,7 @@ class EvictionCache(Cache):
 
     def __init__(self, model: nn.Module, policy: Policy | str = "trimkv", *, budget: int = 256,
                  buffer: int = 32, sinks: int | None = None, static: bool = False,
-                 **policy_kwargs) -> None:
+                 positions: str = "auto", **policy_kwargs) -> None:
         from kvbound.hooks import ensure_attached
 
         check_int("budget", budget, minimum=1)
@@ -82,12 +89,32 @@ class EvictionCache(Cache):
         self._static = StaticDecode(fp["hidden_size"]) if static else None
         if static:
             check_static_support(kinds, self.policy, set(budgets.values()))
-        super().__init__(layers=self._build_layers(kinds, budgets, text_config(model)))
+        cfg = text_config(model)
+        super().__init__(layers=self._build_layers(kinds, budgets, cfg))
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        self._seen_total, self._warned = 0, False
+        self.rolling = self._rolling_positions(positions, model, kinds, set(budgets.values()))
+        #: position ids the model pre-hook hands to the model (rolling positions), else None
+        self.position_ids: torch.Tensor | None = None
         self._new: tuple | None = None
         self._row_seen: torch.Tensor | None = None
         self.timings = new_timings()
         for layer in self.eviction_layers:
             layer.timings = self.timings
+            layer.rolling = self.rolling
+
+    def _rolling_positions(self, mode: str, model, kinds, budgets) -> RollingPositions | None:
+        if mode not in MODES:
+            raise KVBoundError(f"positions must be one of {', '.join(MODES)}, got {mode!r}.")
+        if mode == "absolute":
+            return None
+        try:
+            check_rolling_support(kinds, budgets, self.static)
+            return RollingPositions(mode, model, self.max_positions)
+        except KVBoundError:
+            if mode == "auto":  # best available: absolute positions (the warning still fires)
+                return None
+            raise
 
     def _build_layers(self, kinds: list[str], budgets: dict[int, int], cfg) -> list:
         layers: list[CacheLayerMixin] = []
@@ -128,6 +155,13 @@ class EvictionCache(Cache):
             pos = torch.where(valid, pos, torch.full_like(pos, -1))
             count = valid.long().sum(-1)
         self._row_seen = self._row_seen + count
+        self._seen_total += q_len  # padding included: an upper bound of every row's positions
+        self.position_ids = None
+        if self.rolling is not None and (self.rolling.active
+                                         or self.rolling.should_switch(self._seen_total)):
+            self._begin_rolling(valid, q_len)
+        elif self.max_positions and not self._warned and self._seen_total > self.max_positions:
+            self._warn_past_context()
         self._new = (valid, pos, count, all_valid)
         self._new_used: set[int] = set()
         if self._static is not None:
@@ -135,6 +169,27 @@ class EvictionCache(Cache):
             self._static.active = q_len == 1 and self._static.begin(
                 self.eviction_layers, self.policy.needs_gates, valid, pos, count, all_valid)
             self.add_bookkeeping_time(t0, gates_before)
+
+    def _begin_rolling(self, valid: torch.Tensor, q_len: int) -> None:
+        """Evict now (the new tokens' positions depend on what stays), switch to rolling
+        positions if ``auto`` says so, and set the position ids for this forward."""
+        t0, gates_before = time.perf_counter(), self.timings["scoring_inputs"]
+        layers = self.eviction_layers
+        for layer in layers:
+            layer.evict_if_full(q_len)
+        if not self.rolling.active:
+            self.rolling.switch_on(layers)
+        self.position_ids = self.rolling.position_ids(layers[0], valid)
+        self.add_bookkeeping_time(t0, gates_before)
+
+    def _warn_past_context(self) -> None:
+        """Warn once when a row's real tokens pass the model's trained positions."""
+        if int(self._row_seen.max()) > self.max_positions:
+            self._warned = True
+            warnings.warn(
+                f"Positions now pass the model's max_position_embeddings ({self.max_positions}): "
+                "the cache stays bounded, but the model was never trained on these positions "
+                "and its quality may degrade.", UserWarning, stacklevel=3)
 
     def before_attention(self, layer_idx: int, hidden_states: torch.Tensor,
                          gate: nn.Module | None, queries: torch.Tensor | None):
@@ -226,9 +281,9 @@ class TrimKVCache(EvictionCache):
     to the model)."""
 
     def __init__(self, model: nn.Module, *, budget: int = 256, buffer: int = 32,
-                 sinks: int | None = None, static: bool = False) -> None:
+                 sinks: int | None = None, static: bool = False, positions: str = "auto") -> None:
         super().__init__(model, "trimkv", budget=budget, buffer=buffer, sinks=sinks,
-                         static=static)
+                         static=static, positions=positions)
 
 
 def _incoming_validity(attention_mask, batch: int, q_len: int, device):

@@ -100,6 +100,7 @@ class EvictionLayer(CacheLayerMixin):
         self.timings: dict | None = None
         self.pad_resident = False  # any padding slot resident (then masks are always built)
         self.frozen = False  # no more eviction (kvpress-style "compress the context once")
+        self.rolling = None  # RollingPositions of the cache (keys re-rotated on compaction)
         policy.init_layer(self)
 
     # ---------------------------------------------------------------- views the policies read
@@ -189,8 +190,7 @@ class EvictionLayer(CacheLayerMixin):
         if self._row_seen is None:
             self._row_seen = torch.zeros(new_valid.shape[0], dtype=torch.long,
                                          device=new_valid.device)
-        if not self.frozen and self.n + q > self.budget + self.buffer and self.n > self.budget:
-            self.evict(self.budget)
+        self.evict_if_full(q)
         if gate is not None:
             self.gates.gate = gate
             self._state.setdefault("log_beta", None)
@@ -201,6 +201,11 @@ class EvictionLayer(CacheLayerMixin):
                          "queries": queries}
         if queries is not None:
             self.queries.push(queries, new_valid, new_pos)
+
+    def evict_if_full(self, q: int) -> None:
+        """Evict down to the budget if ``q`` incoming tokens would overflow budget + buffer."""
+        if not self.frozen and self.n + q > self.budget + self.buffer and self.n > self.budget:
+            self.evict(self.budget)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append this forward's keys/values; return the resident + new ones."""
@@ -282,7 +287,12 @@ class EvictionLayer(CacheLayerMixin):
         if self.sinks:
             scores = torch.where((pos >= 0) & (pos < self.sinks),
                                  torch.full_like(scores, math.inf), scores)
-        self._compact(keep_order(scores, keep))
+        kept = keep_order(scores, keep)
+        rolling = self.rolling is not None and self.rolling.active
+        old_pos = pos.clone() if rolling else None  # pos is a view that _compact overwrites
+        self._compact(kept)
+        if rolling:
+            self.rolling.after_compact(self, old_pos, kept)
         if self.pad_resident:
             self.pad_resident = bool((self._pos[:, :, :keep] < 0).any())
         self.evicted_tokens += n - keep

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbound.errors import KVBoundError
+from kvbound.progress import progress_bar
 
 PROTOCOLS = ("decode", "context")
 
@@ -128,7 +129,7 @@ def run_fidelity(
     peaks: dict[tuple[str, int], int] = {}
     meta: dict[tuple[str, int], dict] = {}
     groups = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    bar = _bar(progress)
+    bar = progress_bar(progress)
     t0 = time.perf_counter()
     with bar:
         task = bar.add_task("fidelity", total=len(groups) * len(specs) * len(budgets))
@@ -206,7 +207,3 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def _bar(enabled: bool):
-    from kvbound.progress import progress_bar
-
-    return progress_bar(enabled)

@@ -33,6 +33,7 @@ from kvbound.eval.tasks import get_task
 from kvbound.eval.tasks.base import TaskExample
 from kvbound.io import atomic_dir_write, atomic_write_json, atomic_write_text
 from kvbound.policies import check_method
+from kvbound.progress import progress_bar
 
 PREFILL_MODES = ("chunked", "full")
 
@@ -77,7 +78,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
                    budget: int, buffer: int, chunk: int, sinks, gates, prefill: str) -> tuple:
     """Greedy generation for left-padded prompts; returns (texts, peak tokens/head, seconds)."""
     from kvbound.cache import EvictionCache
-    from kvbound.generation import build_cache
+    from kvbound.generation import build_cache, prefill_chunk_size
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     longest = max(len(p) for p in prompts)
@@ -88,12 +89,13 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         mask[i, longest - len(p):] = 1
     cache, _, _ = build_cache(model, method, budget=budget, buffer=buffer, sinks=sinks,
                               gates=gates)
-    chunked = method != "full" and prefill == "chunked" and longest > budget
+    prefill_chunk = prefill_chunk_size(method, chunk, longest, budget,
+                                       full_prefill=prefill != "chunked")
     t0 = time.perf_counter()
     out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), cache=cache,
                          max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                          top_p=None, top_k=None, pad_token_id=pad,
-                         prefill_chunk_size=chunk if chunked else None)
+                         prefill_chunk_size=prefill_chunk)
     seconds = time.perf_counter() - t0
     texts = [tokenizer.decode(row[longest:], skip_special_tokens=True) for row in out]
     peak = cache.stats().peak_tokens_per_head if isinstance(cache, EvictionCache) else (
@@ -112,7 +114,7 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out: Path, *, progress: bool = T
     model_name = str(getattr(model, "kvbound_model_name", None) or "model")
     out.mkdir(parents=True, exist_ok=True)
     combined: list[dict] = []
-    bar = _bar(progress)
+    bar = progress_bar(progress)
     methods = ["full"] + [m for m in cfg.methods if m != "full"]
     with bar:
         total = sum(1 for _ in cfg.tasks) * (1 + (len(methods) - 1) * len(cfg.budgets))
@@ -201,12 +203,6 @@ def _yaml(config: dict) -> str:
     import yaml
 
     return yaml.safe_dump(config, sort_keys=False)
-
-
-def _bar(enabled: bool):
-    from kvbound.eval.fidelity import _bar as bar
-
-    return bar(enabled)
 
 
 __all__ = ["EvalConfig", "run_eval", "build_prompt", "generate_batch", "atomic_write_text"]

@@ -131,3 +131,23 @@ def train_text_pool_with_topics() -> list[tuple[str, str]]:
 def eval_text_pool_with_topics() -> list[tuple[str, str]]:
     """``(topic_key, paragraph)`` pairs of the evaluation pool."""
     return list(_pool("eval"))
+
+
+def self_generated_eval_texts(model, tokenizer, n: int, seq_len: int, seed: int) -> list[str]:
+    """``n`` texts the model writes itself from prompts on :data:`EVAL_TOPICS` (disjoint from
+    the training topics): the distribution a bounded cache sees while generating."""
+    import random
+
+    from kvbound.train.data import SelfGenSource, generate_text
+
+    rng = random.Random(f"eval-selfgen:{seed}")
+    texts = []
+    for i in range(n):
+        prompt = rng.choice(SelfGenSource.PROMPTS).format(topic=rng.choice(EVAL_TOPICS))
+        texts.append(generate_text(model, tokenizer, prompt, seq_len + 32, seed + 1000 + i))
+    return texts
+
+
+# topics for self-generated evaluation text (disjoint from the training topics)
+EVAL_TOPICS = ("coral reefs", "medieval castles", "weather forecasting", "tea ceremonies",
+               "railway signalling", "desert plants", "violin making", "deep sea fish")

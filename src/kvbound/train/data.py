@@ -297,7 +297,7 @@ class SelfGenSource(TextSource):
             rng = random.Random(seed)
             for i in range(len(texts), n):
                 prompt = rng.choice(self.PROMPTS).format(topic=self.TOPICS[i % len(self.TOPICS)])
-                texts.append(_generate_text(model, tokenizer, prompt, max_new_tokens, seed + i))
+                texts.append(generate_text(model, tokenizer, prompt, max_new_tokens, seed + i))
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 with cache_file.open("a") as fh:
                     fh.write(json.dumps({"prompt": prompt, "text": texts[-1]}) + "\n")
@@ -305,7 +305,7 @@ class SelfGenSource(TextSource):
 
 
 @torch.no_grad()
-def _generate_text(model, tokenizer, prompt, max_new_tokens, seed) -> str:
+def generate_text(model, tokenizer, prompt, max_new_tokens, seed) -> str:
     msgs = [{"role": "user", "content": prompt}]
     ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)

@@ -170,7 +170,7 @@ class Trainer:
         self._prev_impl = model.config._attn_implementation
         model.set_attn_implementation(name)
         if self.cfg.grad_checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.activation_checkpointing_enable({"use_reentrant": False})
         self.gated = [m for i, m in enumerate(self._attn_modules()) if i in self.gates]
         return state
 
@@ -182,7 +182,7 @@ class Trainer:
     def _restore(self):
         model = self.model
         if self.cfg.grad_checkpointing:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.set_attn_implementation(self._prev_impl)
         detach(model)
 

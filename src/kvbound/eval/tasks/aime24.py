@@ -11,20 +11,17 @@ equal the gold integer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from kvbound.eval import metrics
 from kvbound.eval.tasks.base import (
     TaskExample,
     TaskSpec,
-    check_predictions,
     get_field,
     load_records,
+    per_example_score,
     register,
     sample_records,
-    summarize,
 )
 
 HUB_ID = "HuggingFaceH4/aime_2024"
@@ -57,20 +54,12 @@ def load(
     return sample_records(examples, limit, seed)
 
 
-def score(
-    predictions: Sequence[str],
-    examples: Sequence[TaskExample],
-    reference_predictions: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Accuracy (%) of the final integer."""
-    preds = check_predictions(predictions, examples)
-    values = []
-    for p, ex in zip(preds, examples):
-        got = metrics.extract_answer(p)
-        values.append(float(metrics.numeric_equal(got, ex.answer)
-                            or metrics.math_equal(got, ex.answer)))
-    return summarize(values, "accuracy", predictions=preds,
-                     reference_predictions=reference_predictions)
+def _correct(prediction: str, ex: TaskExample) -> bool:
+    got = metrics.extract_answer(prediction)
+    return metrics.numeric_equal(got, ex.answer) or metrics.math_equal(got, ex.answer)
+
+
+score = per_example_score(_correct, doc="Accuracy (%) of the final integer.")
 
 
 SPEC = register(TaskSpec(

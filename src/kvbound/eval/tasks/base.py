@@ -342,3 +342,21 @@ def summarize(
     if reference_predictions is not None and predictions is not None:
         out["reference"] = reference_agreement(predictions, reference_predictions)
     return out
+
+
+def per_example_score(correct: Callable[[str, TaskExample], float], metric: str = "accuracy",
+                      *, group_keys: Sequence[str] = (), doc: str = ""):
+    """A task's ``score`` function from a per-example ``correct(prediction, example)`` in
+    [0, 1]: 100 * the mean, per-group means for each ``metadata`` key in ``group_keys``, and the
+    agreement with ``reference_predictions`` when given."""
+
+    def score(predictions: Sequence[str], examples: Sequence[TaskExample],
+              reference_predictions: Sequence[str] | None = None) -> dict[str, Any]:
+        preds = check_predictions(predictions, examples)
+        values = [float(correct(p, ex)) for p, ex in zip(preds, examples)]
+        groups = {f"per_{k}": [ex.metadata.get(k, "") for ex in examples] for k in group_keys}
+        return summarize(values, metric, groups=groups or None, predictions=preds,
+                         reference_predictions=reference_predictions)
+
+    score.__doc__ = doc
+    return score

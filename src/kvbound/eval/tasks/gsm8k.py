@@ -11,20 +11,17 @@ is", then the last number) against it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from kvbound.eval import metrics
 from kvbound.eval.tasks.base import (
     TaskExample,
     TaskSpec,
-    check_predictions,
     get_field,
     load_records,
+    per_example_score,
     register,
     sample_records,
-    summarize,
 )
 
 HUB_ID = "openai/gsm8k"
@@ -62,17 +59,9 @@ def load(
     return sample_records(examples, limit, seed)
 
 
-def score(
-    predictions: Sequence[str],
-    examples: Sequence[TaskExample],
-    reference_predictions: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Accuracy (%) of the extracted final number."""
-    preds = check_predictions(predictions, examples)
-    values = [float(metrics.numeric_equal(metrics.extract_answer(p), ex.answer))
-              for p, ex in zip(preds, examples)]
-    return summarize(values, "accuracy", predictions=preds,
-                     reference_predictions=reference_predictions)
+score = per_example_score(
+    lambda p, ex: metrics.numeric_equal(metrics.extract_answer(p), ex.answer),
+    doc="Accuracy (%) of the extracted final number.")
 
 
 SPEC = register(TaskSpec(

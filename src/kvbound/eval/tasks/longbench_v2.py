@@ -14,7 +14,6 @@ overall and per difficulty, length and domain, as the LongBench v2 leaderboard d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,11 @@ from kvbound.eval import metrics
 from kvbound.eval.tasks.base import (
     TaskExample,
     TaskSpec,
-    check_predictions,
     get_field,
     load_records,
+    per_example_score,
     register,
     sample_records,
-    summarize,
 )
 
 HUB_ID = "THUDM/LongBench-v2"
@@ -68,19 +66,10 @@ def load(
     return sample_records(examples, limit, seed)
 
 
-def score(
-    predictions: Sequence[str],
-    examples: Sequence[TaskExample],
-    reference_predictions: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Accuracy (%) of the chosen letter, overall and per difficulty / length / domain."""
-    preds = check_predictions(predictions, examples)
-    values = [float(metrics.extract_choice(p, LETTERS) == ex.answer)
-              for p, ex in zip(preds, examples)]
-    groups = {f"per_{k}": [ex.metadata.get(k, "") for ex in examples]
-              for k in ("difficulty", "length", "domain")}
-    return summarize(values, "accuracy", groups=groups, predictions=preds,
-                     reference_predictions=reference_predictions)
+score = per_example_score(
+    lambda p, ex: metrics.extract_choice(p, LETTERS) == ex.answer,
+    group_keys=("difficulty", "length", "domain"),
+    doc="Accuracy (%) of the chosen letter, overall and per difficulty / length / domain.")
 
 
 SPEC = register(TaskSpec(

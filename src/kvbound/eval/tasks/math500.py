@@ -12,20 +12,17 @@ GSM8K-style fallback of :func:`kvbound.eval.metrics.extract_answer`) is compared
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from kvbound.eval import metrics
 from kvbound.eval.tasks.base import (
     TaskExample,
     TaskSpec,
-    check_predictions,
     get_field,
     load_records,
+    per_example_score,
     register,
     sample_records,
-    summarize,
 )
 
 HUB_ID = "HuggingFaceH4/MATH-500"
@@ -72,17 +69,9 @@ def is_correct(prediction: str, gold: str) -> bool:
     return len(short) < 64 and metrics.last_boxed(short) is None and metrics.math_equal(short, gold)
 
 
-def score(
-    predictions: Sequence[str],
-    examples: Sequence[TaskExample],
-    reference_predictions: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Accuracy (%) under :func:`~kvbound.eval.metrics.math_equal`, also per level."""
-    preds = check_predictions(predictions, examples)
-    values = [float(is_correct(p, ex.answer)) for p, ex in zip(preds, examples)]
-    levels = [ex.metadata.get("level", "") for ex in examples]
-    return summarize(values, "accuracy", groups={"per_level": levels}, predictions=preds,
-                     reference_predictions=reference_predictions)
+score = per_example_score(
+    lambda p, ex: is_correct(p, ex.answer), group_keys=("level",),
+    doc="Accuracy (%) under :func:`~kvbound.eval.metrics.math_equal`, also per level.")
 
 
 SPEC = register(TaskSpec(

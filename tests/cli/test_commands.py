@@ -1,0 +1,145 @@
+"""Every command and option doing its job, on a tiny model saved to a directory (``--model DIR``).
+
+The embedded model's own CLI runs are in test_cli.py (integration); these are fast.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvbound.cli import main
+from kvbound.gates import RetentionGates
+from kvbound.io import read_versioned
+from kvbound.models import load_model
+from tests.helpers import tiny_model_dir
+
+TEXT = ("The lighthouse keeper climbed the stairs every evening. The lamp was old, the glass "
+        "was clean, and ships passed safely through the narrow channel below. ") * 12
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data.txt"
+    data.write_text(TEXT)
+    model_dir = tiny_model_dir(root / "model", data)
+    model, _ = load_model(model_dir)
+    gates_dir = root / "gates"
+    RetentionGates.for_model(model, intermediate_size=8, bias_init=2.0, seed=0).save(gates_dir)
+    prompt = root / "prompt.txt"
+    prompt.write_text(TEXT[:300])
+    return {"root": root, "model": str(model_dir), "gates": str(gates_dir), "data": str(data),
+            "prompt": str(prompt)}
+
+
+def _run(capsys, *argv) -> str:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    return out.out
+
+
+def _gen(capsys, env, *extra) -> dict:
+    out = _run(capsys, "generate", "--model", env["model"], "--gates", env["gates"],
+               "--prompt-file", env["prompt"], "--max-new-tokens", 12, "--min-new-tokens", 12,
+               "--json", *extra)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_generate_options_reach_the_cache(env, capsys):
+    base = _gen(capsys, env, "--method", "trimkv", "--budget", 16, "--buffer", 4, "--chunk", 8,
+                "--sinks", 2, "--no-chat")
+    assert base["method"] == "trimkv" and base["budget"] == 16 and base["buffer"] == 4
+    assert base["sinks"] == 2 and base["chunk"] == 8 and base["new_tokens"] == 12
+    assert base["peak_tokens_per_head"] <= 16 + 4 + 8 and base["evictions"] > 0
+    assert base["gates"].endswith(RetentionGates.load(env["gates"]).digest())
+    full_prefill = _gen(capsys, env, "--method", "trimkv", "--budget", 16, "--buffer", 4,
+                        "--full-prefill", "--no-chat")
+    assert full_prefill["chunk"] is None
+    assert full_prefill["peak_tokens_per_head"] == full_prefill["prompt_tokens"]
+
+
+def test_generate_sampling_is_seeded(env, capsys):
+    args = ("--method", "streaming", "--budget", 16, "--buffer", 4, "--sample",
+            "--temperature", 1.5, "--top-p", 0.95, "--no-chat")
+    a = _gen(capsys, env, *args, "--seed", 1)
+    b = _gen(capsys, env, *args, "--seed", 1)
+    c = _gen(capsys, env, *args, "--seed", 2)
+    greedy = _gen(capsys, env, "--method", "streaming", "--budget", 16, "--buffer", 4,
+                  "--no-chat")
+    assert a["text"] == b["text"]
+    assert c["text"] != a["text"] or greedy["text"] != a["text"]
+
+
+def test_generate_compile_matches_eager(env, capsys):
+    args = ("--method", "streaming", "--budget", 16, "--buffer", 4, "--no-chat")
+    eager = _gen(capsys, env, *args)
+    compiled = _gen(capsys, env, *args, "--compile")
+    assert compiled["compiled"] and compiled["text"] == eager["text"]
+
+
+def test_eval_fidelity_writes_results_with_the_settings_used(env, capsys):
+    out = env["root"] / "fid.json"
+    _run(capsys, "eval", "fidelity", "--model", env["model"], "--gates", env["gates"],
+         "--text-file", env["data"], "--methods", "full,trimkv,streaming", "--budgets", "16",
+         "--buffer", 4, "--sinks", 1, "--seq-len", 64, "--max-windows", 2, "--json", out,
+         "--quiet")
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["results"]}
+    assert rows["full"]["kl_mean"] == 0
+    assert {rows["trimkv"]["sinks"], rows["streaming"]["sinks"]} == {1}
+    assert rows["trimkv"]["kl_mean"] > 0 and result["windows"] == 2
+
+
+def test_eval_tasks_list_and_models(env, capsys):
+    listing = _run(capsys, "eval", "list")
+    assert "syn_needle" in listing and "gsm8k" in listing
+    assert "smollm2-135m" in _run(capsys, "models")
+    out = env["root"] / "tasks"
+    _run(capsys, "eval", "tasks", "--model", env["model"], "--gates", env["gates"], "--tasks",
+         "syn_needle", "--methods", "full,trimkv", "--budgets", "32", "--limit", 2,
+         "--context-tokens", 64, "--buffer", 4, "--chunk", 16, "--prefill", "full",
+         "--out", out, "--quiet")
+    summary = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in summary["results"]} == {"full", "trimkv"}
+
+
+def test_viz_writes_its_pictures(env, capsys):
+    out = env["root"] / "viz"
+    listed = _run(capsys, "viz", "--model", env["model"], "--gates", env["gates"],
+                  "--prompt-file", env["prompt"], "--out", out, "--budget", 16, "--buffer", 4,
+                  "--heads", "0:0,1:1", "--html-head", "1:0")
+    for name in ("half_life.png", "timeline_L0_H0.png", "timeline_L1_H1.png", "retention.html",
+                 "head_roles.json"):
+        assert (out / name).stat().st_size > 0 and name in listed
+
+
+def test_train_options_and_single_process_resume(env, capsys):
+    out = env["root"] / "train"
+    args = ("train", "--model", env["model"], "--out", out, "--data", f"file:{env['data']}",
+            "--seq-len", 32, "--memory-size", 8, "--intermediate-size", 8, "--warmup-steps", 1,
+            "--save-every", 1, "--cap-variant", "official", "--quality-reduction", "mean",
+            "--train-sinks", 0, "--grad-checkpointing", "--no-bf16", "--quiet")
+    _run(capsys, *args, "--steps", 2)
+    first = RetentionGates.load(out)
+    cfg = first.metadata.training["config"]
+    assert (cfg["cap_variant"], cfg["quality_reduction"], cfg["train_sinks"]) == \
+        ("official", "mean", 0)
+    assert cfg["grad_checkpointing"] and not cfg["bf16"]
+    _run(capsys, *args, "--steps", 3, "--resume")
+    resumed = RetentionGates.load(out)
+    assert resumed.metadata.training["steps_done"] == 3
+    assert read_versioned(out, "checkpoint").name == "checkpoint.000003"
+
+
+def test_bench_runs_each_method_in_its_own_process(env, capsys):
+    out = env["root"] / "bench.json"
+    _run(capsys, "bench", "--model", env["model"], "--gates", env["gates"], "--methods",
+         "full,trimkv", "--lengths", "48", "--budget", 16, "--buffer", 4, "--chunk", 16,
+         "--decode-tokens", 6, "--json", out)
+    recs = json.loads(out.read_text())["records"]
+    assert {r["method"] for r in recs} == {"full", "trimkv"}
+    trim = next(r for r in recs if r["method"] == "trimkv")
+    assert trim["peak_tokens_per_head"] <= 16 + 4 + 16

@@ -1,0 +1,25 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvbound.testing import tiny_model
+
+
+def tiny_model_dir(path: Path, data: Path) -> Path:
+    """A tiny llama with a small byte-level BPE tokenizer, loadable by ``--model PATH``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([data.read_text()], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    model = tiny_model("llama", seed=0, vocab_size=len(hf))
+    model.save_pretrained(path)
+    hf.save_pretrained(path)
+    return path
