@@ -23,7 +23,7 @@ PROMPT = "Write a very long story about a lighthouse keeper and a storm, with ma
 
 
 def run(method: str, args) -> dict:
-    cmd = [str(Path(sys.executable).parent / "trimkv"), "generate", "--prompt", PROMPT,
+    cmd = [str(Path(sys.executable).parent / "kvbound"), "generate", "--prompt", PROMPT,
            "--method", method, "--budget", str(args.budget), "--buffer", str(args.buffer),
            "--max-new-tokens", str(args.new), "--min-new-tokens", str(args.new), "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)

@@ -26,7 +26,7 @@ def main(run: str, name: str) -> None:
     run_dir = Path(run)
     model, _ = load_model(name)
     gates = RetentionGates.load(run_dir, model)
-    dest = ROOT / "src" / "trimkv" / "gates" / name
+    dest = ROOT / "src" / "kvbound" / "shipped_gates" / name
     gates.save(dest, dtype=torch.float16)
     shutil.copy(run_dir / "train_log.jsonl", dest / "train_log.jsonl")
     log = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]

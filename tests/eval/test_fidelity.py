@@ -59,12 +59,26 @@ def test_batched_windows_match_single(model):
     assert a["kl_per_window"] == pytest.approx(b["kl_per_window"], rel=1e-3, abs=1e-6)
 
 
-def test_context_protocol_compresses_once(model):
+def test_context_protocol_compresses_once(model, monkeypatch):
+    from kvbound.cache.layer import EvictionLayer
+
+    real, calls = EvictionLayer.evict, []
+
+    def counting(self, keep):
+        if self.n > keep:
+            calls.append((self.layer_idx, self.n, keep))
+        return real(self, keep)
+
+    monkeypatch.setattr(EvictionLayer, "evict", counting)
     res = run_fidelity(model, ByteTokenizer(), _windows(2), methods=["streaming"],
                        budgets=[8], buffer=4, protocol="context", context_len=32, progress=False)
     r = res["results"][0]
     assert res["protocol"] == "context" and r["positions"] == 2 * (64 - 32 - 1)
     assert r["kl_mean"] > 0
+    # the two windows run as one batch: once per layer, from the 32-token context down to the
+    # budget, and never again while the rest of the window is scored
+    layers = model.config.num_hidden_layers
+    assert sorted(calls) == [(i, 32, 8) for i in range(layers)]
 
 
 def test_budget_too_large_for_window(model):

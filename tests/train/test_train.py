@@ -92,18 +92,39 @@ def test_data_mixture_is_deterministic_and_mixed(tmp_path):
         assert len(a.input_ids) <= 64 and a.target_mask.any()
         sources.add(a.source.split("/")[0])
     assert sources == {"prose", "synthetic", "file:t.txt"}
-    assert not torch.equal(Mixture("prose", tok, 64, seed=4).example(0).input_ids,
-                           m1.example(0).input_ids) or True
+    other = Mixture(f"prose:1,synthetic:1,file:{text}:1", tok, 64, seed=4)
+    assert any(not torch.equal(other.example(i).input_ids, m1.example(i).input_ids)
+               for i in range(10)), "the seed does not change the data"
 
 
 def test_synthetic_targets_are_the_answer():
     tok = ByteTokenizer()
     mix = Mixture("synthetic", tok, 400, seed=1)
-    for i in range(8):
+    import re
+
+    kinds = set()
+    for i in range(24):
         ex = mix.example(i)
+        kind = ex.source.split("/")[1]
+        kinds.add(kind)
         answer = tok.decode(ex.input_ids[1:][ex.target_mask[:-1]])
+        full = tok.decode(ex.input_ids)
         assert ex.target_mask.sum() < len(ex.input_ids) / 3
-        assert answer.strip(), answer
+        # the targets are exactly the final assistant turn, nothing of the question
+        assert answer.startswith("assistant: ") and full.endswith(answer)
+        reply = answer.removeprefix("assistant: ").strip()
+        question = full[: -len(answer)]
+        if kind == "lookup":  # the value listed for the asked key
+            key = re.search(r"value for the key '(\w+)'", question).group(1)
+            assert re.search(rf"^{key}: (\S+)$", question, re.M).group(1) == reply
+        elif kind == "needle":  # the value of the asked fact, stated in the haystack
+            subject = re.search(r"Question: what is (.+)\?", question).group(1)
+            value = re.search(rf"Remember this: {re.escape(subject)} is (\d+)\.", question)
+            assert reply == f"The answer is {value.group(1)}."
+        elif kind == "conversation":  # what the user said in the first turns
+            said = reply.removeprefix("You told me ").rstrip(".")
+            assert said.split(" is ")[-1] in question
+    assert kinds == {"needle", "lookup", "conversation", "state"}
 
 
 @pytest.mark.parametrize("spec,match", [("nope:1", "Unknown data source"), ("file", "argument"),

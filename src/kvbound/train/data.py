@@ -185,11 +185,27 @@ class SyntheticSource(Source):
     name = "synthetic"
     KINDS = ("needle", "lookup", "conversation", "state")
 
+    #: an English sentence to measure a tokenizer's tokens per word
+    _PROBE = ("The keeper climbed the narrow stairs every evening to light the lamp, and the "
+              "ships that passed the rocks below never knew his name.")
+
     def example(self, rng, tokenizer, seq_len):
         kind = rng.choice(self.KINDS)
-        budget_words = int(seq_len * 0.6)
-        messages = getattr(self, f"_{kind}")(rng, budget_words)
-        return chat_example(messages, tokenizer, seq_len, f"synthetic/{kind}")
+        # ~0.6 words per token of context for BPE tokenizers (<= 1.5 tokens a word); fewer for
+        # tokenizers that split finer (byte-level), so the facts told early are not cut off
+        per_word = len(tokenizer(self._PROBE, add_special_tokens=False)["input_ids"]) / len(
+            self._PROBE.split())
+        budget_words = int(seq_len * min(0.6, 0.9 / per_word))
+        build, name, state = getattr(self, f"_{kind}"), f"synthetic/{kind}", rng.getstate()
+        for _ in range(10):  # too long: the same task with less filler, never a cut-off fact
+            rng.setstate(state)
+            messages = build(rng, budget_words)
+            ex = chat_example(messages, tokenizer, 1 << 30, name)
+            if len(ex.input_ids) <= seq_len:
+                return ex
+            budget_words = min(int(budget_words * 0.9 * seq_len / len(ex.input_ids)),
+                               budget_words // 2)
+        return chat_example(messages, tokenizer, seq_len, name)
 
     @staticmethod
     def _filler(rng, words: int) -> list[str]:

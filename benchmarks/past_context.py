@@ -1,0 +1,210 @@
+"""Past the model's context: absolute vs rolling RoPE positions in a bounded cache.
+
+    python benchmarks/past_context.py --write-results
+
+Part 1, teacher-forced: perplexity per 1K-token block over a long natural text (default: the first
+24K tokens of libpng's manual, ``/usr/share/doc/libpng16-16/libpng-manual.txt.gz``, 3x SmolLM2's
+8K context; evaluation-only, never trained on) for the full cache (absolute positions) and for
+TRIM-KV and StreamingLLM at M=256 (4 sinks each, buffer 16, decode protocol: 16 tokens a forward,
+eviction throughout) with absolute and with rolling positions.
+
+Part 2, generation: ``kvbound.generate(..., method="trimkv", budget=256, max_new_tokens=N,
+positions=P)`` (sampled, T=0.7, top-p 0.9, seed 0, the same for both P). Per 1K-token block of the
+generated text: its perplexity scored by the same model with a fresh full cache over the preceding
+1K tokens + the block (positions restarted at 0), and the share of repeated 4-grams in the block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import command, machine, write_section  # noqa: E402
+
+from kvbound.cache import EvictionCache  # noqa: E402
+from kvbound.generation import generate, resolve_gates  # noqa: E402
+from kvbound.models import load_model  # noqa: E402
+
+DEFAULT_TEXT = Path("/usr/share/doc/libpng16-16/libpng-manual.txt.gz")
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Write a very long story about a lighthouse keeper and a storm, with many details."
+
+
+def _read(path: Path) -> str:
+    data = path.read_bytes()
+    return (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8", "replace")
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def teacher_forced(model, ids: torch.Tensor, cache, step: int) -> torch.Tensor:
+    """NLL of tokens 1..T-1 feeding ``step`` tokens a forward through ``cache``."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, ids.shape[1] - 1, step):
+            chunk = ids[:, i:i + step]
+            logits = model(chunk, cache=cache).logits[0]
+            targets = ids[0, i + 1:i + 1 + chunk.shape[1]]
+            out.append(_nll(logits[: len(targets)], targets))
+    return torch.cat(out)
+
+
+def per_block(nll: torch.Tensor, block: int) -> list[float]:
+    return [math.exp(nll[i:i + block].mean().item()) for i in range(0, len(nll) - block + 1, block)]
+
+
+def scored_blocks(model, ids: list[int], prompt_ids: list[int], block: int) -> tuple[list, list]:
+    """Per block of generated ``ids``: perplexity under a fresh full cache over the previous block
+    + this one, and the share of repeated 4-grams in the block."""
+    ppl, rep = [], []
+    for b in range(0, len(ids) - block + 1, block):
+        context = (prompt_ids if b == 0 else ids[b - block:b]) + ids[b:b + block]
+        x = torch.tensor([context])
+        with torch.no_grad():
+            logits = model(x).logits[0]
+        start = len(context) - block
+        nll = _nll(logits[start - 1:-1], x[0, start:])
+        ppl.append(math.exp(nll.mean().item()))
+        grams = [tuple(ids[b + i:b + i + 4]) for i in range(block - 3)]
+        rep.append(1 - len(set(grams)) / len(grams))
+    return ppl, rep
+
+
+def part1(model, gates, text: str, args) -> dict:
+    tok = args.tok
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][: args.tokens]])
+    res = {"tokens": ids.shape[1]}
+    t0 = time.perf_counter()
+    res["full"] = per_block(teacher_forced(model, ids, None, 1024), args.block)
+    print(f"full: {time.perf_counter() - t0:.0f}s", flush=True)
+    for method in ("trimkv", "streaming"):
+        for positions in ("absolute", "rolling"):
+            t0 = time.perf_counter()
+            cache = EvictionCache(model, method, budget=args.budget, buffer=args.buffer, sinks=4,
+                                  positions=positions)
+            nll = teacher_forced(model, ids, cache, args.buffer)
+            res[f"{method}/{positions}"] = per_block(nll, args.block)
+            print(f"{method}/{positions}: {time.perf_counter() - t0:.0f}s", flush=True)
+    return res
+
+
+def part2(model, tok, args) -> dict:
+    res = {}
+    prompt_ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                         add_generation_prompt=True, tokenize=True)
+    if isinstance(prompt_ids, dict):
+        prompt_ids = prompt_ids["input_ids"]
+    for positions in ("absolute", "rolling"):
+        t0 = time.perf_counter()
+        r = generate(model, tok, PROMPT, method="trimkv", budget=args.budget, buffer=args.buffer,
+                     max_new_tokens=args.new, min_new_tokens=args.new, sample=True, seed=0,
+                     positions=positions)
+        ppl, rep = scored_blocks(model, r.token_ids, list(prompt_ids), args.block)
+        res[positions] = {"ppl": ppl, "repeated_4grams": rep, "new_tokens": r.new_tokens,
+                          "peak_tokens_per_head": r.peak_tokens_per_head,
+                          "positions_at_end": r.positions,
+                          "decode_tok_s": round(r.decode_tokens_per_second, 2),
+                          "sample": r.text[-300:]}
+        print(f"generate/{positions}: {time.perf_counter() - t0:.0f}s", flush=True)
+    return res
+
+
+def _plot(result: dict, path: Path, context: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    p1, block = result["part1"], result["block"]
+    for name, ys in p1.items():
+        if isinstance(ys, list):
+            xs = [(i + 1) * block for i in range(len(ys))]
+            axes[0].plot(xs, ys, "-o" if "rolling" in name else "--", ms=3, label=name)
+    axes[0].set(title=f"teacher-forced ({result['text']})", xlabel="position (tokens)",
+                ylabel="perplexity per 1K block", yscale="log")
+    for name, r in result.get("part2", {}).items():
+        xs = [(i + 1) * block for i in range(len(r["ppl"]))]
+        axes[1].plot(xs, r["ppl"], "-o", ms=3, label=f"trimkv/{name}")
+    axes[1].set(title="generated text, scored with a fresh full cache", xlabel="generated tokens",
+                ylabel="perplexity per 1K block", yscale="log")
+    for ax in axes:
+        ax.axvline(context, color="grey", lw=1, ls=":")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _table(result: dict) -> str:
+    p1, block = result["part1"], result["block"]
+    names = [k for k in p1 if isinstance(p1[k], list)]
+    lines = ["| block (tokens) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i in range(len(p1["full"])):
+        lines.append(f"| {i * block}-{(i + 1) * block} | "
+                     + " | ".join(f"{p1[n][i]:.2f}" for n in names) + " |")
+    out = "\n".join(lines)
+    if "part2" in result:
+        p2 = result["part2"]
+        rows = ["| block (generated tokens) | ppl absolute | ppl rolling | repeated 4-grams "
+                "absolute | repeated 4-grams rolling |", "|---|---|---|---|---|"]
+        for i in range(len(p2["absolute"]["ppl"])):
+            a, r = p2["absolute"], p2["rolling"]
+            rows.append(f"| {i * block}-{(i + 1) * block} | {a['ppl'][i]:.2f} | {r['ppl'][i]:.2f}"
+                        f" | {a['repeated_4grams'][i]:.3f} | {r['repeated_4grams'][i]:.3f} |")
+        out += "\n\nGeneration (TRIM-KV, M=256):\n\n" + "\n".join(rows)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--text-file", type=Path, default=DEFAULT_TEXT)
+    ap.add_argument("--tokens", type=int, default=24 * 1024)
+    ap.add_argument("--block", type=int, default=1024)
+    ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--buffer", type=int, default=16)
+    ap.add_argument("--new", type=int, default=20000, help="generated tokens (part 2)")
+    ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--json", type=Path, default=ROOT / "runs" / "past_context.json")
+    ap.add_argument("--write-results", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = load_model()
+    args.tok = tok
+    gates = resolve_gates(model, None)
+    gates.attach(model)
+    context = model.config.max_position_embeddings
+    result = {"text": args.text_file.name, "block": args.block, "budget": args.budget,
+              "buffer": args.buffer, "context": context, "gates": gates.digest()}
+    result["part1"] = part1(model, gates, _read(args.text_file), args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    if not args.skip_generation:
+        result["part2"] = part2(model, tok, args)
+        args.json.write_text(json.dumps(result, indent=1))
+    img = ROOT / "docs" / "img" / "past_context.png"
+    _plot(result, img, context)
+    body = "\n".join([
+        "## Past the model's context: absolute vs rolling positions", "",
+        f"Command: `{command()}`  ", f"Machine: {machine()}", "",
+        f"SmolLM2-135M (context {context}), shipped gates {result['gates']}, M={args.budget}, "
+        f"buffer {args.buffer}, 4 sinks for every bounded method. Teacher-forced text: first "
+        f"{result['part1']['tokens']} tokens of `{args.text_file}` (evaluation-only).", "",
+        _table(result), "", "![past context](img/past_context.png)", ""])
+    print(body)
+    if args.write_results:
+        write_section("past_context", body)
+
+
+if __name__ == "__main__":
+    main()
