@@ -74,7 +74,41 @@ def keep_order(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return kept.sort(dim=-1).values
 
 
-class EvictionLayer(CacheLayerMixin):
+def step_mask(stored: torch.Tensor, new_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (B, 1, q, n + q) mask: resident slots ``stored`` (B, n) that are real (padding
+    slots are the same in every head), then causal attention among the ``q`` new tokens, of
+    which ``new_valid`` (B, q) are real."""
+    b, q = new_valid.shape
+    stored = stored[:, None, None, :].expand(b, 1, q, stored.shape[-1])
+    causal = torch.ones(q, q, dtype=torch.bool, device=new_valid.device).tril()
+    allowed = torch.cat([stored, causal[None, None] & new_valid[:, None, None, :]], dim=-1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=new_valid.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class _BatchOps:
+    """Beam search and batch reshaping for an EvictionLayer (every per-row tensor at once)."""
+
+    def _rows(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.flush_gates()
+        self.keys, self.values, self._pos = fn(self.keys), fn(self.values), fn(self._pos)
+        self._state = {k: fn(v) for k, v in self._state.items() if v is not None}
+        self._row_seen, self._row_seen_add = fn(self.row_seen), 0
+        self.queries.map_rows(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+
+class EvictionLayer(_BatchOps, CacheLayerMixin):
     """One layer's bounded K/V store. Policies read the documented view in
     :class:`kvbound.policies.base.LayerView`."""
 
@@ -327,25 +361,12 @@ class EvictionLayer(CacheLayerMixin):
     # ---------------------------------------------------------------- masks and sizes
     def attention_mask(self, new_valid: torch.Tensor, dtype: torch.dtype,
                        all_valid: bool = False) -> torch.Tensor | None:
-        """Additive (B, 1, q, n + q) mask over resident + incoming tokens for this step.
-
-        ``None`` when a single new token may see everything (no padding anywhere): attention
-        then runs unmasked, as for the full cache's decode steps.
-        """
-        b, q = new_valid.shape
-        if q == 1 and all_valid and not self.pad_resident:
-            return None
-        device = new_valid.device
-        if self.n:
-            stored = self._pos[:, 0, : self.n] >= 0  # padding slots are the same in every head
-            stored = stored[:, None, None, :].expand(b, 1, q, self.n)
-        else:
-            stored = torch.zeros(b, 1, q, 0, dtype=torch.bool, device=device)
-        causal = torch.ones(q, q, dtype=torch.bool, device=device).tril()
-        new = causal[None, None] & new_valid[:, None, None, :]
-        allowed = torch.cat([stored, new], dim=-1)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        """This step's additive mask over resident + incoming tokens (:func:`step_mask`)."""
+        if new_valid.shape[1] == 1 and all_valid and not self.pad_resident:
+            return None  # one new token may see everything: unmasked, as the full cache
+        stored = self._pos[:, 0, : self.n] >= 0 if self.n else torch.zeros(
+            new_valid.shape[0], 0, dtype=torch.bool, device=new_valid.device)
+        return step_mask(stored, new_valid, dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.n + query_length, self.seen - self.n
@@ -355,25 +376,6 @@ class EvictionLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
-
-    # ---------------------------------------------------------------- batch manipulation
-    def _rows(self, fn) -> None:
-        if not self.is_initialized:
-            return
-        self.flush_gates()
-        self.keys, self.values, self._pos = fn(self.keys), fn(self.values), fn(self._pos)
-        self._state = {k: fn(v) for k, v in self._state.items() if v is not None}
-        self._row_seen, self._row_seen_add = fn(self.row_seen), 0
-        self.queries.map_rows(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._rows(lambda t: t[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, max_length: int) -> None:
         raise KVBoundError("EvictionCache cannot be cropped (evicted tokens are gone); assisted "
