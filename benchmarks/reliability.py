@@ -87,8 +87,22 @@ def main() -> None:
         " |",
         "| `.pth` checkpoints | only ever read with `torch.load(weights_only=True)`; our own format "
         "is safetensors + JSON | `test_official_import_rejects_pickles_with_code` |",
-        "| bounded methods past the model's context | allowed, no warning (positions keep "
-        "growing); the full cache warns | `test_no_warning_for_bounded_methods_past_context` |",
+        "| bounded methods past the model's context | default `positions=auto` switches to "
+        "rolling positions (keys re-rotated, no warning); `positions=absolute` warns once; the "
+        "full cache warns | `tests/cache/test_positions.py`, "
+        "`test_bounded_absolute_positions_warn_once_past_the_context` |",
+        "| every option of every CLI command given bad values (generated from the typer app: "
+        "wrong types, out of range, unknown choices, missing / binary / non-UTF-8 / directory "
+        "input files, uncreatable output paths, bad lists, unknown methods, tasks, gates) | exit "
+        "code != 0, no traceback, the message names the option; unexpected exceptions are one "
+        "line (`--debug` shows the traceback) | `tests/cli/test_bad_input.py` |",
+        "| batch == rows alone, static == dynamic, batched == single windows under other CPU "
+        "kernels (ATen AVX2 / scalar, MKL_CBWR COMPATIBLE / AVX, as on an Intel Xeon) and 1 or 2 "
+        "threads | same tokens kept (scores tied within 1e-5 relative keep the most recent) | "
+        "`tests/test_portability.py` |",
+        "| the suite in shuffled order, hypothesis derandomized, inputs from local generators "
+        "| passes; a lint test rejects global-RNG inputs, bare `pytest.raises(KVBoundError)` and "
+        "timing thresholds | `tests/test_lint.py`, `make test` (pytest-randomly) |",
         "",
     ])
     atomic_write_text(ROOT / "docs" / "RELIABILITY.md", text)
