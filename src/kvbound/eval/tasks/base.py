@@ -360,3 +360,14 @@ def per_example_score(correct: Callable[[str, TaskExample], float], metric: str 
 
     score.__doc__ = doc
     return score
+
+
+def macro_average(values: Sequence[float], labels: Sequence[str], key: str = "score"
+                  ) -> tuple[float, dict[str, dict[str, float]]]:
+    """Mean of per-label means (each sub-task counts once) and ``{label: {key: %, "n": n}}``,
+    for benchmarks that average their sub-tasks (LongBench, SCBench, RULER)."""
+    groups: dict[str, list[float]] = {}
+    for label, v in zip(labels, values, strict=True):
+        groups.setdefault(str(label), []).append(v)
+    per = {k: {key: 100.0 * metrics.mean(v), "n": len(v)} for k, v in sorted(groups.items())}
+    return metrics.mean(d[key] for d in per.values()), per

@@ -37,6 +37,7 @@ from kvbound.eval.tasks.base import (
     check_predictions,
     get_field,
     load_records,
+    macro_average,
     reference_agreement,
     register,
     sample_records,
@@ -198,25 +199,14 @@ def score(
 ) -> dict[str, Any]:
     """Per-dataset LongBench metric (%), their mean, and per-length buckets."""
     preds = check_predictions(predictions, examples)
-    per: dict[str, list[float]] = {}
-    lengths: dict[str, list[float]] = {}
-    for p, ex in zip(preds, examples):
-        v = score_one(p, ex)
-        per.setdefault(ex.task, []).append(v)
-        lengths.setdefault(_length_bucket(ex.metadata.get("length")), []).append(v)
-    per_dataset = {
-        name: {"metric": METRICS.get(base_dataset(name), ("qa_f1",))[0],
-               "score": 100.0 * metrics.mean(v), "n": len(v)}
-        for name, v in sorted(per.items())
-    }
-    out: dict[str, Any] = {
-        "score": metrics.mean(d["score"] for d in per_dataset.values()),
-        "metric": "longbench",
-        "n": len(preds),
-        "per_dataset": per_dataset,
-        "per_length": {k: {"score": 100.0 * metrics.mean(v), "n": len(v)}
-                       for k, v in sorted(lengths.items())},
-    }
+    values = [score_one(p, ex) for p, ex in zip(preds, examples)]
+    mean, per_dataset = macro_average(values, [ex.task for ex in examples])
+    for name, d in per_dataset.items():
+        d["metric"] = METRICS.get(base_dataset(name), ("qa_f1",))[0]
+    _, per_length = macro_average(
+        values, [_length_bucket(ex.metadata.get("length")) for ex in examples])
+    out: dict[str, Any] = {"score": mean, "metric": "longbench", "n": len(preds),
+                           "per_dataset": per_dataset, "per_length": per_length}
     if reference_predictions is not None:
         out["reference"] = reference_agreement(preds, reference_predictions)
     return out

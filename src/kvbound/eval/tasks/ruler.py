@@ -27,6 +27,7 @@ from kvbound.eval.tasks.base import (
     check_predictions,
     get_field,
     load_records,
+    macro_average,
     reference_agreement,
     register,
     sample_records,
@@ -78,17 +79,10 @@ def score(
 ) -> dict[str, Any]:
     """Per-task string match (%) and their mean."""
     preds = check_predictions(predictions, examples)
-    per: dict[str, list[float]] = {}
-    for p, ex in zip(preds, examples):
-        per.setdefault(ex.task, []).append(score_one(p, ex))
-    per_task = {t: {"string_match": 100.0 * metrics.mean(v), "n": len(v)}
-                for t, v in sorted(per.items())}
-    out: dict[str, Any] = {
-        "score": metrics.mean(d["string_match"] for d in per_task.values()),
-        "metric": "string_match",
-        "n": len(preds),
-        "per_task": per_task,
-    }
+    values = [score_one(p, ex) for p, ex in zip(preds, examples)]
+    mean, per_task = macro_average(values, [ex.task for ex in examples], key="string_match")
+    out: dict[str, Any] = {"score": mean, "metric": "string_match", "n": len(preds),
+                           "per_task": per_task}
     if reference_predictions is not None:
         out["reference"] = reference_agreement(preds, reference_predictions)
     return out

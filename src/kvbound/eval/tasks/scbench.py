@@ -44,6 +44,7 @@ from kvbound.eval.tasks.base import (
     check_predictions,
     get_field,
     load_records,
+    macro_average,
     reference_agreement,
     register,
     sample_records,
@@ -190,21 +191,13 @@ def score(
 ) -> dict[str, Any]:
     """Per sub-task score (%), their mean, and per-turn means."""
     preds = check_predictions(predictions, examples)
-    per: dict[str, list[float]] = {}
-    per_turn: dict[int, list[float]] = {}
-    for p, ex in zip(preds, examples):
-        v = score_one(p, ex)
-        per.setdefault(ex.task, []).append(v)
-        per_turn.setdefault(int(ex.metadata.get("turn", 0)), []).append(v)
-    per_task = {k: {"score": 100.0 * metrics.mean(v), "n": len(v)} for k, v in sorted(per.items())}
-    out: dict[str, Any] = {
-        "score": metrics.mean(d["score"] for d in per_task.values()),
-        "metric": "scbench",
-        "n": len(preds),
-        "per_task": per_task,
-        "per_turn": {str(k): {"score": 100.0 * metrics.mean(v), "n": len(v)}
-                     for k, v in sorted(per_turn.items())},
-    }
+    values = [score_one(p, ex) for p, ex in zip(preds, examples)]
+    mean, per_task = macro_average(values, [ex.task for ex in examples])
+    turns = [int(ex.metadata.get("turn", 0)) for ex in examples]
+    _, per_turn = macro_average(values, turns)
+    per_turn = {str(k): per_turn[str(k)] for k in sorted(set(turns))}  # numeric order
+    out: dict[str, Any] = {"score": mean, "metric": "scbench", "n": len(preds),
+                           "per_task": per_task, "per_turn": per_turn}
     if reference_predictions is not None:
         out["reference"] = reference_agreement(preds, reference_predictions)
     return out
