@@ -126,7 +126,9 @@ def _plot(result: dict, path: Path, context: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    two = "part2" in result
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(12 if two else 7, 4), squeeze=False)
+    axes = axes[0]
     p1, block = result["part1"], result["block"]
     for name, ys in p1.items():
         if isinstance(ys, list):
@@ -137,8 +139,9 @@ def _plot(result: dict, path: Path, context: int) -> None:
     for name, r in result.get("part2", {}).items():
         xs = [(i + 1) * block for i in range(len(r["ppl"]))]
         axes[1].plot(xs, r["ppl"], "-o", ms=3, label=f"trimkv/{name}")
-    axes[1].set(title="generated text, scored with a fresh full cache", xlabel="generated tokens",
-                ylabel="perplexity per 1K block", yscale="log")
+    if two:
+        axes[1].set(title="generated text, scored with a fresh full cache",
+                    xlabel="generated tokens", ylabel="perplexity per 1K block", yscale="log")
     for ax in axes:
         ax.axvline(context, color="grey", lw=1, ls=":")
         ax.legend(fontsize=8)
@@ -177,7 +180,34 @@ def main() -> None:
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--json", type=Path, default=ROOT / "runs" / "past_context.json")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--from-json", action="store_true",
+                    help="render the saved --json (no model runs), e.g. after a stopped run")
     args = ap.parse_args()
+    if args.from_json:
+        result = json.loads(args.json.read_text())
+        context = result["context"]
+    else:
+        result, context = run(args)
+    img = ROOT / "docs" / "img" / "past_context.png"
+    _plot(result, img, context)
+    part2_note = "" if "part2" in result else (
+        " Part 2 (generation past the context) was not run for these numbers.")
+    body = "\n".join([
+        "## Past the model's context: absolute vs rolling positions", "",
+        f"Command: `{result.get('command') or command()}`"
+        + (f" (rendered from its JSON by `{command()}`)  " if args.from_json else "  "),
+        f"Machine: {result.get('machine') or machine()}", "",
+        f"SmolLM2-135M (context {context}), shipped gates {result['gates']}, M={result['budget']}, "
+        f"buffer {result['buffer']}, 4 sinks for every bounded method. Teacher-forced text: first "
+        f"{result['part1']['tokens']} tokens of `{result['text']}` (evaluation-only); perplexity "
+        f"per {result['block']}-token block.{part2_note}", "",
+        _table(result), "", "![past context](img/past_context.png)", ""])
+    print(body)
+    if args.write_results:
+        write_section("past_context", body)
+
+
+def run(args) -> tuple[dict, int]:
     torch.manual_seed(0)
     model, tok = load_model()
     args.tok = tok
@@ -185,26 +215,15 @@ def main() -> None:
     gates.attach(model)
     context = model.config.max_position_embeddings
     result = {"text": args.text_file.name, "block": args.block, "budget": args.budget,
-              "buffer": args.buffer, "context": context, "gates": gates.digest()}
+              "buffer": args.buffer, "context": context, "gates": gates.digest(),
+              "machine": machine(), "command": command()}
     result["part1"] = part1(model, gates, _read(args.text_file), args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     if not args.skip_generation:
         result["part2"] = part2(model, tok, args)
         args.json.write_text(json.dumps(result, indent=1))
-    img = ROOT / "docs" / "img" / "past_context.png"
-    _plot(result, img, context)
-    body = "\n".join([
-        "## Past the model's context: absolute vs rolling positions", "",
-        f"Command: `{command()}`  ", f"Machine: {machine()}", "",
-        f"SmolLM2-135M (context {context}), shipped gates {result['gates']}, M={args.budget}, "
-        f"buffer {args.buffer}, 4 sinks for every bounded method. Teacher-forced text: first "
-        f"{result['part1']['tokens']} tokens of `{args.text_file}` (evaluation-only).", "",
-        _table(result), "", "![past context](img/past_context.png)", ""])
-    print(body)
-    if args.write_results:
-        write_section("past_context", body)
-
+    return result, context
 
 if __name__ == "__main__":
     main()
