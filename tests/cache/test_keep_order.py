@@ -23,6 +23,13 @@ def test_exact_and_last_bit_ties_keep_the_most_recent():
     assert _kept(noisy, 2) == [2, 3]  # the noise does not decide: recency does
 
 
+def test_ties_at_zero_and_at_large_magnitudes():
+    assert _kept([0.0, 0.0, 0.0], 1) == [2]  # a zero gap at zero scale is a tie too
+    big = 1000.0
+    assert _kept([big * (1 + TIE_RTOL / 10), big], 1) == [1]  # relative, not absolute tolerance
+    assert _kept([big * (1 + TIE_RTOL * 10), big], 1) == [0]
+
+
 def test_real_differences_still_decide():
     assert _kept([5.0, 1.0, 4.0, 2.0], 2) == [0, 2]
     assert _kept([1.0, 1.0 + 100 * TIE_RTOL, 1.0], 1) == [1]

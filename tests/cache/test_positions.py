@@ -81,12 +81,14 @@ def test_auto_is_absolute_inside_the_context(model):
 
 def test_auto_switches_to_rolling_past_the_context_without_a_warning(model):
     ids = torch.randint(3, 100, (1, 150), generator=gen(4))
-    cache = EvictionCache(model, "trimkv", budget=16, buffer=4, positions="auto")
+    # sinks keep tokens from before the switch, whose keys the switch itself re-rotated
+    cache = EvictionCache(model, "trimkv", budget=16, buffer=4, sinks=2, positions="auto")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _feed(model, cache, ids, 5)
     assert cache.rolling.active
     layer = cache.layers[0]
+    assert layer.positions[0, 0, :2].tolist() == [0, 1]
     tokens = ids[0, layer.positions[0, 0]]
     want = _layer0_keys_at(model, tokens, torch.arange(layer.n))[0, 0]
     torch.testing.assert_close(layer.keys_[0, 0], want, rtol=1e-4, atol=1e-4)
