@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from kvbound.architectures import evicted_layers, layer_types, model_fingerprint, text_config
 from kvbound.cache.layer import EvictionLayer
-from kvbound.cache.positions import MODES, RollingPositions, check_rolling_support
+from kvbound.cache.positions import RollingPositions, check_mode, check_rolling_support
 from kvbound.cache.static import StaticDecode, StaticEvictionLayer, check_static_support
 from kvbound.cache.stats import CacheStats, kv_bytes, new_timings
 from kvbound.errors import KVBoundError
@@ -104,9 +104,7 @@ class EvictionCache(Cache):
             layer.rolling = self.rolling
 
     def _rolling_positions(self, mode: str, model, kinds, budgets) -> RollingPositions | None:
-        if mode not in MODES:
-            raise KVBoundError(f"positions must be one of {', '.join(MODES)}, got {mode!r}.")
-        if mode == "absolute":
+        if check_mode(mode) == "absolute":
             return None
         try:
             check_rolling_support(kinds, budgets, self.static)

@@ -22,6 +22,12 @@ from kvbound.errors import KVBoundError
 MODES = ("absolute", "rolling", "auto")
 
 
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise KVBoundError(f"positions must be one of {', '.join(MODES)}, got {mode!r}.")
+    return mode
+
+
 def rope_inverse_frequencies(model: nn.Module) -> torch.Tensor:
     """The ``inv_freq`` buffer of the model's (single) rotary embedding."""
     found = {id(m): m for name, m in model.named_modules()
@@ -57,9 +63,7 @@ class RollingPositions:
     """Which positions a cache gives RoPE, and the key re-rotation that rolling ones need."""
 
     def __init__(self, mode: str, model: nn.Module, max_positions: int | None) -> None:
-        if mode not in MODES:
-            raise KVBoundError(f"positions must be one of {', '.join(MODES)}, got {mode!r}.")
-        self.mode = mode
+        self.mode = check_mode(mode)
         self.max_positions = max_positions
         self.active = mode == "rolling"
         self.inv_freq = rope_inverse_frequencies(model) if mode != "absolute" else None
