@@ -11,7 +11,8 @@ eviction throughout) with absolute and with rolling positions.
 Part 2, generation: ``kvbound.generate(..., method="trimkv", budget=256, max_new_tokens=N,
 positions=P)`` (sampled, T=0.7, top-p 0.9, seed 0, the same for both P). Per 1K-token block of the
 generated text: its perplexity scored by the same model with a fresh full cache over the preceding
-1K tokens + the block (positions restarted at 0), and the share of repeated 4-grams in the block.
+2K tokens + the block (positions restarted at 0), and the share of repeated 4-grams in the block.
+``--part2-only`` keeps part 1 from the saved JSON and runs the generation alone.
 """
 
 from __future__ import annotations
@@ -64,12 +65,15 @@ def per_block(nll: torch.Tensor, block: int) -> list[float]:
     return [math.exp(nll[i:i + block].mean().item()) for i in range(0, len(nll) - block + 1, block)]
 
 
-def scored_blocks(model, ids: list[int], prompt_ids: list[int], block: int) -> tuple[list, list]:
-    """Per block of generated ``ids``: perplexity under a fresh full cache over the previous block
-    + this one, and the share of repeated 4-grams in the block."""
+def scored_blocks(model, ids: list[int], prompt_ids: list[int], block: int,
+                  lookback: int) -> tuple[list, list]:
+    """Per block of generated ``ids``: perplexity under a fresh full cache over the ``lookback``
+    tokens before it (the prompt included) + the block, and its share of repeated 4-grams."""
     ppl, rep = [], []
+    history = prompt_ids + ids
     for b in range(0, len(ids) - block + 1, block):
-        context = (prompt_ids if b == 0 else ids[b - block:b]) + ids[b:b + block]
+        at = len(prompt_ids) + b
+        context = history[max(0, at - lookback):at + block]
         x = torch.tensor([context])
         with torch.no_grad():
             logits = model(x).logits[0]
@@ -99,24 +103,25 @@ def part1(model, gates, text: str, args) -> dict:
     return res
 
 
-def part2(model, tok, args) -> dict:
+def part2(model, tok, args, save) -> dict:
     res = {}
     prompt_ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}],
                                          add_generation_prompt=True, tokenize=True)
-    if isinstance(prompt_ids, dict):
+    if not isinstance(prompt_ids, list):  # transformers 5 returns a BatchEncoding
         prompt_ids = prompt_ids["input_ids"]
     for positions in ("absolute", "rolling"):
         t0 = time.perf_counter()
         r = generate(model, tok, PROMPT, method="trimkv", budget=args.budget, buffer=args.buffer,
                      max_new_tokens=args.new, min_new_tokens=args.new, sample=True, seed=0,
                      positions=positions)
-        ppl, rep = scored_blocks(model, r.token_ids, list(prompt_ids), args.block)
+        ppl, rep = scored_blocks(model, r.token_ids, list(prompt_ids), args.block, args.lookback)
         res[positions] = {"ppl": ppl, "repeated_4grams": rep, "new_tokens": r.new_tokens,
                           "peak_tokens_per_head": r.peak_tokens_per_head,
-                          "positions_at_end": r.positions,
+                          "positions": r.positions,
                           "decode_tok_s": round(r.decode_tokens_per_second, 2),
-                          "sample": r.text[-300:]}
+                          "sample": r.text[-300:], "seconds": round(time.perf_counter() - t0)}
         print(f"generate/{positions}: {time.perf_counter() - t0:.0f}s", flush=True)
+        save(res)
     return res
 
 
@@ -161,11 +166,22 @@ def _table(result: dict) -> str:
         p2 = result["part2"]
         rows = ["| block (generated tokens) | ppl absolute | ppl rolling | repeated 4-grams "
                 "absolute | repeated 4-grams rolling |", "|---|---|---|---|---|"]
-        for i in range(len(p2["absolute"]["ppl"])):
-            a, r = p2["absolute"], p2["rolling"]
-            rows.append(f"| {i * block}-{(i + 1) * block} | {a['ppl'][i]:.2f} | {r['ppl'][i]:.2f}"
-                        f" | {a['repeated_4grams'][i]:.3f} | {r['repeated_4grams'][i]:.3f} |")
-        out += "\n\nGeneration (TRIM-KV, M=256):\n\n" + "\n".join(rows)
+        empty = {"ppl": [], "repeated_4grams": []}
+        a, r = p2.get("absolute", empty), p2.get("rolling", empty)
+
+        def cell(xs, i, fmt):
+            return format(xs[i], fmt) if i < len(xs) else "not run"
+
+        for i in range(max(len(a["ppl"]), len(r["ppl"]))):
+            rows.append(f"| {i * block}-{(i + 1) * block} | {cell(a['ppl'], i, '.2f')} | "
+                        f"{cell(r['ppl'], i, '.2f')} | {cell(a['repeated_4grams'], i, '.3f')} | "
+                        f"{cell(r['repeated_4grams'], i, '.3f')} |")
+        runs = "; ".join(f"{k}: {v['new_tokens']} tokens, {v['decode_tok_s']} tok/s, peak "
+                         f"{v['peak_tokens_per_head']} tokens/head"
+                         for k, v in p2.items())
+        out += (f"\n\nGeneration (TRIM-KV, M={result['budget']}, sampled T=0.7 top-p 0.9 seed 0; "
+                f"each block scored with a fresh full cache over the {result.get('lookback')} "
+                f"tokens before it, positions restarted): {runs}.\n\n" + "\n".join(rows))
     return out
 
 
@@ -177,7 +193,11 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--buffer", type=int, default=16)
     ap.add_argument("--new", type=int, default=20000, help="generated tokens (part 2)")
+    ap.add_argument("--lookback", type=int, default=2048,
+                    help="tokens of history the full-cache scorer sees before each block (part 2)")
     ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--part2-only", action="store_true",
+                    help="keep part 1 from the saved --json, run the generation")
     ap.add_argument("--json", type=Path, default=ROOT / "runs" / "past_context.json")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--from-json", action="store_true",
@@ -194,6 +214,7 @@ def main() -> None:
         " Part 2 (generation past the context) was not run for these numbers.")
     body = "\n".join([
         "## Past the model's context: absolute vs rolling positions", "",
+        (f"Part 1 command: `{result['command_part1']}`  " if result.get("command_part1") else ""),
         f"Command: `{result.get('command') or command()}`"
         + (f" (rendered from its JSON by `{command()}`)  " if args.from_json else "  "),
         f"Machine: {result.get('machine') or machine()}", "",
@@ -217,12 +238,22 @@ def run(args) -> tuple[dict, int]:
     result = {"text": args.text_file.name, "block": args.block, "budget": args.budget,
               "buffer": args.buffer, "context": context, "gates": gates.digest(),
               "machine": machine(), "command": command()}
-    result["part1"] = part1(model, gates, _read(args.text_file), args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    if not args.skip_generation:
-        result["part2"] = part2(model, tok, args)
+    if args.part2_only:
+        saved = json.loads(args.json.read_text())
+        args.block = result["block"] = saved["block"]  # part 2's blocks match part 1's
+        result["part1"], result["command_part1"] = saved["part1"], saved.get("command")
+    else:
+        result["part1"] = part1(model, gates, _read(args.text_file), args)
         args.json.write_text(json.dumps(result, indent=1))
+    if not args.skip_generation:
+        result["lookback"] = args.lookback
+
+        def save(part):
+            result["part2"] = part
+            args.json.write_text(json.dumps(result, indent=1))
+
+        part2(model, tok, args, save)
     return result, context
 
 if __name__ == "__main__":

@@ -7,8 +7,13 @@ from pathlib import Path
 from kvbound.testing import tiny_model
 
 
-def tiny_model_dir(path: Path, data: Path) -> Path:
-    """A tiny llama with a small byte-level BPE tokenizer, loadable by ``--model PATH``."""
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def tiny_model_dir(path: Path, data: Path, chat: bool = False) -> Path:
+    """A tiny llama with a small byte-level BPE tokenizer, loadable by ``--model PATH``; with
+    ``chat`` its tokenizer has a ``role: content`` chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -19,6 +24,8 @@ def tiny_model_dir(path: Path, data: Path) -> Path:
         vocab_size=300, special_tokens=["<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    if chat:
+        hf.chat_template = CHAT_TEMPLATE
     model = tiny_model("llama", seed=0, vocab_size=len(hf))
     model.save_pretrained(path)
     hf.save_pretrained(path)

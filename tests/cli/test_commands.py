@@ -143,3 +143,58 @@ def test_bench_runs_each_method_in_its_own_process(env, capsys):
     assert {r["method"] for r in recs} == {"full", "trimkv"}
     trim = next(r for r in recs if r["method"] == "trimkv")
     assert trim["peak_tokens_per_head"] <= 16 + 4 + 16
+
+
+@pytest.fixture(scope="module")
+def chat_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    data = root / "data.txt"
+    data.write_text(TEXT)
+    return {"root": root, "model": str(tiny_model_dir(root / "model", data, chat=True))}
+
+
+def test_train_on_selfgen_jsonl_and_local_hf_data(chat_env, capsys, tmp_path):
+    datasets = pytest.importorskip("datasets")  # a dev dependency: present in `make test`
+    records = [{"messages": [{"role": "user", "content": f"Which lamp is number {i}?"},
+                             {"role": "assistant", "content": f"Lamp {i} is the red one."}]}
+               for i in range(4)]
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hfdata"))
+    out = tmp_path / "run"
+    _run(capsys, "train", "--model", chat_env["model"], "--out", out,
+         "--data", f"selfgen:1:1,file:{jsonl}:1,hf:{tmp_path / 'hfdata'}:train:1",
+         "--seq-len", 32, "--memory-size", 8, "--intermediate-size", 8, "--warmup-steps", 1,
+         "--steps", 2, "--batch-size", 4, "--no-bf16", "--quiet")
+    cached = [json.loads(x) for x in (out / "selfgen.jsonl").read_text().splitlines()]
+    assert len(cached) == 1 and cached[0]["text"].strip()
+    training = RetentionGates.load(out).metadata.training
+    assert training["steps_done"] == 2
+    assert training["config"]["data"].startswith("selfgen:1:1,file:")
+
+
+def test_eval_reads_local_task_data_and_self_generated_text(chat_env, capsys, tmp_path):
+    from pathlib import Path
+
+    fixture = Path(__file__).parents[1] / "eval" / "fixtures" / "benchmarks" / "gsm8k.jsonl"
+    out = tmp_path / "tasks"
+    _run(capsys, "eval", "tasks", "--model", chat_env["model"], "--tasks", "gsm8k",
+         "--data", f"gsm8k={fixture}", "--methods", "full,streaming", "--budgets", "16",
+         "--limit", 2, "--buffer", 4, "--chunk", 8, "--out", out, "--quiet")
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert {(r["task"], r["method"], r["metrics"]["n"]) for r in rows} == \
+        {("gsm8k", "full", 2), ("gsm8k", "streaming", 2)}
+    import csv
+
+    questions = [json.loads(x)["question"] for x in fixture.read_text().splitlines()]
+    with (out / rows[0]["dir"] / "predictions.csv").open() as fh:
+        asked = [r["question"] for r in csv.DictReader(fh)]
+    assert len(asked) == 2 and all(q.split("\n\n")[0] in questions for q in asked)  # no download
+    fid = tmp_path / "fid.json"
+    _run(capsys, "eval", "fidelity", "--model", chat_env["model"], "--self-generated", 2,
+         "--methods", "full,streaming", "--budgets", "16", "--buffer", 4, "--sinks", 1,
+         "--seq-len", 48, "--max-windows", 2, "--json", fid, "--quiet")
+    result = json.loads(fid.read_text())
+    assert result["windows"] == 2
+    assert result["sources"] and set(result["sources"]) <= {"self-generated/0",
+                                                            "self-generated/1"}

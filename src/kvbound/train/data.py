@@ -12,11 +12,17 @@ Sources (mix them with weights, e.g. ``--data "prose:0.8,synthetic:0.2"``):
 * ``synthetic`` - long-context tasks generated here: facts inserted in long documents and asked at
   the end, multi-key lookups, multi-turn conversations that refer back to early turns, state
   tracking. Chat-formatted; targets on the answer.
-* ``selfgen`` - long text the model writes itself from varied prompts (generated once, cached).
-* ``file:PATH`` - local ``.txt`` (documents separated by blank lines) or ``.jsonl`` records with
-  ``text``, or ``messages`` ([{role, content}]), or ``prompt``/``response``.
-* ``hf:NAME[:SPLIT]`` - a Hugging Face dataset by name (when online), same record schema;
-  e.g. ``hf:open-r1/OpenR1-Math-220k``, ``hf:Yukang/LongAlpaca-12k``, ``hf:kmfoda/booksum``.
+* ``selfgen[:N]`` - N (default 16) long texts the model writes itself from varied prompts
+  (generated once, cached as ``selfgen.jsonl`` in the run directory).
+* ``file:PATH`` - local ``.txt`` (documents separated by two blank lines) or ``.jsonl``/``.json``
+  records with ``text``, or ``messages`` ([{role, content}]), or ``prompt``/``response``,
+  ``problem``/``solution``, ``instruction``/``output``.
+* ``hf:NAME[:SPLIT]`` - a Hugging Face dataset, same record schema: a Hub name (when online; e.g.
+  ``hf:open-r1/OpenR1-Math-220k``, ``hf:Yukang/LongAlpaca-12k``), a directory written by
+  ``save_to_disk``, or a local directory of data files (needs ``pip install 'kvbound[hf]'``).
+
+A trailing number is the source's weight (default 1): ``selfgen:3`` is 16 texts at weight 3,
+``selfgen:32:0.2`` is 32 texts at weight 0.2.
 """
 
 from __future__ import annotations
@@ -348,6 +354,9 @@ def records_to_source(records: list[dict], name: str) -> Source:
                           {"role": "assistant", "content": r["output"]}])
         elif "text" in r or "chapter" in r or "document" in r:
             texts.append(r.get("text") or r.get("chapter") or r.get("document"))
+    if not chats and not texts:
+        raise KVBoundError(f"Data source {name!r} has no usable records: each needs `text`, "
+                           "`messages`, prompt+response, problem+solution or instruction+output.")
     if chats and len(chats) >= len(texts):
         return ChatSource(chats, name)
     return TextSource(texts, name)
@@ -367,17 +376,31 @@ def file_source(path: str) -> Source:
 
 
 def hf_source(name: str, split: str = "train", limit: int = 20000) -> Source:
+    """Records of a Hugging Face dataset: a Hub name (online), a directory written by
+    ``Dataset.save_to_disk``, or a local directory of data files (``.jsonl``, ``.parquet``, ...)."""
     try:
         import datasets
     except ImportError:
-        raise KVBoundError(f"hf:{name} needs the `datasets` package (pip install datasets) and "
-                          "Hub access; offline, export the records to JSONL and use file:PATH.") from None
+        raise KVBoundError(f"hf:{name} needs the `datasets` package (pip install 'kvbound[hf]'); "
+                           "or export the records to JSONL and use file:PATH.") from None
+    local = Path(name).expanduser()
     try:
-        ds = datasets.load_dataset(name, split=split)
+        if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise KVBoundError(f"hf:{name} has no split {split!r}; it has "
+                                       f"{', '.join(ds)} (hf:PATH:SPLIT).")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(str(local) if local.is_dir() else name, split=split)
+    except KVBoundError:
+        raise
     except Exception as exc:
-        raise KVBoundError(f"Cannot load dataset {name!r} from the Hub ({exc}). Offline, export "
-                          "it to JSONL and use file:PATH.") from exc
-    return records_to_source([ds[i] for i in range(min(limit, len(ds)))], f"hf:{name}")
+        where = "the directory" if local.is_dir() else "the Hub"
+        raise KVBoundError(f"Cannot load dataset {name!r} from {where} ({exc}). Offline, pass a "
+                           "local dataset directory or export it to JSONL and use file:PATH.") from exc
+    return records_to_source([ds[i] for i in range(min(limit, len(ds)))], f"hf:{local.name}")
 
 
 # ----------------------------------------------------------------------------- mixture
@@ -423,6 +446,9 @@ class Mixture:
                 if model is None:
                     raise KVBoundError("selfgen data needs the model.")
                 cache = (cache_dir or Path(".")) / "selfgen.jsonl"
+                if arg is not None and not (arg.isdigit() and int(arg) > 0):
+                    raise KVBoundError(f"selfgen:N needs a whole number of texts N > 0, got "
+                                       f"{arg!r} (selfgen:N:WEIGHT).")
                 src = SelfGenSource(model, tokenizer, cache, n=int(arg or 16), seed=seed)
             elif kind == "file":
                 src = file_source(arg)
