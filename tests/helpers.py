@@ -6,7 +6,6 @@ from pathlib import Path
 
 from kvbound.testing import tiny_model
 
-
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
 
