@@ -1,41 +1,53 @@
 """Mutation testing of the engine: does the suite notice when the code is wrong?
 
-    python benchmarks/mutation.py --write-results                      # default targets
+    python benchmarks/mutation.py --write-results                 # cache + policies, all functions
     python benchmarks/mutation.py --target src/kvbound/cache/layer.py:keep_order,evict \\
-        --tests tests/cache/test_keep_order.py tests/cache/test_cache.py
+        --tests "tests/cache/test_keep_order.py tests/cache/test_cache.py -k 'not slow'"
+    python benchmarks/mutation.py --resume --write-results        # continue a stopped run
+    python benchmarks/mutation.py --resume --rerun-survivors      # after adding tests
 
 Each mutant changes one operator in one function of a target (comparison flipped or made strict,
 ``+``/``-`` and ``*``/``/`` swapped, ``and``/``or`` swapped, ``not`` dropped, an integer constant
-moved by one, ``True``/``False`` swapped), is written into a copy of the source tree, and the
-given tests run against it in a fresh process (``-x``, one thread, a time limit). A mutant is
-killed when the tests fail or time out. The score and every surviving mutant are written to
-docs/RELIABILITY.md. Not part of ``make test``: it runs the tests once per mutant.
+moved by one, ``True``/``False`` swapped). A fork server imports torch, transformers and pytest
+once; each mutant runs in a forked child that writes the mutant into its own copy of the source
+tree, imports kvbound from there and runs the given tests (``-x``, one thread, a time limit).
+Two children run at once (``--jobs``). A mutant is killed when the tests fail or time out.
+Outcomes are appended to ``runs/mutation.jsonl`` as they come (``--resume`` skips mutants already
+decided there). Surviving mutants that cannot be killed (equivalent mutants) are explained in
+``benchmarks/mutation_explained.json``; the score, every survivor and its explanation are written
+to docs/RELIABILITY.md. Not part of ``make test``: it runs the tests once per mutant.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
+import json
 import os
+import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import command, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TARGETS = [
-    "src/kvbound/cache/layer.py:keep_order,evict,_compact,evict_if_full,step_mask,_advance",
-    "src/kvbound/cache/positions.py:rotate_keys,rolling_ranks,position_ids,after_compact",
-]
-DEFAULT_TESTS = ["tests/cache/test_keep_order.py", "tests/cache/test_cache.py",
-                 "tests/cache/test_positions.py"]
+ENGINE = sorted(str(p.relative_to(ROOT)) for d in ("cache", "policies")
+                for p in (ROOT / "src" / "kvbound" / d).glob("*.py"))
+DEFAULT_TARGETS = [f"{p}:*" for p in ENGINE]
+# fast, discriminating tests first (-x stops at the first failure); compile tests left out
+DEFAULT_TESTS = ["tests/cache/test_keep_order.py", "tests/cache/test_positions.py",
+                 "tests/policies/test_policies.py", "tests/cache/test_static.py",
+                 "tests/cache/test_cache.py", "-k", "not compile and not compiled"]
+LOG = ROOT / "runs" / "mutation.jsonl"
+EXPLAINED = ROOT / "benchmarks" / "mutation_explained.json"
 
 SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
          ast.NotEq: ast.Eq, ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div,
@@ -48,24 +60,54 @@ class Mutant:
     function: str
     line: int
     what: str
+    code: str  # the original source line, stripped
     source: str
 
+    @property
+    def key(self) -> str:
+        """Stable across unrelated edits: file, function, original line text, mutation, and the
+        position of this mutation among identical ones."""
+        return f"{self.path}:{self.function}:{self.code}:{self.what}"
 
-def _mutants(path: Path, functions: set[str]) -> list[Mutant]:
+    @property
+    def digest(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()[:16]
+
+
+def _mutants(path: Path, functions: set[str] | None) -> list[Mutant]:
     text = path.read_text()
+    lines = text.splitlines()
     tree = ast.parse(text)
-    out = []
+    out, seen = [], {}
     for fn in ast.walk(tree):
-        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or fn.name not in functions:
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        for node in ast.walk(fn):
+        if functions is not None and fn.name not in functions:
+            continue
+        for node in _own_nodes(fn):
             for variant, what in _variants(node):
                 mutated = ast.parse(text)
-                target = _find(mutated, node)
-                variant(target)
-                out.append(Mutant(str(path.relative_to(ROOT)), fn.name, node.lineno, what,
-                                  ast.unparse(mutated)))
+                variant(_find(mutated, node))
+                code = lines[node.lineno - 1].strip()
+                m = Mutant(str(path.relative_to(ROOT)), fn.name, node.lineno, what, code,
+                           ast.unparse(mutated))
+                n = seen.get(m.key, 0)
+                seen[m.key] = n + 1
+                if n:
+                    m.what = f"{what} #{n + 1}"
+                out.append(m)
     return out
+
+
+def _own_nodes(fn):
+    """The nodes of ``fn`` outside its nested functions (those are mutated as functions)."""
+    stack = list(ast.iter_child_nodes(fn))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
 
 
 def _variants(node):
@@ -91,80 +133,201 @@ def _variants(node):
 
 
 def _find(tree, like):
+    where = ("lineno", "col_offset", "end_lineno", "end_col_offset")
     for node in ast.walk(tree):
-        if (type(node) is type(like) and getattr(node, "lineno", None) == like.lineno
-                and getattr(node, "col_offset", None) == like.col_offset):
+        if type(node) is type(like) and all(getattr(node, a, None) == getattr(like, a)
+                                            for a in where):
             return node
     raise LookupError(like)
 
 
-def _run(mutant: Mutant, tests: list[str], workdir: Path, timeout: float) -> str:
-    src = workdir / mutant.path
-    original = (ROOT / mutant.path).read_text()
-    src.write_text(mutant.source)
-    env = {**os.environ, "PYTHONPATH": str(workdir / "src"), "OMP_NUM_THREADS": "1",
-           "PYTHONDONTWRITEBYTECODE": "1"}
+def _preload() -> None:
+    """Import what every child needs once, in the server (never kvbound or the tests)."""
+    import hypothesis  # noqa: F401
+    import pytest  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    torch.set_num_threads(1)
+    assert "kvbound" not in sys.modules, "the fork server must not import kvbound"
+
+
+def _child(mutant: Mutant | None, tests: list[str], workdir: Path) -> None:
+    """In a forked child: write the mutant, import kvbound from ``workdir``, run the tests."""
+    code = 1
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                               "-p", "no:randomly", *tests], cwd=workdir, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        return "survived" if proc.returncode == 0 else "killed"
-    except subprocess.TimeoutExpired:
-        return "killed (timeout)"
+        if mutant is not None:
+            (workdir / mutant.path).write_text(mutant.source)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.chdir(workdir)
+        sys.path.insert(0, str(workdir / "src"))
+        sys.path.insert(0, str(workdir))
+        import pytest
+
+        code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *tests])
+        import kvbound
+
+        if not Path(kvbound.__file__).resolve().is_relative_to(workdir.resolve()):
+            code = 99  # imported the real tree, not the mutant: a broken run, not a survivor
     finally:
-        src.write_text(original)
+        os._exit(int(code))
+
+
+class Pool:
+    """Runs mutants in forked children, ``jobs`` at a time, each in its own tree copy."""
+
+    def __init__(self, jobs: int, tests: list[str], timeout: float, root: Path):
+        self.tests, self.timeout = tests, timeout
+        self.free = []
+        for j in range(jobs):
+            work = root / f"w{j}"
+            shutil.copytree(ROOT / "src", work / "src")
+            shutil.copytree(ROOT / "tests", work / "tests")
+            shutil.copy(ROOT / "pyproject.toml", work / "pyproject.toml")
+            self.free.append(work)
+        self.running: dict[int, tuple[Mutant | None, Path, float]] = {}
+
+    def start(self, mutant: Mutant | None) -> None:
+        work = self.free.pop()
+        pid = os.fork()
+        if pid == 0:
+            _child(mutant, self.tests, work)
+        self.running[pid] = (mutant, work, time.time())
+
+    def wait_one(self) -> tuple[Mutant | None, str]:
+        while True:
+            for pid, (m, work, t0) in list(self.running.items()):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                timed_out = not done and time.time() - t0 > self.timeout
+                if timed_out:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                if done or timed_out:
+                    del self.running[pid]
+                    if m is not None:
+                        (work / m.path).write_text((ROOT / m.path).read_text())
+                    self.free.append(work)
+                    code = os.waitstatus_to_exitcode(status) if done else None
+                    if code == 99:
+                        raise RuntimeError("a child imported kvbound from the real tree")
+                    outcome = ("killed (timeout)" if timed_out else
+                               "survived" if code == 0 else "killed")
+                    return m, outcome
+            time.sleep(0.05)
+
+
+def _explained() -> dict[str, str]:
+    return json.loads(EXPLAINED.read_text()) if EXPLAINED.exists() else {}
+
+
+def _log(path: Path) -> dict[str, dict]:
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out[rec["digest"]] = rec
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", action="append", help="PATH:func,func (repeatable)")
-    ap.add_argument("--tests", nargs="+", default=DEFAULT_TESTS)
+    ap.add_argument("--target", action="append", help="PATH:func,func or PATH:* (repeatable)")
+    ap.add_argument("--tests", type=shlex.split, default=DEFAULT_TESTS,
+                    help="pytest arguments, one string (default: the cache and policy tests)")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="first N mutants only")
+    ap.add_argument("--log", type=Path, default=LOG)
+    ap.add_argument("--resume", action="store_true", help="skip mutants decided in --log")
+    ap.add_argument("--rerun-survivors", action="store_true",
+                    help="with --resume: run the logged survivors again (after new tests)")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
+    targets = args.target or DEFAULT_TARGETS
     mutants = []
-    for spec in args.target or DEFAULT_TARGETS:
+    for spec in targets:
         path, funcs = spec.split(":")
-        mutants += _mutants(ROOT / path, set(funcs.split(",")))
+        mutants += _mutants(ROOT / path, None if funcs == "*" else set(funcs.split(",")))
     mutants = mutants[: args.limit] if args.limit else mutants
+    logged = _log(args.log) if args.resume else {}
+    if not args.resume and args.log.exists():
+        args.log.unlink()
+    todo = [m for m in mutants if m.digest not in logged
+            or (args.rerun_survivors and logged[m.digest]["outcome"] == "survived")]
+    print(f"{len(mutants)} mutants, {len(todo)} to run", flush=True)
+    _preload()
     t0 = time.time()
+    args.log.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        shutil.copytree(ROOT / "src", work / "src")
-        shutil.copytree(ROOT / "tests", work / "tests")
-        shutil.copy(ROOT / "pyproject.toml", work / "pyproject.toml")
-        results = []
-        for i, m in enumerate(mutants):
-            outcome = _run(m, args.tests, work, args.timeout)
-            results.append((m, outcome))
-            print(f"[{i + 1}/{len(mutants)}] {m.path}:{m.line} {m.function}: {m.what}: {outcome}",
+        pool = Pool(args.jobs, args.tests, args.timeout, Path(tmp))
+        pool.start(None)  # the unmutated tree must pass, or every mutant looks killed
+        if pool.wait_one()[1] != "survived":
+            raise SystemExit("the tests fail on the unmutated tree: fix them first")
+        queue, done = list(todo), 0
+        while queue or pool.running:
+            while queue and pool.free:
+                pool.start(queue.pop(0))
+            m, outcome = pool.wait_one()
+            done += 1
+            logged[m.digest] = {"digest": m.digest, "key": m.key, "path": m.path,
+                                "function": m.function, "line": m.line, "what": m.what,
+                                "code": m.code, "outcome": outcome}
+            with args.log.open("a") as fh:
+                fh.write(json.dumps(logged[m.digest]) + "\n")
+            print(f"[{done}/{len(todo)}] {m.path}:{m.line} {m.function}: {m.what}: {outcome}",
                   flush=True)
-    killed = sum(o != "survived" for _, o in results)
-    score = 100.0 * killed / max(len(results), 1)
-    lines = [
-        "## Mutation testing of the engine", "",
-        f"Command: `{command()}`  ", f"Machine: {machine()}", "",
-        f"Targets: {', '.join(args.target or DEFAULT_TARGETS)}; tests: "
-        f"{' '.join(args.tests)}; {len(results)} mutants in {time.time() - t0:.0f} s.", "",
-        f"**Mutation score: {score:.1f}%** ({killed} of {len(results)} killed).", "",
-        "| surviving mutant | where |", "|---|---|",
-        *[f"| {m.what} | `{m.path}:{m.line}` ({m.function}) |" for m, o in results
-          if o == "survived"],
-        "",
-    ]
-    body = "\n".join(lines)
+    results = [(m, logged[m.digest]["outcome"]) for m in mutants if m.digest in logged]
+    body = _report(results, targets, args.tests, time.time() - t0, len(mutants))
     print(body)
     if args.write_results:
-        doc = ROOT / "docs" / "RELIABILITY.md"
-        text = doc.read_text()
-        begin, end = "<!-- BEGIN mutation -->", "<!-- END mutation -->"
-        block = f"{begin}\n{body}\n{end}"
-        if begin in text:
-            text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        doc.write_text(text)
+        _write(body)
+
+
+def _report(results, targets, tests, seconds, total) -> str:
+    explained = _explained()
+    killed = sum(o != "survived" for _, o in results)
+    score = 100.0 * killed / max(len(results), 1)
+    survivors = [m for m, o in results if o == "survived"]
+    unexplained = [m for m in survivors if m.key not in explained]
+    by_file: dict[str, list[int]] = {}
+    for m, o in results:
+        k = by_file.setdefault(m.path, [0, 0])
+        k[0] += o != "survived"
+        k[1] += 1
+    rows = [f"| `{p}` | {k} / {n} | {100.0 * k / n:.0f}% |" for p, (k, n) in sorted(by_file.items())]
+    return "\n".join([
+        "## Mutation testing of the engine", "",
+        f"Command: `{command()}`  ", f"Machine: {machine()}", "",
+        f"Targets: {', '.join(targets)}; tests: `{' '.join(tests)}`; {len(results)} of {total} "
+        f"mutants decided ({seconds:.0f} s in the last run).", "",
+        f"**Mutation score: {score:.1f}%** ({killed} of {len(results)} killed); "
+        f"{len(survivors) - len(unexplained)} survivors explained as equivalent or untestable, "
+        f"{len(unexplained)} unexplained.", "",
+        "| file | killed | score |", "|---|---|---|", *rows, "",
+        "| surviving mutant | where | why it survives |", "|---|---|---|",
+        *[f"| {m.what} in `{_cell(m.code)}` | `{m.path}:{m.line}` ({m.function}) | "
+          f"{explained.get(m.key, '**unexplained**')} |" for m in survivors],
+        "",
+    ])
+
+
+def _cell(code: str) -> str:
+    return code.replace("|", "\\|")
+
+
+def _write(body: str) -> None:
+    doc = ROOT / "docs" / "RELIABILITY.md"
+    text = doc.read_text()
+    begin, end = "<!-- BEGIN mutation -->", "<!-- END mutation -->"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
 
 
 if __name__ == "__main__":

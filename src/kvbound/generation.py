@@ -96,8 +96,6 @@ def build_cache(model, method: str, *, budget: int, buffer: int, sinks: int | No
     if POLICIES[method].needs_gates:
         used = resolve_gates(model, gates)
         used.attach(model)
-        if sinks is None:
-            sinks = used.metadata.recommended.get("sinks")
     cache = EvictionCache(model, method, budget=budget, buffer=buffer, sinks=sinks,
                           static=static, **policy_kwargs)
     return cache, used, cache.sinks

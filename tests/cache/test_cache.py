@@ -207,7 +207,7 @@ def test_ties_keep_most_recent():
 
     model = _model("llama")
     ids = torch.randint(1, 100, (1, 30), generator=gen(208))
-    cache = EvictionCache(model, Constant(), budget=5, buffer=0)
+    cache = EvictionCache(model, Constant(), budget=5, buffer=0, sinks=0)
     with torch.no_grad():
         model(ids, cache=cache)
         model(ids[:, :1], cache=cache)

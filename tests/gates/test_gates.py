@@ -157,3 +157,14 @@ def test_unsupported_architecture():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedArchitectureError, match="llama"):
         RetentionGates.for_model(model)
+
+
+def test_shipped_gates_digest_is_the_one_results_report():
+    import json
+
+    from kvbound.gates import shipped_gates_dir
+
+    path = shipped_gates_dir("smollm2-135m")
+    meta = json.loads((path / "gates.json").read_text())
+    assert meta["digest_of"] == "stored"
+    assert RetentionGates.load(path).digest() == meta["digest"]

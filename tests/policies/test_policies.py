@@ -367,3 +367,68 @@ def test_bad_policy_arguments():
     with pytest.raises(KVBoundError, match="mix_lambda"):
         RKVPolicy(mix_lambda=-1.0)
     assert SnapKVPolicy(query_aware=True).describe()["query_aware"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# same rules for every method
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_every_policy_gets_the_same_default_sinks_from_class_and_build_cache(model, name):
+    from kvbound import TrimKVCache
+    from kvbound.generation import build_cache
+    from kvbound.policies.base import DEFAULT_SINKS
+
+    gates = RetentionGates.for_model(model, bias_init=2.0, seed=0)
+    direct = EvictionCache(model, name, budget=32, buffer=4)
+    built, _, sinks = build_cache(model, name, budget=32, buffer=4, gates=gates)
+    assert direct.sinks == built.sinks == sinks == DEFAULT_SINKS == 4
+    assert TrimKVCache(model, budget=32).sinks == DEFAULT_SINKS
+    assert EvictionCache(model, name, budget=3, buffer=4).sinks == 2  # always inside M
+    assert EvictionCache(model, name, budget=32, buffer=4, sinks=0).sinks == 0
+
+
+@pytest.mark.parametrize(("name", "default"), [("snapkv", 32), ("pyramidkv", 32), ("rkv", 8)])
+@pytest.mark.parametrize("budget", [8, 32, 64, 128])
+def test_observation_window_leaves_room_to_select(model, name, default, budget):
+    cache = EvictionCache(model, name, budget=budget, buffer=4)
+    window = cache.settings()["policy"]["window"]
+    assert window == min(default, budget // 2) and window < budget
+    assert cache.eviction_layers[0].queries.w == window  # the hook buffers that many queries
+    set_by_user = EvictionCache(model, name, budget=budget, buffer=4, window=5)
+    assert set_by_user.settings()["policy"]["window"] == 5
+    if name == "pyramidkv":  # the window is inside every layer's budget, total unchanged
+        assert cache.settings()["layer_budget_total"] == budget * len(cache.eviction_layers)
+
+
+def test_snapkv_at_small_budget_is_not_the_recency_window(model):
+    """At M=32 a window of 32 would keep the last 32 tokens (StreamingLLM without sinks)."""
+    ids = torch.randint(3, 100, (1, 96), generator=gen(411))
+    kept = {}
+    for name in ("snapkv", "streaming"):
+        cache = EvictionCache(model, name, budget=32, buffer=0, sinks=0)
+        with torch.no_grad():
+            model(ids, cache=cache)
+            model(ids[:, :1], cache=cache)  # evicts down to M, then appends this token
+        kept[name] = cache.resident_positions(0)[0].tolist()
+    assert all(len(row) == 32 + 1 for row in kept["snapkv"])
+    assert kept["snapkv"] != kept["streaming"]
+    window = EvictionCache(model, "snapkv", budget=32, buffer=0).settings()["policy"]["window"]
+    assert window == 16
+    assert all(set(range(96 - window, 97)) <= set(row) for row in kept["snapkv"])
+    assert all(min(row) < 96 - 32 for row in kept["snapkv"])  # it selected older tokens
+
+
+def test_rules_check_refuses_methods_run_under_different_rules(model):
+    from kvbound.eval.stats import check_same_rules
+
+    rows = [{"label": m, "settings": EvictionCache(model, m, budget=32, buffer=4).settings()}
+            for m in ("trimkv", "snapkv", "pyramidkv", "streaming")]
+    check_same_rules(rows + [{"label": "full", "settings": None}])
+    odd = {"label": "h2o", "settings": EvictionCache(model, "h2o", budget=32, buffer=4,
+                                                     sinks=0).settings()}
+    with pytest.raises(KVBoundError, match="different rules.*h2o"):
+        check_same_rules(rows + [odd])
+    other_buffer = {"label": "tova", "settings": EvictionCache(model, "tova", budget=32,
+                                                               buffer=8).settings()}
+    with pytest.raises(KVBoundError, match="different rules"):
+        check_same_rules(rows + [other_buffer])

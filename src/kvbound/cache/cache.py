@@ -28,6 +28,7 @@ from kvbound.cache.static import StaticDecode, StaticEvictionLayer, check_static
 from kvbound.cache.stats import CacheStats, kv_bytes, new_timings
 from kvbound.errors import KVBoundError
 from kvbound.policies import Policy, get_policy
+from kvbound.policies.base import DEFAULT_SINKS
 
 
 class EvictionCache(Cache):
@@ -44,7 +45,8 @@ class EvictionCache(Cache):
     buffer:
         b, tokens allowed to accumulate before the next eviction (eviction every b decode steps).
     sinks:
-        Protect the first N real tokens of each row (counted inside M). ``None`` = policy default.
+        Protect the first N real tokens of each row (counted inside M). ``None`` = 4
+        (``DEFAULT_SINKS``, the same for every policy; ``0`` protects none).
     static:
         Fixed-shape decode steps for ``torch.compile`` (see :mod:`kvbound.cache.static`).
     positions:
@@ -67,8 +69,9 @@ class EvictionCache(Cache):
 
         check_int("budget", budget, minimum=1)
         check_int("buffer", buffer, minimum=0)
-        self.policy = get_policy(policy, **policy_kwargs) if isinstance(policy, str) else policy
-        sinks = min(self.policy.default_sinks, budget - 1) if sinks is None else sinks
+        policy = get_policy(policy, **policy_kwargs) if isinstance(policy, str) else policy
+        self.policy = policy.fit_budget(budget)
+        sinks = min(DEFAULT_SINKS, budget - 1) if sinks is None else sinks
         check_int("sinks", sinks, minimum=0)
         if sinks >= budget:
             raise KVBoundError(f"sinks ({sinks}) must be smaller than the budget ({budget}).")
@@ -94,6 +97,7 @@ class EvictionCache(Cache):
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self._seen_total, self._warned = 0, False
         self.rolling = self._rolling_positions(positions, model, kinds, set(budgets.values()))
+        self.positions_mode = positions
         #: position ids the model pre-hook hands to the model (rolling positions), else None
         self.position_ids: torch.Tensor | None = None
         self._new: tuple | None = None
@@ -268,6 +272,17 @@ class EvictionCache(Cache):
                           / max(sum(layer.seen_sum for layer in ev), 1)),
             budget=self.budget, buffer=self.buffer, sinks=self.sinks, policy=self.policy.name,
         )
+
+    def settings(self) -> dict:
+        """The rules this cache runs under, recorded with every result: budget, buffer, sinks,
+        positions, the policy with its resolved settings (e.g. SnapKV's window) and the budget
+        accounting (tokens per KV head summed over the evicted layers: L x M for every policy,
+        PyramidKV included, which only moves them between layers)."""
+        return {"budget": self.budget, "buffer": self.buffer, "sinks": self.sinks,
+                "positions": self.positions_mode, "static": self.static,
+                "policy": self.policy.describe(),
+                "evicted_layers": len(self.eviction_layers),
+                "layer_budget_total": sum(layer.budget for layer in self.eviction_layers)}
 
     def resident_positions(self, layer_idx: int) -> torch.Tensor:
         """(B, H_kv, n) absolute positions of the tokens layer ``layer_idx`` holds now."""

@@ -116,7 +116,10 @@ def run_fidelity(
     """Every method x budget on every window (windows batched); returns a JSON-able dict.
 
     ``methods`` entries may be plain method names or ``(label, method, overrides)`` tuples, where
-    ``overrides`` may set ``gates`` and ``sinks`` for that entry (e.g. untrained gates).
+    ``overrides`` may set ``gates``, ``sinks``, ``max_windows`` (score only the first N windows,
+    for weaker baselines in long sweeps) and policy settings (e.g. ``window``) for that entry.
+    Every row records the cache's :meth:`~kvbound.cache.EvictionCache.settings` and its
+    per-window values, in window order (so two rows pair window by window).
     """
     from kvbound.generation import build_cache
     from kvbound.hooks import get_state
@@ -143,20 +146,31 @@ def run_fidelity(
                                       f"{ids.shape[1]} tokens; use a longer --seq-len.")
                 for label, method, over in specs:
                     key = (label, budget)
+                    done = len(rows.get(key, []))
+                    limit = over.get("max_windows")
+                    if limit is not None and done >= limit:
+                        bar.update(task, advance=1)
+                        continue
+                    sub_ids = ids if limit is None else ids[: limit - done]
+                    policy_kw = {k: v for k, v in over.items()
+                                 if k not in ("sinks", "gates", "max_windows")}
                     if method == "full":
-                        ours, peak, info = full, ids.shape[1], {"sinks": None, "gates": None}
+                        ours, peak = full, ids.shape[1]
+                        info = {"sinks": None, "gates": None, "settings": None}
                     else:
                         cache, used, sinks_used = build_cache(
                             model, method, budget=budget, buffer=buffer,
-                            sinks=over.get("sinks", sinks), gates=over.get("gates", gates))
-                        ours = bounded_logprobs(model, ids, cache, protocol=protocol,
+                            sinks=over.get("sinks", sinks), gates=over.get("gates", gates),
+                            **policy_kw)
+                        ours = bounded_logprobs(model, sub_ids, cache, protocol=protocol,
                                                 buffer=buffer, context_len=context_len)
                         peak = cache.stats().peak_tokens_per_head
-                        info = {"sinks": sinks_used, "gates": None if used is None else
+                        info = {"sinks": sinks_used, "settings": cache.settings(),
+                                "gates": None if used is None else
                                 f"{used.config.base_model}@{used.digest()}"}
                     meta[key] = {"method": method, **info}
                     peaks[key] = max(peaks.get(key, 0), peak)
-                    for b, w in enumerate(group):
+                    for b, w in enumerate(group[: sub_ids.shape[0]]):
                         rows.setdefault(key, []).append(
                             {**compare(full[b], ours[b], ids[b], start), "source": w.source})
                     bar.update(task, advance=1)
@@ -183,6 +197,10 @@ def run_fidelity(
             "windows": len(rs),
             "positions": n,
             "kl_per_window": [r["kl"] for r in rs],
+            "top1_per_window": [r["top1"] for r in rs],
+            "nll_per_window": [r["nll"] for r in rs],
+            "nll_full_per_window": [r["nll_full"] for r in rs],
+            "source_per_window": [r["source"] for r in rs],
         })
     return {
         "protocol": protocol,

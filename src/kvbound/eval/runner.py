@@ -76,7 +76,8 @@ def build_prompt(tokenizer, ex: TaskExample) -> list[int]:
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, *, method: str,
                    budget: int, buffer: int, chunk: int, sinks, gates, prefill: str) -> tuple:
-    """Greedy generation for left-padded prompts; returns (texts, peak tokens/head, seconds)."""
+    """Greedy generation for left-padded prompts; returns (texts, peak tokens/head, seconds,
+    the cache's settings (None for the full cache))."""
     from kvbound.cache import EvictionCache
     from kvbound.generation import build_cache, prefill_chunk_size
 
@@ -87,8 +88,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     for i, p in enumerate(prompts):
         ids[i, longest - len(p):] = torch.tensor(p)
         mask[i, longest - len(p):] = 1
-    cache, _, _ = build_cache(model, method, budget=budget, buffer=buffer, sinks=sinks,
-                              gates=gates)
+    cache, used, _ = build_cache(model, method, budget=budget, buffer=buffer, sinks=sinks,
+                                 gates=gates)
     prefill_chunk = prefill_chunk_size(method, chunk, longest, budget,
                                        full_prefill=prefill != "chunked")
     t0 = time.perf_counter()
@@ -98,9 +99,13 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
                          prefill_chunk_size=prefill_chunk)
     seconds = time.perf_counter() - t0
     texts = [tokenizer.decode(row[longest:], skip_special_tokens=True) for row in out]
-    peak = cache.stats().peak_tokens_per_head if isinstance(cache, EvictionCache) else (
-        cache.get_seq_length())
-    return texts, peak, seconds
+    bounded = isinstance(cache, EvictionCache)
+    peak = cache.stats().peak_tokens_per_head if bounded else cache.get_seq_length()
+    settings = None
+    if bounded:
+        settings = {**cache.settings(), "prefill_chunk": prefill_chunk, "gates": None if used is
+                    None else f"{used.config.base_model}@{used.digest()}"}
+    return texts, peak, seconds, settings
 
 
 def run_dir_name(task: str, model: str, method: str, budget: int, prefill: str) -> str:
@@ -141,6 +146,9 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out: Path, *, progress: bool = T
                     combined.append({k: v for k, v in rec.items() if k != "predictions"})
                     bar.update(task_id, advance=1,
                                description=f"{task} {method} M={budget}")
+    from kvbound.eval.stats import check_same_rules
+
+    check_same_rules(combined)
     summary = {"model": model_name, "config": cfg.__dict__, "results": combined}
     atomic_write_json(out / "results.json", summary)
     from kvbound.eval.report import write_report
@@ -153,17 +161,21 @@ def _run_one(model, tokenizer, cfg, spec, examples, prompts, method, budget, ref
              model_name) -> dict:
     d = out / run_dir_name(spec.name, model_name, method, budget, cfg.prefill)
     if (d / "metrics.json").exists():
+        import yaml
+
         metrics = json.loads((d / "metrics.json").read_text())
         preds = _read_predictions(d / "predictions.csv")
+        config = yaml.safe_load((d / "config.yaml").read_text())
         return {"task": spec.name, "method": method, "budget": budget, "metrics": metrics,
-                "predictions": preds, "dir": d.name}
-    preds, peaks, seconds = [], [], 0.0
+                "predictions": preds, "dir": d.name, "prefill": config.get("prefill"),
+                "settings": config.get("settings")}
+    preds, peaks, seconds, settings = [], [], 0.0, None
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))  # less padding
     texts: dict[int, str] = {}
     for s in range(0, len(order), cfg.batch_size):
         idx = order[s : s + cfg.batch_size]
         new = max(examples[i].max_new_tokens for i in idx)
-        got, peak, sec = generate_batch(
+        got, peak, sec, settings = generate_batch(
             model, tokenizer, [prompts[i] for i in idx], new, method=method,
             budget=budget or 1 << 30, buffer=cfg.buffer, chunk=cfg.chunk, sinks=cfg.sinks,
             gates=cfg.gates, prefill=cfg.prefill)
@@ -177,8 +189,11 @@ def _run_one(model, tokenizer, cfg, spec, examples, prompts, method, budget, ref
     config = {"task": spec.name, "model": model_name, "method": method,
               "budget": budget or None, "buffer": cfg.buffer, "chunk": cfg.chunk,
               "prefill": cfg.prefill, "query_aware": cfg.prefill == "full",
-              "sinks": cfg.sinks, "gates": cfg.gates, "seed": cfg.seed, "limit": cfg.limit,
-              "context_tokens": cfg.context_tokens if spec.synthetic else None}
+              "sinks": None if settings is None else settings["sinks"],
+              "gates": None if settings is None else settings["gates"], "seed": cfg.seed,
+              "limit": cfg.limit, "n": len(examples),
+              "context_tokens": cfg.context_tokens if spec.synthetic else None,
+              "settings": settings}
 
     def write(tmp: Path) -> None:
         with (tmp / "predictions.csv").open("w", newline="") as fh:
@@ -191,7 +206,7 @@ def _run_one(model, tokenizer, cfg, spec, examples, prompts, method, budget, ref
 
     atomic_dir_write(d, write)
     return {"task": spec.name, "method": method, "budget": budget, "metrics": metrics,
-            "predictions": preds, "dir": d.name}
+            "predictions": preds, "dir": d.name, "prefill": cfg.prefill, "settings": settings}
 
 
 def _read_predictions(path: Path) -> list[str]:

@@ -12,6 +12,16 @@ from typing import ClassVar, Protocol
 
 import torch
 
+#: first tokens of each row protected when the user does not choose: the same for every policy
+#: (StreamingLLM's 4 attention sinks), so that methods are compared under the same rules.
+DEFAULT_SINKS = 4
+
+
+def window_for(budget: int, default: int) -> int:
+    """Observation window for a budget-``budget`` cache: ``default``, but at most half the
+    budget, so that the policy still selects tokens (a window of M would keep only the window)."""
+    return max(1, min(default, budget // 2))
+
 
 class LayerView(Protocol):
     """What a policy may read (and, through ``add_state`` / ``state``, write) of a cache layer.
@@ -54,13 +64,18 @@ class Policy:
         absolute positions ``layer.queries.pos`` (B, w), -1 for padding); 0 for
         query-agnostic scorers. Any value > 0 also makes :meth:`on_update` receive the
         forward's queries.
-    default_sinks: sinks protected when the user does not choose (StreamingLLM: 4).
+
+    Sinks are the cache's (``DEFAULT_SINKS`` unless the user chooses), never a policy's.
     """
 
     name: ClassVar[str] = "base"
     needs_gates: ClassVar[bool] = False
     query_window: ClassVar[int] = 0
-    default_sinks: ClassVar[int] = 0
+
+    def fit_budget(self, budget: int) -> Policy:
+        """This policy for a cache of ``budget`` tokens per head: settings the user left unset
+        that depend on the budget are resolved (SnapKV's window). The cache calls it once."""
+        return self
 
     def layer_budget(self, layer_idx: int, evicted: list[int], budget: int) -> int:
         """Tokens per KV head kept in ``layer_idx`` (uniform by default; PyramidKV varies it)."""

@@ -5,7 +5,9 @@ every resident key) are averaged over the window; the prefix (non-window) part i
 the sequence (stride 1, ``kernel // 2`` padding); the pooled scores are averaged over the GQA group
 (kvpress's order and reduction, never the per-query-head ``repeat_kv`` layout). The window's own
 tokens are always kept, inside M. Defaults are the paper's experiment configs: window 32,
-kernel 7, max pooling (the official code default is kernel 5 avg; kvpress 64 / 5 / avg).
+kernel 7, max pooling (the official code default is kernel 5 avg; kvpress 64 / 5 / avg). Unless
+the user sets ``window``, it is ``min(32, M // 2)`` for a budget-M cache: a window as large as M
+would keep only the window (the last M tokens), leaving nothing to select.
 
 ``query_aware`` only labels results: whether the question is in the prompt (so the observation
 window sees it) is decided by the evaluation harness, not here.
@@ -18,14 +20,14 @@ variants do.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from kvbound.errors import KVBoundError
 from kvbound.policies.attention_rows import mean_over_queries, pool1d, recent_probs, recent_window
-from kvbound.policies.base import Policy
+from kvbound.policies.base import Policy, window_for
 
 
 @dataclass
@@ -33,27 +35,37 @@ class SnapKVPolicy(Policy):
     """Pooled attention of the last ``window`` queries; window kept (arXiv 2404.14469)."""
 
     name: ClassVar[str] = "snapkv"
-    window: int = 32
+    #: observation window; None = min(DEFAULT_WINDOW, M // 2), resolved by :meth:`fit_budget`
+    window: int | None = None
     kernel: int = 7
     pooling: str = "max"
     #: label only: the question is part of the prompt the window sees
     query_aware: bool = False
 
+    DEFAULT_WINDOW: ClassVar[int] = 32
+
     def __post_init__(self) -> None:
-        if self.window < 1:
+        if self.window is not None and self.window < 1:
             raise KVBoundError(f"window must be >= 1, got {self.window}.")
         if self.kernel < 1:
             raise KVBoundError(f"kernel must be >= 1, got {self.kernel}.")
         if self.pooling not in ("max", "avg"):
             raise KVBoundError(f"pooling must be 'max' or 'avg', got {self.pooling!r}.")
 
+    def window_at(self, budget: int) -> int:
+        """The observation window of a budget-``budget`` cache."""
+        return window_for(budget, self.DEFAULT_WINDOW) if self.window is None else self.window
+
+    def fit_budget(self, budget: int) -> SnapKVPolicy:
+        return self if self.window is not None else replace(self, window=self.window_at(budget))
+
     @property
     def query_window(self) -> int:  # the hook buffers this many recent queries per layer
-        return self.window
+        return self.DEFAULT_WINDOW if self.window is None else self.window
 
     def score(self, layer) -> torch.Tensor:
         probs, valid = recent_probs(layer)  # (B, H_kv, g, w, n)
-        window = recent_window(layer, self.window)
+        window = recent_window(layer, self.window_at(layer.budget))
         if probs.shape[3] == 0:
             attn = probs.sum(-2)  # zeros (B, H_kv, g, n)
         else:

@@ -13,13 +13,13 @@ from kvbound.policies.base import Policy
 
 @dataclass
 class StreamingPolicy(Policy):
-    """Sinks + recency window. Sinks are the cache's ``sinks`` (default 4), counted inside M.
+    """Sinks + recency window. Sinks are the cache's ``sinks`` (default 4 for every policy),
+    counted inside M.
 
     Positions are kept as original (not re-indexed inside the cache, unlike the paper's code).
     """
 
     name: ClassVar[str] = "streaming"
-    default_sinks: ClassVar[int] = 4
 
     def score(self, layer) -> torch.Tensor:
         return layer.positions.float()

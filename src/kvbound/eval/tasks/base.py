@@ -329,9 +329,18 @@ def summarize(
 ) -> dict[str, Any]:
     """The standard result dict: ``score`` = 100 * mean(values), plus per-group means for each
     grouping in ``groups`` (``{"per_level": [level of each example], ...}``) and the reference
-    agreement when ``reference_predictions`` is given."""
+    agreement when ``reference_predictions`` is given. ``ci95`` is the 95% interval of the score:
+    Wilson's for 0/1 values, a bootstrap of the mean otherwise."""
+    from kvbound.eval.stats import bootstrap_mean_ci, wilson_interval
+
     out: dict[str, Any] = {"score": 100.0 * metrics.mean(values), "metric": metric,
                            "n": len(values)}
+    if values:
+        binary = all(v in (0.0, 1.0) for v in values)
+        lo, hi = (wilson_interval(sum(values), len(values)) if binary
+                  else bootstrap_mean_ci(list(values)))
+        out["ci95"] = [100.0 * lo, 100.0 * hi]
+        out["interval"] = "wilson" if binary else "bootstrap"
     for key, labels in (groups or {}).items():
         buckets: dict[str, list[float]] = {}
         for label, v in zip(labels, values):
