@@ -1,13 +1,23 @@
-"""Fidelity sweep: every method at budgets 32-256 on held-out text (decode protocol).
+"""Fidelity sweep: every method at budgets 32-256, same rules for all, two sink regimes, with CIs.
 
     python benchmarks/fidelity_sweep.py --write-results
+    python benchmarks/fidelity_sweep.py --from-json --write-results     # re-render a saved run
 
-Writes the "fidelity-sweep" section of docs/RESULTS.md and docs/img/fidelity_*.png.
+Text: windows of ``--seq-len`` tokens from three domains training never used (docs/TRAINING.md):
+the held-out half of the pydoc topics, libpng's manual (``/usr/share/doc/libpng16-16``) and text
+the model writes itself from evaluation-only prompts (generated once, cached in ``runs/``).
+Every method runs in each regime with the same protected sinks (0 for all, then 4 for all),
+buffer, positions and budget accounting (checked); decode protocol. Per method and budget: mean
+KL(full || method) with a 95% bootstrap CI over windows, top-1 agreement and perplexity ratio;
+per budget: TRIM-KV minus the best other method window by window (mean, CI, wins) at the same
+budget and at twice the budget. Writes the ``fidelity-sweep-<protocol>`` section of
+docs/RESULTS.md, docs/img/fidelity_*.png and ``runs/fidelity_sweep.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -16,13 +26,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import command, machine, write_section  # noqa: E402
 
-from kvbound.eval.fidelity import make_windows, run_fidelity  # noqa: E402
+from kvbound.eval.fidelity import make_windows  # noqa: E402
 from kvbound.eval.report import fidelity_plots  # noqa: E402
-from kvbound.eval.textpool import eval_text_pool  # noqa: E402
+from kvbound.eval.sweep import fidelity_sweep  # noqa: E402
+from kvbound.eval.textpool import eval_text_pool, self_generated_eval_texts  # noqa: E402
 from kvbound.models import load_model  # noqa: E402
 from kvbound.policies import METHODS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+LIBPNG = Path("/usr/share/doc/libpng16-16/libpng-manual.txt.gz")
+#: training-free baselines the field uses most get every window; the others may get fewer
+STRONG = ("trimkv", "streaming", "tova", "h2o", "snapkv", "rkv")
+
+
+def domain_texts(model, tok, args) -> list[tuple[str, str]]:
+    texts = [("pydoc-eval-half", "\n\n".join(eval_text_pool()))]
+    if LIBPNG.exists():
+        texts.append(("libpng-manual", gzip.decompress(LIBPNG.read_bytes()).decode("utf-8",
+                                                                                   "replace")))
+    cache = ROOT / "runs" / f"eval_selfgen_{args.seq_len}.json"
+    saved = json.loads(cache.read_text()) if cache.exists() else []
+    if len(saved) < args.selfgen:
+        saved = self_generated_eval_texts(model, tok, args.selfgen, args.seq_len, seed=0)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(saved))
+    texts += [(f"self-generated/{i}", t) for i, t in enumerate(saved[: args.selfgen])]
+    return texts + [(f, Path(f).read_text(errors="replace")) for f in args.text_file]
+
+
+def windows_per_domain(tok, texts, seq_len: int, per_domain: int):
+    """``per_domain`` windows from each domain (self-generated texts form one domain)."""
+    out, taken = [], {}
+    for name, text in texts:
+        domain = name.split("/")[0]
+        room = per_domain - taken.get(domain, 0)
+        if room <= 0:
+            continue
+        try:
+            got = make_windows(tok, [(name, text)], seq_len, room)
+        except Exception:  # a self-generated text shorter than a window
+            continue
+        taken[domain] = taken.get(domain, 0) + len(got)
+        out += got
+    return out, taken
 
 
 def main() -> None:
@@ -32,59 +78,111 @@ def main() -> None:
     ap.add_argument("--budgets", default="32,64,128,256")
     ap.add_argument("--buffer", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--max-windows", type=int, default=8)
+    ap.add_argument("--per-domain", type=int, default=12, help="windows per text domain")
+    ap.add_argument("--selfgen", type=int, default=12, help="self-generated texts")
+    ap.add_argument("--weak-windows", type=int, default=None,
+                    help="windows for methods outside the strongest baselines (default: all)")
+    ap.add_argument("--regimes", default="0,4", help="protected sinks, one regime each")
     ap.add_argument("--protocol", default="decode")
     ap.add_argument("--text-file", action="append", default=[])
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=Path, default=ROOT / "runs" / "fidelity_sweep.json")
+    ap.add_argument("--from-json", action="store_true")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
-    model, tok = load_model(args.model)
-    texts = [("pydoc-eval-half", "\n\n".join(eval_text_pool()))]
-    texts += [(f, Path(f).read_text(errors="replace")) for f in args.text_file]
-    windows = make_windows(tok, texts, args.seq_len, args.max_windows)
-    budgets = [int(b) for b in args.budgets.split(",")]
-    res = run_fidelity(model, tok, windows, methods=args.methods.split(","), budgets=budgets,
-                       buffer=args.buffer, protocol=args.protocol,
-                       context_len=args.seq_len // 2 if args.protocol == "context" else None)
-    res["command"] = command()
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    if args.from_json:
+        res = json.loads(args.json.read_text())
+    else:
+        model, tok = load_model(args.model)
+        windows, taken = windows_per_domain(tok, domain_texts(model, tok, args), args.seq_len,
+                                            args.per_domain)
+        methods = args.methods.split(",")
+        fewer = ({m: args.weak_windows for m in methods if m not in STRONG + ("full",)}
+                 if args.weak_windows else {})
+        res = fidelity_sweep(model, tok, windows, methods=methods,
+                             budgets=[int(b) for b in args.budgets.split(",")],
+                             buffer=args.buffer, fewer_windows=fewer, protocol=args.protocol,
+                             regimes=tuple(int(s) for s in args.regimes.split(",")))
+        res.update(command=command(), machine=machine(), windows_per_domain=taken,
+                   protocol=args.protocol, seq_len=args.seq_len)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    fidelity_plots(res, img / f"fidelity_{args.protocol}")
-    md = render(res, budgets, args)
+    for sinks, r in res["regimes"].items():
+        fidelity_plots(r, img / f"fidelity_{res['protocol']}_sinks{sinks}")
+    md = render(res)
     print(md)
     if args.write_results:
-        write_section(f"fidelity-sweep-{args.protocol}", md)
+        write_section(f"fidelity-sweep-{res['protocol']}", md)
 
 
-def render(res, budgets, args) -> str:
-    by = {(r["label"], r["budget"]): r for r in res["results"]}
-    labels = [m for m in dict.fromkeys(r["label"] for r in res["results"]) if m != "full"]
+def _ci(x: float, ci: list[float], fmt: str = ".4f") -> str:
+    return f"{x:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def render(res: dict) -> str:
+    budgets, protocol = res["budgets"], res["protocol"]
+    any_regime = next(iter(res["regimes"].values()))
+    domains = ", ".join(f"{k} ({v})" for k, v in res["windows_per_domain"].items())
     lines = [
-        f"## Fidelity to the full cache, every method ({res['protocol']} protocol)",
+        f"## Fidelity to the full cache, every method under the same rules ({protocol} protocol)",
         "",
         f"Command: `{res['command']}`  ",
-        f"Machine: {machine()}  ",
-        f"{res['windows']} held-out windows of {res['seq_len']} tokens ({', '.join(res['sources'])}),"
-        f" buffer {args.buffer}; KL(full || method) in nats over positions past the budget, "
-        "top-1 agreement, perplexity ratio. Sinks: each method's default (StreamingLLM 4; "
-        "TRIM-KV: the shipped gates' recommendation).",
-        "",
-        "| method | sinks | " + " | ".join(f"KL M={b}" for b in budgets) + " | "
-        + " | ".join(f"top-1 M={b}" for b in budgets) + " | "
-        + " | ".join(f"ppl x M={b}" for b in budgets) + " |",
-        "|---|---|" + "---|" * (3 * len(budgets)),
+        f"Machine: {res['machine']}  ",
+        f"{any_regime['windows']} windows of {res['seq_len']} tokens from text training never "
+        f"saw: {domains}. Buffer {res['buffer']}; every method in a regime has the same protected "
+        "sinks, buffer, positions and budget accounting (checked by `check_same_rules`); SnapKV "
+        "and PyramidKV observe the last min(32, M/2) queries, R-KV min(8, M/2). KL(full || "
+        "method) in nats over positions past the budget, mean over windows with a 95% bootstrap "
+        "CI; top-1 agreement; perplexity ratio (method / full)."
+        + (f" Methods outside {', '.join(STRONG)} were scored on the first "
+           f"{next(iter(res['fewer_windows'].values()))} windows only."
+           if res.get("fewer_windows") else ""),
     ]
-    best = {b: min(by[(m, b)]["kl_mean"] for m in labels) for b in budgets}
-    for m in labels:
-        kl = " | ".join(("**{:.4f}**" if by[(m, b)]["kl_mean"] == best[b] else "{:.4f}")
-                        .format(by[(m, b)]["kl_mean"]) for b in budgets)
-        top = " | ".join(f"{by[(m, b)]['top1_agreement']:.3f}" for b in budgets)
-        ppl = " | ".join(f"{by[(m, b)]['ppl_ratio']:.3f}" for b in budgets)
-        lines.append(f"| {m} | {by[(m, budgets[0])]['sinks']} | {kl} | {top} | {ppl} |")
-    lines += ["", f"![KL vs budget](img/fidelity_{res['protocol']}_kl_mean.png) "
-              f"![top-1 vs budget](img/fidelity_{res['protocol']}_top1_agreement.png)"]
+    for sinks, r in res["regimes"].items():
+        by = {(x["label"], x["budget"]): x for x in r["results"]}
+        labels = [m for m in dict.fromkeys(x["label"] for x in r["results"]) if m != "full"]
+        best = {b: min(by[(m, b)]["kl_mean"] for m in labels) for b in budgets}
+        lines += ["", f"### Protected sinks: {sinks} for every method", "",
+                  "| method | windows | " + " | ".join(f"KL M={b} [95% CI]" for b in budgets)
+                  + " | " + " | ".join(f"top-1 M={b}" for b in budgets) + " | "
+                  + " | ".join(f"ppl x M={b}" for b in budgets) + " |",
+                  "|---|---|" + "---|" * (3 * len(budgets))]
+        for m in labels:
+            cells = []
+            for b in budgets:
+                x = by[(m, b)]
+                cell = _ci(x["kl_mean"], x["kl_ci"])
+                cells.append(f"**{cell}**" if x["kl_mean"] == best[b] else cell)
+            top = " | ".join(f"{by[(m, b)]['top1_agreement']:.3f}" for b in budgets)
+            ppl = " | ".join(f"{by[(m, b)]['ppl_ratio']:.3f}" for b in budgets)
+            lines.append(f"| {m} | {by[(m, budgets[0])]['windows']} | {' | '.join(cells)} | "
+                         f"{top} | {ppl} |")
+        lines += ["", f"TRIM-KV minus the best other method, window by window (sinks {sinks}; "
+                  "negative = TRIM-KV closer to the full cache; wins = windows where TRIM-KV's "
+                  "KL is lower):", "",
+                  "| M | TRIM-KV KL | best other at M | its KL | difference [95% CI] | wins | "
+                  "best other at 2M | its KL | difference [95% CI] | wins |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in r["comparisons"]:
+            v = c["vs_best"]
+            row = (f"| {c['budget']} | {c['kl']:.4f} | {v['other']} | {v['other_kl']:.4f} | "
+                   f"{_ci(v['mean'], v['ci'], '+.4f')} | {v['wins']}/{v['n']} |")
+            d = c.get("vs_best_at_2m")
+            row += (f" {d['other']} | {d['other_kl']:.4f} | {_ci(d['mean'], d['ci'], '+.4f')} | "
+                    f"{d['wins']}/{d['n']} |" if d else " - | - | - | - |")
+            lines.append(row)
+        verdicts = []
+        for c in r["comparisons"]:
+            v = c["vs_best"]
+            if v["ci"][1] < 0:
+                verdicts.append(f"M={c['budget']}: TRIM-KV wins (CI below 0)")
+            elif v["ci"][0] > 0:
+                verdicts.append(f"M={c['budget']}: TRIM-KV loses to {v['other']} (CI above 0)")
+            else:
+                verdicts.append(f"M={c['budget']}: no clear difference with {v['other']}")
+        lines += ["", f"Verdict, sinks {sinks}: " + "; ".join(verdicts) + ".", "",
+                  f"![KL vs budget, sinks {sinks}](img/fidelity_{protocol}_sinks{sinks}_kl_mean.png)"]
     return "\n".join(lines)
 
 

@@ -85,3 +85,45 @@ def test_budget_too_large_for_window(model):
     with pytest.raises(KVBoundError, match="seq-len"):
         run_fidelity(model, ByteTokenizer(), _windows(1, 16), methods=["streaming"], budgets=[32],
                      progress=False)
+
+
+def test_sweep_runs_every_method_under_the_same_rules_per_regime(model):
+    from kvbound.eval.sweep import fidelity_sweep
+
+    res = fidelity_sweep(model, ByteTokenizer(), _windows(4), budgets=[8, 16], buffer=4,
+                         methods=["full", "trimkv", "streaming", "snapkv", "pyramidkv", "knorm"],
+                         fewer_windows={"knorm": 2}, progress=False)
+    assert set(res["regimes"]) == {"0", "4"}
+    for sinks, r in res["regimes"].items():
+        bounded = [x for x in r["results"] if x["label"] != "full"]
+        assert {x["sinks"] for x in bounded} == {int(sinks)}
+        for m in (8, 16):
+            rules = {(x["settings"]["sinks"], x["settings"]["buffer"],
+                      x["settings"]["layer_budget_total"], x["settings"]["positions"])
+                     for x in bounded if x["budget"] == m}
+            assert rules == {(int(sinks), 4, m * model.config.num_hidden_layers, "auto")}
+        snap = next(x for x in bounded if x["label"] == "snapkv" and x["budget"] == 8)
+        assert snap["settings"]["policy"]["window"] == 4  # min(32, M/2): room to select
+        for x in bounded:
+            assert x["windows"] == (2 if x["label"] == "knorm" else 4)
+            assert x["kl_ci"][0] <= x["kl_mean"] <= x["kl_ci"][1]
+        for c in r["comparisons"]:
+            v = c["vs_best"]
+            assert v["other"] != "trimkv" and v["ci"][0] <= v["mean"] <= v["ci"][1]
+            assert 0 <= v["wins"] <= v["n"] == 4 or v["other"] == "knorm"
+        assert r["comparisons"][0]["vs_best_at_2m"]["other_budget"] == 16
+
+
+def test_sweep_refuses_a_method_that_ran_under_other_rules(model, monkeypatch):
+    from kvbound.eval import sweep
+    from kvbound.generation import build_cache as real
+
+    def unfair(model, method, **kw):  # streaming quietly keeps its own 4 sinks
+        if method == "streaming":
+            kw["sinks"] = 4
+        return real(model, method, **kw)
+
+    monkeypatch.setattr("kvbound.generation.build_cache", unfair)
+    with pytest.raises(KVBoundError, match="different rules"):
+        sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2), budgets=[8], buffer=4,
+                             methods=["trimkv", "streaming"], regimes=(0,), progress=False)

@@ -115,15 +115,20 @@ def test_synthetic_targets_are_the_answer():
         reply = answer.removeprefix("assistant: ").strip()
         question = full[: -len(answer)]
         if kind == "lookup":  # the value listed for the asked key
-            key = re.search(r"value for the key '(\w+)'", question).group(1)
-            assert re.search(rf"^{key}: (\S+)$", question, re.M).group(1) == reply
+            key = re.search(r"belongs to the label '(\w+)'", question).group(1)
+            assert re.search(rf"^{key} = (\S+)$", question, re.M).group(1) == reply
         elif kind == "needle":  # the value of the asked fact, stated in the haystack
-            subject = re.search(r"Question: what is (.+)\?", question).group(1)
-            value = re.search(rf"Remember this: {re.escape(subject)} is (\d+)\.", question)
-            assert reply == f"The answer is {value.group(1)}."
+            subject = re.search(r"Which value was given for (.+)\?", question).group(1)
+            value = re.search(rf"Keep in mind that {re.escape(subject)} is (\d+)\.", question)
+            assert reply == f"It was {value.group(1)}."
         elif kind == "conversation":  # what the user said in the first turns
-            said = reply.removeprefix("You told me ").rstrip(".")
+            said = reply.removeprefix("Yes: ").rstrip(".")
             assert said.split(" is ")[-1] in question
+        elif kind == "state":  # the start count plus the additions minus what was handed on
+            start = int(re.search(r"At first, \w+ owns (\d+)", question).group(1))
+            added = sum(map(int, re.findall(r"adds (\d+)", question)))
+            handed = sum(map(int, re.findall(r"hands (\d+)", question)))
+            assert reply == f"The final count is {start + added - handed}."
     assert kinds == {"needle", "lookup", "conversation", "state"}
 
 

@@ -133,21 +133,47 @@ def eval_text_pool_with_topics() -> list[tuple[str, str]]:
     return list(_pool("eval"))
 
 
-def self_generated_eval_texts(model, tokenizer, n: int, seq_len: int, seed: int) -> list[str]:
-    """``n`` texts the model writes itself from prompts on :data:`EVAL_TOPICS` (disjoint from
-    the training topics): the distribution a bounded cache sees while generating."""
+def self_generated_eval_texts(model, tokenizer, n: int, seq_len: int, seed: int,
+                              batch_size: int = 8) -> list[str]:
+    """``n`` texts of at least ``seq_len`` tokens the model writes itself (sampled, batched) from
+    :data:`EVAL_PROMPTS` x :data:`EVAL_TOPICS`, both disjoint from the training ``selfgen``
+    prompts and topics: the distribution a bounded cache sees while generating."""
     import random
 
-    from kvbound.train.data import SelfGenSource, generate_text
+    import torch
 
     rng = random.Random(f"eval-selfgen:{seed}")
+    prompts = [rng.choice(EVAL_PROMPTS).format(topic=EVAL_TOPICS[i % len(EVAL_TOPICS)])
+               for i in range(n)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        tokenizer.eos_token_id or 0)
     texts = []
-    for i in range(n):
-        prompt = rng.choice(SelfGenSource.PROMPTS).format(topic=rng.choice(EVAL_TOPICS))
-        texts.append(generate_text(model, tokenizer, prompt, seq_len + 32, seed + 1000 + i))
+    for start in range(0, n, batch_size):
+        rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                              add_generation_prompt=True, tokenize=False)
+                for p in prompts[start:start + batch_size]]
+        ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rows]
+        width = max(map(len, ids))
+        x = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for i, row in enumerate(ids):
+            x[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+        torch.manual_seed(seed + 1000 + start)
+        with torch.no_grad():
+            out = model.generate(x.to(model.device), attention_mask=mask.to(model.device),
+                                 do_sample=True, temperature=0.8, top_p=0.95,
+                                 repetition_penalty=1.1, min_new_tokens=seq_len + 8,
+                                 max_new_tokens=seq_len + 32, pad_token_id=pad)
+        texts += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
     return texts
 
 
-# topics for self-generated evaluation text (disjoint from the training topics)
+# prompts and topics for self-generated evaluation text: disjoint from the training ``selfgen``
+# prompts and topics (kvbound.train.data.SelfGenSource; a test checks it)
+EVAL_PROMPTS = (
+    "Describe, in a long and careful report, everything a newcomer should know about {topic}.",
+    "Tell me a long adventure in which a curious child discovers {topic}, chapter by chapter.",
+    "Give a long lecture on {topic}: the main ideas, common mistakes and open questions.",
+)
 EVAL_TOPICS = ("coral reefs", "medieval castles", "weather forecasting", "tea ceremonies",
                "railway signalling", "desert plants", "violin making", "deep sea fish")

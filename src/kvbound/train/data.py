@@ -232,20 +232,20 @@ class SyntheticSource(Source):
             value = str(rng.randint(1000, 99999))
             facts.append((f"the {attr} of the {thing}", value))
             paras.insert(rng.randrange(len(paras) + 1),
-                         f"Remember this: the {attr} of the {thing} is {value}.")
+                         f"Keep in mind that {facts[-1][0]} is {value}.")
         subject, value = rng.choice(facts)
-        q = f"{chr(10).join(paras)}\n\nQuestion: what is {subject}?"
+        q = f"{chr(10).join(paras)}\n\nWhich value was given for {subject}?"
         return [{"role": "user", "content": q},
-                {"role": "assistant", "content": f"The answer is {value}."}]
+                {"role": "assistant", "content": f"It was {value}."}]
 
     def _lookup(self, rng, words):
         n = max(8, min(200, words // 6))
         keys = rng.sample(_WORDS, min(n, len(_WORDS)))
         pairs = {k: f"{rng.choice(_WORDS)}-{rng.randint(10, 999)}" for k in keys}
-        listing = "\n".join(f"{k}: {v}" for k, v in pairs.items())
+        listing = "\n".join(f"{k} = {v}" for k, v in pairs.items())
         key = rng.choice(keys)
-        return [{"role": "user", "content": f"Here is a table of keys and values.\n{listing}\n\n"
-                 f"What is the value for the key '{key}'?"},
+        return [{"role": "user", "content": f"Below are labels, each followed by its entry.\n"
+                 f"{listing}\n\nWhich entry belongs to the label '{key}'?"},
                 {"role": "assistant", "content": pairs[key]}]
 
     def _conversation(self, rng, words):
@@ -254,46 +254,47 @@ class SyntheticSource(Source):
             ("my dog's name", rng.choice(_NAMES)), ("the city I live in", rng.choice(_CITIES)),
             ("my favourite colour", rng.choice(_COLOURS)), ("my locker number",
                                                             str(rng.randint(10, 999)))])
-        msgs = [{"role": "user", "content": f"Hi, I am {name}. By the way, {fact_kind} is {fact}."},
-                {"role": "assistant", "content": f"Nice to meet you, {name}! I'll remember that.",
-                 "target": False}]
+        msgs = [{"role": "user", "content": f"Hey, {name} here. Quick note: {fact_kind} is {fact}."},
+                {"role": "assistant", "content": f"Thanks, {name}, noted.", "target": False}]
         for para in self._filler(rng, words):
             sentence = para.split(". ")[0]
-            msgs.append({"role": "user", "content": f"Can you explain this: {sentence}?"})
+            msgs.append({"role": "user", "content": f"Please summarise: {sentence}."})
             msgs.append({"role": "assistant", "content": para, "target": False})
-        msgs.append({"role": "user", "content": f"Earlier I told you {fact_kind}. What was it?"})
-        msgs.append({"role": "assistant", "content": f"You told me {fact_kind} is {fact}."})
+        msgs.append({"role": "user", "content": f"Do you recall {fact_kind}, which I mentioned "
+                     "at the start?"})
+        msgs.append({"role": "assistant", "content": f"Yes: {fact_kind} is {fact}."})
         return msgs
 
     def _state(self, rng, words):
         paras = self._filler(rng, words)
         who, thing = rng.choice(_NAMES), rng.choice(["apples", "coins", "books", "stamps"])
         value = rng.randint(5, 50)
-        steps = [f"{who} starts with {value} {thing}."]
+        steps = [f"At first, {who} owns {value} {thing}."]
         for _ in range(rng.randint(2, 5)):
             delta = rng.randint(1, 9)
             if rng.random() < 0.5:
                 value += delta
-                steps.append(f"Then {who} gets {delta} more {thing}.")
+                steps.append(f"Afterwards {who} adds {delta} {thing} to the pile.")
             else:
                 value -= delta
-                steps.append(f"Then {who} gives away {delta} {thing}.")
+                steps.append(f"Afterwards {who} hands {delta} {thing} to someone.")
         for s in steps:
             paras.insert(rng.randrange(len(paras) + 1), s)
         # keep the narrative order of the steps
         order = iter(steps)
         paras = [next(order) if p in steps else p for p in paras]
         return [{"role": "user", "content": "\n\n".join(paras)
-                 + f"\n\nHow many {thing} does {who} have at the end?"},
-                {"role": "assistant", "content": f"{who} has {value} {thing}."}]
+                 + f"\n\nWhat is the final count of {thing} that {who} owns?"},
+                {"role": "assistant", "content": f"The final count is {value}."}]
 
 
 _NAMES = ["Alice", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jun",
           "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq"]
 _CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen"]
 _COLOURS = ["teal", "amber", "crimson", "olive", "indigo", "coral", "ochre", "lilac"]
-_THINGS = ["red gate", "north tower", "old library", "blue van", "garden shed", "east wing",
-           "brass box", "night train", "west harbour", "glass door"]
+# places, not "{colour} {object}" (the evaluation needles' phrasing)
+_THINGS = ["north tower", "old library", "lower vault", "garden shed", "east wing",
+           "spare workshop", "night train", "west harbour", "main depot", "third office"]
 _WORDS = ["apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "copper", "violet", "falcon", "harbor", "marble", "canyon", "pepper", "willow", "ember", "frost", "meadow", "saddle", "lantern", "quartz", "thistle", "pebble", "orchid", "badger", "cedar", "comet", "dune", "fern", "glacier", "hazel", "iris", "jasper", "kelp", "lotus", "mango", "nectar", "opal", "pine", "quill", "raven", "sage", "tulip", "umber", "vale", "wren", "yarrow", "zephyr", "acorn", "birch", "coral", "delta", "eagle", "fig", "grove", "heron", "ivy", "jade", "kite", "lark", "moss", "nova", "oak", "plum", "reed", "swan", "thorn", "vine", "wisp"]
 
 
