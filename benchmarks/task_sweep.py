@@ -1,9 +1,16 @@
-"""Task sweep on the embedded model: synthetic long-context tasks, every method, budgets 32-256.
+"""Task sweep on the embedded model: synthetic long-context tasks, every method, budgets 32-256,
+under the same rules for all, in two sink regimes and both prefill modes.
 
     python benchmarks/task_sweep.py --write-results
 
-Result directories (kvpress layout) go to runs/task_sweep/; the table and plots to
-docs/RESULTS.md ("task-sweep") and docs/img/task_*.png.
+Every method of a run has the same protected sinks (``--regimes``: 0 for all, then 4 for all),
+buffer, chunk and budget accounting (checked by the runner). Query-aware policies (SnapKV,
+PyramidKV, R-KV, TOVA, H2O) are also run with full prefill, the question inside their
+observation window, the setting they were designed for; chunked prefill (the context compressed
+before the question is seen) is the query-agnostic setting every method gets. Cells: score with a
+95% Wilson interval, N per cell (>= 32 for a claim). Result directories (kvpress layout) go to
+runs/task_sweep/sinksS_PREFILL/; the tables and plots to docs/RESULTS.md ("task-sweep") and
+docs/img/task_*.png.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from kvbound.models import load_model  # noqa: E402
 from kvbound.policies import METHODS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+QUERY_AWARE = ("snapkv", "pyramidkv", "rkv", "tova", "h2o")
 
 
 def main() -> None:
@@ -32,34 +40,49 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--budgets", default="32,64,128,256")
     ap.add_argument("--buffer", type=int, default=16)
-    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=32, help="examples per task (N per cell)")
     ap.add_argument("--context-tokens", type=int, default=768)
+    ap.add_argument("--regimes", default="0,4", help="protected sinks, one regime each")
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "runs" / "task_sweep"))
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
     model, tok = load_model(args.model)
-    cfg = EvalConfig(tasks=args.tasks.split(","), methods=args.methods.split(","),
-                     budgets=[int(b) for b in args.budgets.split(",")], buffer=args.buffer,
-                     limit=args.limit, context_tokens=args.context_tokens, batch_size=args.limit)
-    out = Path(args.out)
-    summary = run_eval(model, tok, cfg, out)
+    methods = args.methods.split(",")
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    pics = []
-    for task in cfg.tasks:
-        shutil.copy(out / f"{task}.png", img / f"task_{task}.png")
-        pics.append(f"![{task}](img/task_{task}.png)")
+    sections, pics = [], []
+    for sinks in (int(x) for x in args.regimes.split(",")):
+        for prefill in ("chunked", "full"):
+            run_methods = methods if prefill == "chunked" else (
+                ["full"] * ("full" in methods) + [m for m in methods if m in QUERY_AWARE])
+            if len(run_methods) <= ("full" in run_methods):
+                continue
+            cfg = EvalConfig(tasks=args.tasks.split(","), methods=run_methods,
+                             budgets=[int(b) for b in args.budgets.split(",")],
+                             buffer=args.buffer, limit=args.limit, sinks=sinks, prefill=prefill,
+                             context_tokens=args.context_tokens, batch_size=args.batch_size)
+            out = Path(args.out) / f"sinks{sinks}_{prefill}"
+            summary = run_eval(model, tok, cfg, out)
+            label = ("chunked prefill (query-agnostic: the context is compressed before the "
+                     f"question, chunk {cfg.chunk})" if prefill == "chunked" else
+                     "full prefill (query-aware: the question is inside the observation window)")
+            sections += ["", f"### Sinks {sinks} for every method, {label}", "",
+                         task_table(summary)]
+            for task in cfg.tasks:
+                name = f"task_{task}_sinks{sinks}_{prefill}.png"
+                shutil.copy(out / f"{task}.png", img / name)
+                pics.append(f"![{task}, sinks {sinks}, {prefill}](img/{name})")
     md = "\n".join([
-        "## Task suite (offline synthetic long-context tasks), every method",
+        "## Task suite (offline synthetic long-context tasks), every method under the same rules",
         "",
         f"Command: `{command()}`  ",
         f"Machine: {machine()}  ",
         f"{args.limit} examples per task, contexts of ~{args.context_tokens} tokens from held-out "
-        f"text, greedy decoding, chunked prefill (chunk {cfg.chunk}, the context is compressed "
-        f"before the question is seen), buffer {args.buffer}. Score 0-100; in brackets the "
-        "share of answers identical to the full cache's.",
-        "",
-        task_table(summary),
+        f"text (evaluation-only phrasing), greedy decoding, buffer {args.buffer}. Score 0-100 "
+        "with a 95% Wilson interval; in parentheses the share of answers identical to the full "
+        "cache's.",
+        *sections,
         "",
         " ".join(pics),
     ])

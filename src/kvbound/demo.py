@@ -71,7 +71,11 @@ def run_demo(*, budget: int = 64, buffer: int = 16, quick: bool = False,
     windows = make_windows(tok, [("held-out", "\n\n".join(eval_text_pool()))], seq_len, n_windows)
     fid = run_fidelity(model, tok, windows, methods=methods, budgets=[budget_eff], buffer=buffer,
                        progress=not quick)
+    from kvbound.eval.stats import check_same_rules
+
+    check_same_rules(fid["results"])  # same sinks, buffer and budget accounting for all
     by = {r["label"]: r for r in fid["results"]}
+    sinks = next(r["sinks"] for r in fid["results"] if r["label"] != "full")
 
     # 2. long generation
     gens = {}
@@ -82,7 +86,7 @@ def run_demo(*, budget: int = 64, buffer: int = 16, quick: bool = False,
     ref = gens["full"].token_ids
 
     table = Table(title=f"kvbound demo - SmolLM2-135M, KV budget {budget_eff} tokens/head, "
-                        f"buffer {buffer}")
+                        f"buffer {buffer}, {sinks} protected sinks for every method")
     for col in ("method", "KL", "top-1", "gen=full", "prefix", "KV", "tok/s"):
         table.add_column(col, justify="right" if col != "method" else "left")
     rows = []
@@ -115,7 +119,8 @@ def run_demo(*, budget: int = 64, buffer: int = 16, quick: bool = False,
     log_betas = gate_log_betas(model, gates, windows[0].ids[None])
     half = median_half_life(log_betas)
     _plots(rows, half, sorted(log_betas), out, budget_eff)
-    summary = {"budget": budget_eff, "buffer": buffer, "gates": gates_note, "rows": rows,
+    summary = {"budget": budget_eff, "buffer": buffer, "sinks": sinks, "gates": gates_note,
+               "rows": rows,
                "fidelity_windows": fid["windows"], "seq_len": seq_len}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     console.print(f"wrote {out / 'demo_methods.png'}, {out / 'demo_retention.png'}, "

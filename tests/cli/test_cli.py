@@ -51,5 +51,6 @@ def test_demo_quick(tmp_path):
     for r in data["rows"]:
         if r["method"] != "full":
             assert r["peak_tokens_per_head"] <= data["budget"] + data["buffer"] + 128
+            assert r["sinks"] == data["sinks"] == 4  # the same rules for every method
     assert (tmp_path / "demo_methods.png").stat().st_size > 1000
     assert (tmp_path / "demo_retention.png").stat().st_size > 1000

@@ -104,6 +104,17 @@ def test_eval_tasks_list_and_models(env, capsys):
          "--out", out, "--quiet")
     summary = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in summary["results"]} == {"full", "trimkv"}
+    trim = next(r for r in summary["results"] if r["method"] == "trimkv")
+    assert trim["settings"]["sinks"] == 4 and trim["settings"]["budget"] == 32  # what ran
+    assert trim["prefill"] == "full" and trim["settings"]["gates"].endswith(
+        RetentionGates.load(env["gates"]).digest())
+    import yaml
+
+    config = yaml.safe_load((out / trim["dir"] / "config.yaml").read_text())
+    assert config["sinks"] == 4 and config["n"] == 2
+    m = trim["metrics"]
+    assert m["n"] == 2 and m["ci95"][0] <= m["score"] <= m["ci95"][1]
+    assert "too few for a claim" in (out / "results.md").read_text()
 
 
 def test_viz_writes_its_pictures(env, capsys):

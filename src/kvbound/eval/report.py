@@ -7,17 +7,32 @@ from pathlib import Path
 from kvbound.io import atomic_write_text
 
 
+def _score_cell(m: dict) -> str:
+    """Score with its 95% interval and N; cells with N < 32 are marked as not a basis for claims."""
+    from kvbound.eval.stats import MIN_CLAIM_N
+
+    cell = f"{m['score']:.1f}"
+    if "ci95" in m:
+        cell += f" [{m['ci95'][0]:.0f}, {m['ci95'][1]:.0f}]"
+    if m.get("n", 0) < MIN_CLAIM_N:
+        cell += f" (N={m.get('n')}, too few for a claim)"
+    return cell
+
+
 def task_table(summary: dict) -> str:
-    """Markdown: one row per (task, method), one column per budget; full cache as reference."""
+    """Markdown: one row per (task, method), one column per budget; full cache as reference.
+    Cells: score [95% interval] and the share of answers identical to the full cache's."""
     results = summary["results"]
     budgets = sorted({r["budget"] for r in results if r["method"] != "full"})
-    lines = ["| task | method | " + " | ".join(f"M={b}" for b in budgets) + " |",
+    ns = sorted({r["metrics"].get("n") for r in results if r["metrics"].get("n") is not None})
+    lines = [f"N per cell: {', '.join(map(str, ns))}.", "",
+             "| task | method | " + " | ".join(f"M={b}" for b in budgets) + " |",
              "|---|---|" + "---|" * len(budgets)]
     for task in dict.fromkeys(r["task"] for r in results):
         rows = [r for r in results if r["task"] == task]
         full = next((r for r in rows if r["method"] == "full"), None)
         if full:
-            val = f"{full['metrics']['score']:.1f}"
+            val = _score_cell(full["metrics"])
             lines.append(f"| {task} | full | " + " | ".join(val for _ in budgets) + " |")
         for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
             by = {r["budget"]: r for r in rows if r["method"] == method}
@@ -30,7 +45,7 @@ def task_table(summary: dict) -> str:
                 m = r["metrics"]
                 ref = m.get("reference", {})
                 agree = f" ({ref['exact']:.0f}% = full)" if "exact" in ref else ""
-                cells.append(f"{m['score']:.1f}{agree}")
+                cells.append(f"{_score_cell(m)}{agree}")
             lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
