@@ -3,6 +3,9 @@
     python benchmarks/fidelity_sweep.py --write-results
     python benchmarks/fidelity_sweep.py --from-json --write-results     # re-render a saved run
 
+Each (regime, method) is saved to ``runs/fidelity_sweep.partial.json`` when done; run the same
+command again after a stop and it continues where it was (``--fresh`` starts over).
+
 Text: windows of ``--seq-len`` tokens from three domains training never used (docs/TRAINING.md):
 the held-out half of the pydoc topics, libpng's manual (``/usr/share/doc/libpng16-16``) and text
 the model writes itself from evaluation-only prompts (generated once, cached in ``runs/``).
@@ -87,6 +90,8 @@ def main() -> None:
     ap.add_argument("--text-file", action="append", default=[])
     ap.add_argument("--json", type=Path, default=ROOT / "runs" / "fidelity_sweep.json")
     ap.add_argument("--from-json", action="store_true")
+    ap.add_argument("--fresh", action="store_true",
+                    help="forget the (regime, method) results saved by a stopped run")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
     if args.from_json:
@@ -98,7 +103,10 @@ def main() -> None:
         methods = args.methods.split(",")
         fewer = ({m: args.weak_windows for m in methods if m not in STRONG + ("full",)}
                  if args.weak_windows else {})
-        res = fidelity_sweep(model, tok, windows, methods=methods,
+        store = args.json.with_suffix(".partial.json")
+        if args.fresh and store.exists():
+            store.unlink()
+        res = fidelity_sweep(model, tok, windows, methods=methods, store=store,
                              budgets=[int(b) for b in args.budgets.split(",")],
                              buffer=args.buffer, fewer_windows=fewer, protocol=args.protocol,
                              regimes=tuple(int(s) for s in args.regimes.split(",")))

@@ -127,3 +127,22 @@ def test_sweep_refuses_a_method_that_ran_under_other_rules(model, monkeypatch):
     with pytest.raises(KVBoundError, match="different rules"):
         sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2), budgets=[8], buffer=4,
                              methods=["trimkv", "streaming"], regimes=(0,), progress=False)
+
+
+def test_sweep_store_resumes_without_rerunning_and_refuses_other_settings(model, tmp_path,
+                                                                           monkeypatch):
+    from kvbound.eval import sweep
+
+    store = tmp_path / "partial.json"
+    kw = dict(budgets=[8], buffer=4, methods=["trimkv", "streaming"], regimes=(0,),
+              progress=False)
+    first = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2), store=store, **kw)
+
+    def refuse(*a, **k):
+        raise AssertionError("a stored (regime, method) ran again")
+
+    monkeypatch.setattr(sweep, "run_fidelity", refuse)
+    again = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2), store=store, **kw)
+    assert again["regimes"]["0"]["comparisons"] == first["regimes"]["0"]["comparisons"]
+    with pytest.raises(KVBoundError, match="other windows or settings"):
+        sweep.fidelity_sweep(model, ByteTokenizer(), _windows(3), store=store, **kw)

@@ -11,8 +11,12 @@ and against the best other method given twice the budget.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 
+from kvbound.errors import KVBoundError
 from kvbound.eval.fidelity import Window, run_fidelity
 from kvbound.eval.stats import bootstrap_mean_ci, check_same_rules, paired_difference
 
@@ -20,23 +24,64 @@ from kvbound.eval.stats import bootstrap_mean_ci, check_same_rules, paired_diffe
 def fidelity_sweep(model, tokenizer, windows: list[Window], *, methods: list[str],
                    budgets: list[int], buffer: int = 16, regimes: tuple[int, ...] = (0, 4),
                    focus: str = "trimkv", fewer_windows: dict[str, int] | None = None,
-                   gates=None, protocol: str = "decode", progress: bool = True) -> dict:
-    """Run :func:`run_fidelity` once per sink regime; ``fewer_windows`` maps weaker methods to
-    the number of windows they get (recorded per row as ``windows``)."""
+                   gates=None, protocol: str = "decode", progress: bool = True,
+                   store: Path | None = None) -> dict:
+    """Run every method in every sink regime; ``fewer_windows`` maps weaker methods to the number
+    of windows they get (recorded per row as ``windows``). With ``store`` (a JSON file), each
+    (regime, method) is saved as soon as it is done and skipped when the sweep is run again with
+    the same windows and settings, so a long sweep survives being stopped."""
     fewer = fewer_windows or {}
+    fingerprint = {"windows": _windows_digest(windows), "budgets": budgets, "buffer": buffer,
+                   "protocol": protocol, "fewer_windows": fewer}
+    done = _load_store(store, fingerprint)
     out = {"regimes": {}, "budgets": budgets, "focus": focus, "buffer": buffer,
            "fewer_windows": fewer}
     for sinks in regimes:
-        specs = [(m, m, {"max_windows": fewer[m]} if m in fewer else {}) for m in methods]
-        res = run_fidelity(model, tokenizer, windows, methods=specs, budgets=budgets,
-                           buffer=buffer, sinks=sinks, gates=gates, protocol=protocol,
-                           context_len=None, progress=progress)
-        check_same_rules(res["results"])
-        for row in res["results"]:
+        rows, meta = [], None
+        for m in methods:
+            key = f"{sinks}/{m}"
+            if key not in done:
+                over = {"max_windows": fewer[m]} if m in fewer else {}
+                res = run_fidelity(model, tokenizer, windows, methods=[(m, m, over)],
+                                   budgets=budgets, buffer=buffer, sinks=sinks, gates=gates,
+                                   protocol=protocol, context_len=None, progress=progress)
+                done[key] = res
+                _save_store(store, fingerprint, done)
+            meta = done[key]
+            rows += done[key]["results"]
+        res = {k: v for k, v in meta.items() if k != "results"}
+        res["results"] = rows
+        check_same_rules(rows)
+        for row in rows:
             add_intervals(row)
-        res["comparisons"] = compare_to_best(res["results"], budgets, focus)
+        res["comparisons"] = compare_to_best(rows, budgets, focus)
         out["regimes"][str(sinks)] = res
     return out
+
+
+def _windows_digest(windows: list[Window]) -> str:
+    h = hashlib.sha256()
+    for w in windows:
+        h.update(w.source.encode())
+        h.update(w.ids.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _load_store(store: Path | None, fingerprint: dict) -> dict:
+    if store is None or not store.exists():
+        return {}
+    saved = json.loads(store.read_text())
+    if saved.get("fingerprint") != fingerprint:
+        raise KVBoundError(f"{store} holds a sweep of other windows or settings; delete it or "
+                           "choose another file to start afresh.")
+    return saved["done"]
+
+
+def _save_store(store: Path | None, fingerprint: dict, done: dict) -> None:
+    if store is not None:
+        from kvbound.io import atomic_write_json
+
+        atomic_write_json(store, {"fingerprint": fingerprint, "done": done})
 
 
 def add_intervals(row: dict) -> None:
