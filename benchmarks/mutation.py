@@ -25,6 +25,7 @@ import ast
 import hashlib
 import json
 import os
+import random
 import shlex
 import shutil
 import sys
@@ -257,6 +258,8 @@ def main() -> None:
         args.log.unlink()
     todo = [m for m in mutants if m.digest not in logged
             or (args.rerun_survivors and logged[m.digest]["outcome"] == "survived")]
+    # seeded random order: a run stopped part-way has decided a random sample of the mutants
+    random.Random(0).shuffle(todo)
     print(f"{len(mutants)} mutants, {len(todo)} to run", flush=True)
     _preload()
     t0 = time.time()
@@ -288,8 +291,14 @@ def main() -> None:
 
 def _report(results, targets, tests, seconds, total) -> str:
     explained = _explained()
+    from kvbound.eval.stats import wilson_interval
+
     killed = sum(o != "survived" for _, o in results)
     score = 100.0 * killed / max(len(results), 1)
+    lo, hi = wilson_interval(killed, len(results)) if results else (0.0, 0.0)
+    sample = "" if len(results) == total else (
+        f" The run decided a seeded random sample of {len(results)} of the {total} mutants; "
+        f"95% Wilson interval of the score over all of them: {100 * lo:.1f}-{100 * hi:.1f}%.")
     survivors = [m for m, o in results if o == "survived"]
     unexplained = [m for m in survivors if m.key not in explained]
     by_file: dict[str, list[int]] = {}
@@ -305,7 +314,7 @@ def _report(results, targets, tests, seconds, total) -> str:
         f"mutants decided ({seconds:.0f} s in the last run).", "",
         f"**Mutation score: {score:.1f}%** ({killed} of {len(results)} killed); "
         f"{len(survivors) - len(unexplained)} survivors explained as equivalent or untestable, "
-        f"{len(unexplained)} unexplained.", "",
+        f"{len(unexplained)} unexplained.{sample}", "",
         "| file | killed | score |", "|---|---|---|", *rows, "",
         "| surviving mutant | where | why it survives |", "|---|---|---|",
         *[f"| {m.what} in `{_cell(m.code)}` | `{m.path}:{m.line}` ({m.function}) | "

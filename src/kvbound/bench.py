@@ -40,7 +40,7 @@ def worker(args) -> dict:
     ids = torch.tensor((text_ids * reps)[: args.length])[None]
     method, _, mode = args.method.partition("+")
     compiled = mode == "compile"
-    cache, _, sinks = build_cache(model, method, budget=args.budget, buffer=args.buffer,
+    cache, used, sinks = build_cache(model, method, budget=args.budget, buffer=args.buffer,
                                   gates=args.gates, static=compiled,
                                   max_cache_len=args.length + args.decode_tokens)
     step_fn = model.get_compiled_call(compile_config(model.device)) if compiled else model
@@ -75,6 +75,8 @@ def worker(args) -> dict:
     }
     if bounded:
         st = cache.stats()
+        rec.update(settings=cache.settings(), gates=None if used is None else
+                   f"{used.config.base_model}@{used.digest()}")
         rec.update(peak_kv_bytes=st.peak_kv_bytes, peak_tokens_per_head=st.peak_tokens_per_head,
                    full_kv_bytes=st.full_kv_bytes,
                    scoring_share=cache.timings["scoring_inputs"] / sum(steps),

@@ -154,6 +154,8 @@ def test_bench_runs_each_method_in_its_own_process(env, capsys):
     assert {r["method"] for r in recs} == {"full", "trimkv"}
     trim = next(r for r in recs if r["method"] == "trimkv")
     assert trim["peak_tokens_per_head"] <= 16 + 4 + 16
+    assert trim["settings"]["sinks"] == 4 and trim["settings"]["buffer"] == 4
+    assert trim["gates"].endswith(RetentionGates.load(env["gates"]).digest())
 
 
 @pytest.fixture(scope="module")

@@ -432,3 +432,25 @@ def test_rules_check_refuses_methods_run_under_different_rules(model):
                                                                buffer=8).settings()}
     with pytest.raises(KVBoundError, match="different rules"):
         check_same_rules(rows + [other_buffer])
+
+
+@pytest.mark.parametrize("name", ["tova", "snapkv", "pyramidkv", "rkv"])
+def test_attention_policies_score_a_layer_with_no_query_yet(name):
+    """Before any query was buffered the attention part is empty: scores are defined (zeros
+    for TOVA; SnapKV, PyramidKV and R-KV still keep their window), never an index error."""
+    from types import SimpleNamespace
+
+    b, h, n, d = 2, 2, 7, 4
+    pos = torch.arange(n).expand(b, h, n).clone()
+    layer = SimpleNamespace(keys_=torch.randn(b, h, n, d, generator=gen(5)), positions=pos,
+                            queries=SimpleNamespace(queries=None, valid=None, pos=None),
+                            row_seen=torch.full((b,), n), budget=4, n=n, layer_idx=0)
+    policy = get_policy(name).fit_budget(8)
+    scores = policy.score(layer)
+    assert scores.shape == (b, h, n)
+    if name == "tova":
+        assert torch.equal(scores, torch.zeros(b, h, n))
+    else:  # the window (last min(default, M/2) tokens) is kept, the rest ties
+        window = policy.window
+        assert torch.isinf(scores[..., n - window:]).all()
+        assert torch.isfinite(scores[..., : n - window]).all()
