@@ -66,6 +66,12 @@ def eval_fidelity(
         result = run_fidelity(m, tok, windows, methods=meths, budgets=buds, buffer=buffer,
                               sinks=sinks, gates=gates, protocol=protocol, context_len=context_len,
                               seed=seed, progress=not quiet)
+        from kvbound.eval.stats import check_same_rules
+        from kvbound.eval.sweep import add_intervals
+
+        check_same_rules(result["results"])
+        for row in result["results"]:
+            add_intervals(row)
     except (KVBoundError, OSError) as exc:
         _fail(exc)
     result["command"] = _command_line()
@@ -75,10 +81,11 @@ def eval_fidelity(
 
         fidelity_plots(result, json_out.with_suffix(""))
     table = Table(title=f"fidelity ({protocol}, {result['windows']} windows of {seq_len})")
-    for col in ("method", "M", "sinks", "KL", "top-1", "ppl ratio", "peak/head"):
+    for col in ("method", "M", "sinks", "KL", "KL 95% CI", "top-1", "ppl ratio", "peak/head"):
         table.add_column(col)
     for r in sorted(result["results"], key=lambda r: (r["budget"], r["method"])):
-        table.add_row(r["label"], str(r["budget"]), str(r["sinks"]), f"{r['kl_mean']:.4f}",
+        ci = f"[{r['kl_ci'][0]:.4f}, {r['kl_ci'][1]:.4f}]"
+        table.add_row(r["label"], str(r["budget"]), str(r["sinks"]), f"{r['kl_mean']:.4f}", ci,
                       f"{r['top1_agreement']:.3f}", f"{r['ppl_ratio']:.3f}",
                       str(r["peak_tokens_per_head"]))
     Console().print(table)

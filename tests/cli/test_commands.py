@@ -91,6 +91,8 @@ def test_eval_fidelity_writes_results_with_the_settings_used(env, capsys):
     assert rows["full"]["kl_mean"] == 0
     assert {rows["trimkv"]["sinks"], rows["streaming"]["sinks"]} == {1}
     assert rows["trimkv"]["kl_mean"] > 0 and result["windows"] == 2
+    lo, hi = rows["trimkv"]["kl_ci"]
+    assert lo <= rows["trimkv"]["kl_mean"] <= hi and len(rows["trimkv"]["kl_per_window"]) == 2
 
 
 def test_eval_tasks_list_and_models(env, capsys):
