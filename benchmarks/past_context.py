@@ -179,9 +179,24 @@ def _table(result: dict) -> str:
         runs = "; ".join(f"{k}: {v['new_tokens']} tokens, {v['decode_tok_s']} tok/s, peak "
                          f"{v['peak_tokens_per_head']} tokens/head"
                          for k, v in p2.items())
+        ctx = result["context"]
+        summary = []
+        for k, v in p2.items():
+            before = [i for i in range(len(v["ppl"])) if (i + 1) * block <= ctx]
+            after = [i for i in range(len(v["ppl"])) if i * block >= ctx]
+
+            def mean(xs, idx):
+                return sum(xs[i] for i in idx) / len(idx) if idx else float("nan")
+
+            summary.append(f"{k}: mean block perplexity {mean(v['ppl'], before):.2f} inside the "
+                           f"context vs {mean(v['ppl'], after):.2f} past it, repeated 4-grams "
+                           f"{mean(v['repeated_4grams'], before):.2f} vs "
+                           f"{mean(v['repeated_4grams'], after):.2f}")
         out += (f"\n\nGeneration (TRIM-KV, M={result['budget']}, sampled T=0.7 top-p 0.9 seed 0; "
                 f"each block scored with a fresh full cache over the {result.get('lookback')} "
-                f"tokens before it, positions restarted): {runs}.\n\n" + "\n".join(rows))
+                f"tokens before it, positions restarted): {runs}. Summary: "
+                + "; ".join(summary) + ". A repeated-4-gram share near 1 with a perplexity near "
+                "1 is a repetition loop, not good text.\n\n" + "\n".join(rows))
     return out
 
 
