@@ -45,6 +45,7 @@ ENGINE = sorted(str(p.relative_to(ROOT)) for d in ("cache", "policies")
 DEFAULT_TARGETS = [f"{p}:*" for p in ENGINE]
 # fast, discriminating tests first (-x stops at the first failure); compile tests left out
 DEFAULT_TESTS = ["tests/cache/test_keep_order.py", "tests/cache/test_positions.py",
+                 "tests/cache/test_cache_edges.py",
                  "tests/policies/test_policies.py", "tests/cache/test_static.py",
                  "tests/cache/test_cache.py", "-k", "not compile and not compiled"]
 LOG = ROOT / "runs" / "mutation.jsonl"
@@ -245,6 +246,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="skip mutants decided in --log")
     ap.add_argument("--rerun-survivors", action="store_true",
                     help="with --resume: run the logged survivors again (after new tests)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="render the mutants decided in --log (e.g. of a stopped run), run none")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
     targets = args.target or DEFAULT_TARGETS
@@ -253,7 +256,14 @@ def main() -> None:
         path, funcs = spec.split(":")
         mutants += _mutants(ROOT / path, None if funcs == "*" else set(funcs.split(",")))
     mutants = mutants[: args.limit] if args.limit else mutants
-    logged = _log(args.log) if args.resume else {}
+    logged = _log(args.log) if args.resume or args.report_only else {}
+    if args.report_only:
+        results = [(m, logged[m.digest]["outcome"]) for m in mutants if m.digest in logged]
+        body = _report(results, targets, args.tests, 0.0, len(mutants))
+        print(body)
+        if args.write_results:
+            _write(body)
+        return
     if not args.resume and args.log.exists():
         args.log.unlink()
     todo = [m for m in mutants if m.digest not in logged
@@ -311,7 +321,7 @@ def _report(results, targets, tests, seconds, total) -> str:
         "## Mutation testing of the engine", "",
         f"Command: `{command()}`  ", f"Machine: {machine()}", "",
         f"Targets: {', '.join(targets)}; tests: `{' '.join(tests)}`; {len(results)} of {total} "
-        f"mutants decided ({seconds:.0f} s in the last run).", "",
+        f"mutants decided" + (f" ({seconds:.0f} s in the last run)." if seconds else ".") , "",
         f"**Mutation score: {score:.1f}%** ({killed} of {len(results)} killed); "
         f"{len(survivors) - len(unexplained)} survivors explained as equivalent or untestable, "
         f"{len(unexplained)} unexplained.{sample}", "",

@@ -454,3 +454,22 @@ def test_attention_policies_score_a_layer_with_no_query_yet(name):
         window = policy.window
         assert torch.isinf(scores[..., n - window:]).all()
         assert torch.isfinite(scores[..., : n - window]).all()
+
+
+def test_recent_window_is_exactly_the_last_w_real_tokens():
+    from types import SimpleNamespace
+
+    from kvbound.policies.attention_rows import recent_window
+
+    pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 7]])[:, None]
+    layer = SimpleNamespace(positions=pos, row_seen=torch.tensor([6, 8]))
+    got = recent_window(layer, 3)[:, 0]
+    assert got.tolist() == [[False] * 5 + [True] * 3, [False] * 5 + [True] * 3]
+    assert not recent_window(layer, 0).any()
+
+
+@pytest.mark.parametrize(("layers", "budget", "window"), [(4, 5, 4), (6, 9, 8), (30, 64, 32)])
+def test_pyramid_budgets_fall_even_with_one_prefix_token(layers, budget, window):
+    budgets = PyramidKVPolicy(window=window).budgets(layers, budget)
+    assert sum(budgets) == layers * budget and min(budgets) >= window
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1]
