@@ -85,3 +85,15 @@ def test_memory_is_given_back_after_a_long_full_prefill(model):
             model(_ids(1, 30 + i), cache=cache)
             caps.append(layer.capacity)
     assert caps[0] == 18 and caps[-1] == 4 + 2 + 1  # M + buffer + one decode token
+
+
+def test_beam_reorder_keeps_each_rows_counters(model):
+    cache = EvictionCache(model, "streaming", budget=8, buffer=4)
+    with torch.no_grad():
+        model(torch.cat([_ids(10), _ids(10, 2)]), cache=cache)
+        model(_ids(1).expand(2, 1), cache=cache)  # row counters: an increment still pending
+    layer = cache.eviction_layers[0]
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert layer.row_seen.tolist() == [11, 11]
+    cache.reorder_cache(torch.tensor([0, 0]))
+    assert layer.row_seen.tolist() == [11, 11] and layer.keys_.shape[0] == 2

@@ -473,3 +473,29 @@ def test_pyramid_budgets_fall_even_with_one_prefix_token(layers, budget, window)
     budgets = PyramidKVPolicy(window=window).budgets(layers, budget)
     assert sum(budgets) == layers * budget and min(budgets) >= window
     assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1]
+
+
+def test_trimkv_score_is_the_papers_log_retention():
+    """TRIM-KV keeps the tokens of largest beta_i^(t - i): score = (t - i) * log beta_i
+    (arXiv 2512.03324, eq. 3), t the tokens seen by the row, i the token's position."""
+    from types import SimpleNamespace
+
+    from kvbound.policies.retention import RetentionPolicy
+
+    pos = torch.tensor([[[0, 3, 5, 9], [1, 2, 6, 8]]])  # (B=1, H=2, n=4)
+    log_beta = -torch.tensor([[[0.5, 0.01, 0.2, 1.0], [0.05, 0.3, 0.02, 0.4]]])
+    layer = SimpleNamespace(positions=pos, log_beta=log_beta, row_seen=torch.tensor([10]))
+    expected = (10 - pos).float() * log_beta
+    assert torch.allclose(RetentionPolicy().score(layer), expected)
+
+
+def test_policy_settings_accept_their_smallest_values_and_refuse_below():
+    for cls in (SnapKVPolicy, PyramidKVPolicy, RKVPolicy):
+        cls(window=1, kernel=1)  # no pooling, a one-query window: valid
+        with pytest.raises(KVBoundError, match="must be >= 1"):
+            cls(kernel=0)
+        with pytest.raises(KVBoundError, match="must be >= 1"):
+            cls(window=0)
+    RKVPolicy(block=1)
+    with pytest.raises(KVBoundError, match="must be >= 1"):
+        RKVPolicy(block=0)
