@@ -53,14 +53,18 @@ def stored_kv_bytes_resident(layer) -> int:
 
 def test_warns_once_past_the_models_positions(model):
     cache = EvictionCache(model, "streaming", budget=8, buffer=4, positions="absolute")
+
+    def past(caught):
+        return [w for w in caught if "max_position_embeddings (48)" in str(w.message)]
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad():
-            model(_ids(40), cache=cache)
-            for i in range(20):  # positions 40..59 pass the 48 the model was made for
+            model(_ids(48), cache=cache)  # positions 0..47: all inside the 48 it was made for
+            assert not past(caught)
+            for i in range(20):  # positions 48..67
                 model(_ids(1, 10 + i), cache=cache)
-    past = [w for w in caught if "max_position_embeddings (48)" in str(w.message)]
-    assert len(past) == 1
+    assert len(past(caught)) == 1
 
 
 def test_inner_model_without_the_model_hook_still_bounds_the_cache(model):
@@ -97,3 +101,49 @@ def test_beam_reorder_keeps_each_rows_counters(model):
     assert layer.row_seen.tolist() == [11, 11]
     cache.reorder_cache(torch.tensor([0, 0]))
     assert layer.row_seen.tolist() == [11, 11] and layer.keys_.shape[0] == 2
+
+
+def test_documented_defaults():
+    from kvbound.gates import RetentionGates
+
+    model = tiny_model("llama", seed=0)
+    RetentionGates.for_model(model).attach(model)
+    cache = EvictionCache(model)
+    assert (cache.budget, cache.buffer, cache.sinks, cache.policy.name) == (256, 32, 4, "trimkv")
+
+
+def test_eviction_counters_add_up(model):
+    cache = EvictionCache(model, "streaming", budget=8, buffer=4)
+    with torch.no_grad():
+        model(_ids(20), cache=cache)
+        for i in range(9):
+            model(_ids(1, 40 + i), cache=cache)
+    st = cache.stats()
+    layers = len(cache.eviction_layers)
+    assert st.evicted_tokens == layers * st.seen_tokens - sum(st.resident_tokens.values())
+    # the first decode step evicts to M, then every 4th (the buffer of 4 filled again)
+    assert st.evictions == layers * 3
+    assert st.peak_tokens_per_head == 20
+
+
+@pytest.mark.parametrize("as_bool", [True, False])
+def test_padding_read_from_generates_4d_masks(as_bool):
+    from kvbound.cache.cache import _incoming_validity
+
+    allowed = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    mask4d = allowed[:, None, None, :].expand(2, 1, 4, 4)
+    if not as_bool:  # additive float mask: 0 where allowed
+        mask4d = torch.where(mask4d, 0.0, torch.finfo(torch.float32).min)
+    valid, all_valid = _incoming_validity(mask4d, 2, 3, "cpu")
+    assert valid.tolist() == [[False, True, True], [True, True, True]] and not all_valid
+    valid, all_valid = _incoming_validity(None, 2, 3, "cpu")
+    assert valid.all() and all_valid
+
+
+def test_seq_length_is_an_int_again_after_a_static_step(model):
+    cache = EvictionCache(model, "streaming", budget=8, buffer=4, static=True)
+    with torch.no_grad():
+        model(_ids(12), cache=cache)
+        for i in range(3):
+            model(_ids(1, 50 + i), cache=cache)
+            assert cache.get_seq_length() == 13 + i and isinstance(cache.get_seq_length(), int)

@@ -466,6 +466,8 @@ def test_recent_window_is_exactly_the_last_w_real_tokens():
     got = recent_window(layer, 3)[:, 0]
     assert got.tolist() == [[False] * 5 + [True] * 3, [False] * 5 + [True] * 3]
     assert not recent_window(layer, 0).any()
+    everything = recent_window(layer, 8)[:, 0]  # the first token (position 0) included
+    assert everything.tolist() == [[False, False] + [True] * 6, [True] * 8]
 
 
 @pytest.mark.parametrize(("layers", "budget", "window"), [(4, 5, 4), (6, 9, 8), (30, 64, 32)])
@@ -499,3 +501,22 @@ def test_policy_settings_accept_their_smallest_values_and_refuse_below():
     RKVPolicy(block=1)
     with pytest.raises(KVBoundError, match="must be >= 1"):
         RKVPolicy(block=0)
+
+
+def test_rkv_redundancy_is_the_softmax_of_mean_similarity():
+    """r_j = softmax_j(mean_i S_ij), S the cosine similarity with a zero diagonal, where in each
+    row the most recent similar key (S > threshold) is zeroed (arXiv 2505.24133)."""
+    from types import SimpleNamespace
+
+    keys = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.2], [0.7, 0.7]])
+    layer = SimpleNamespace(keys_=keys[None, None], positions=torch.arange(5)[None, None])
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    sim = unit @ unit.T
+    sim.fill_diagonal_(0.0)
+    for i in range(5):
+        similar = [j for j in range(5) if sim[i, j] > 0.5]
+        if similar:
+            sim[i, max(similar)] = 0.0
+    expected = torch.softmax(sim.sum(0) / 5, dim=-1)
+    got = RKVPolicy(threshold=0.5).redundancy(layer)[0, 0]
+    assert torch.allclose(got, expected, atol=1e-6)
