@@ -266,10 +266,12 @@ def main() -> None:
         return
     if not args.resume and args.log.exists():
         args.log.unlink()
-    todo = [m for m in mutants if m.digest not in logged
-            or (args.rerun_survivors and logged[m.digest]["outcome"] == "survived")]
+    again = [m for m in mutants if args.rerun_survivors and m.digest in logged
+             and logged[m.digest]["outcome"] == "survived"]
+    todo = [m for m in mutants if m.digest not in logged]
     # seeded random order: a run stopped part-way has decided a random sample of the mutants
     random.Random(0).shuffle(todo)
+    todo = again + todo  # survivors first, against the tests added since
     print(f"{len(mutants)} mutants, {len(todo)} to run", flush=True)
     _preload()
     t0 = time.time()

@@ -147,3 +147,16 @@ def test_seq_length_is_an_int_again_after_a_static_step(model):
         for i in range(3):
             model(_ids(1, 50 + i), cache=cache)
             assert cache.get_seq_length() == 13 + i and isinstance(cache.get_seq_length(), int)
+
+
+def test_padding_does_not_count_as_positions_past_the_context(model):
+    """Rows left-padded to 49 columns hold at most 48 real tokens: no position passes 48."""
+    cache = EvictionCache(model, "streaming", budget=8, buffer=4, positions="absolute")
+    ids = torch.cat([_ids(49), _ids(49, 2)])
+    mask = torch.ones_like(ids)
+    mask[0, :1], mask[1, :2] = 0, 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(ids, attention_mask=mask, cache=cache)
+    assert not [w for w in caught if "max_position_embeddings" in str(w.message)]
