@@ -44,7 +44,9 @@ def test_reported_kv_bytes_are_the_stored_bytes(model):
     resident = sum(st.resident_tokens.values())
     assert st.kv_bytes == 2 * resident * 3 * 2 * 16 * 4  # K+V, batch 3, 2 KV heads, dim 16, fp32
     assert st.kv_bytes == sum(stored_kv_bytes_resident(layer) for layer in cache.layers)
-    assert stored_kv_bytes(cache) >= st.kv_bytes  # the buffers hold at least what is resident
+    # what the buffers hold, capacity included: K and V of every slot
+    assert stored_kv_bytes(cache) == sum(2 * 3 * 2 * layer.capacity * 16 * 4
+                                         for layer in cache.eviction_layers)
 
 
 def stored_kv_bytes_resident(layer) -> int:
@@ -110,6 +112,11 @@ def test_documented_defaults():
     RetentionGates.for_model(model).attach(model)
     cache = EvictionCache(model)
     assert (cache.budget, cache.buffer, cache.sinks, cache.policy.name) == (256, 32, 4, "trimkv")
+    from kvbound import TrimKVCache
+
+    trim = TrimKVCache(model)
+    assert (trim.budget, trim.buffer, trim.sinks, trim.static, trim.positions_mode) == \
+        (256, 32, 4, False, "auto")
 
 
 def test_eviction_counters_add_up(model):

@@ -508,7 +508,8 @@ def test_rkv_redundancy_is_the_softmax_of_mean_similarity():
     row the most recent similar key (S > threshold) is zeroed (arXiv 2505.24133)."""
     from types import SimpleNamespace
 
-    keys = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.2], [0.7, 0.7]])
+    # key 1's only similar key is key 0: the most recent similar key can be the first one
+    keys = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.2], [0.1, -1.0]])
     layer = SimpleNamespace(keys_=keys[None, None], positions=torch.arange(5)[None, None])
     unit = keys / keys.norm(dim=-1, keepdim=True)
     sim = unit @ unit.T
