@@ -131,6 +131,9 @@ def test_eviction_counters_add_up(model):
     # the first decode step evicts to M, then every 4th (the buffer of 4 filled again)
     assert st.evictions == layers * 3
     assert st.peak_tokens_per_head == 20
+    # resident tokens after each forward: 20, then 9..12, 9..12, 9; seen: 20..29
+    resident = [20, 9, 10, 11, 12, 9, 10, 11, 12, 9]
+    assert st.kv_footprint == pytest.approx(sum(resident) / sum(range(20, 30)), rel=1e-12)
 
 
 @pytest.mark.parametrize("as_bool", [True, False])
