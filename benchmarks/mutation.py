@@ -325,7 +325,7 @@ def _report(results, targets, tests, seconds, total) -> str:
         f"Targets: {', '.join(targets)}; tests: `{' '.join(tests)}`; {len(results)} of {total} "
         f"mutants decided" + (f" ({seconds:.0f} s in the last run)." if seconds else ".") , "",
         f"**Mutation score: {score:.1f}%** ({killed} of {len(results)} killed); "
-        f"{len(survivors) - len(unexplained)} survivors explained as equivalent or untestable, "
+        f"{len(survivors) - len(unexplained)} survivors explained (equivalent, only checked by the compile tests, or killed by a test added since), "
         f"{len(unexplained)} unexplained.{sample}", "",
         "| file | killed | score |", "|---|---|---|", *rows, "",
         "| surviving mutant | where | why it survives |", "|---|---|---|",
