@@ -75,8 +75,7 @@ def worker(args) -> dict:
     }
     if bounded:
         st = cache.stats()
-        rec.update(settings=cache.settings(), gates=None if used is None else
-                   f"{used.config.base_model}@{used.digest()}")
+        rec.update(settings=cache.settings(), gates=None if used is None else used.ref())
         rec.update(peak_kv_bytes=st.peak_kv_bytes, peak_tokens_per_head=st.peak_tokens_per_head,
                    full_kv_bytes=st.full_kv_bytes,
                    scoring_share=cache.timings["scoring_inputs"] / sum(steps),

@@ -55,7 +55,7 @@ def run_demo(*, budget: int = 64, buffer: int = 16, quick: bool = False,
     model, tok = load_model(model_name)
     try:
         gates = resolve_gates(model, None)
-        gates_note = f"shipped gates {gates.config.base_model}@{gates.digest()}"
+        gates_note = f"shipped gates {gates.ref()}"
     except KVBoundError:
         from kvbound.gates import RetentionGates
 

@@ -203,6 +203,10 @@ class RetentionGates(nn.Module):
         """Short content hash of the weights (recorded in results and in ``gates.json``)."""
         return _digest(self.state_dict())
 
+    def ref(self) -> str:
+        """``BASE_MODEL@DIGEST``: how results name the gates they ran with."""
+        return f"{self.config.base_model}@{self.digest()}"
+
     def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write ``gates.safetensors`` + ``gates.json`` atomically into ``directory``.
 

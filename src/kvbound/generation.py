@@ -284,7 +284,7 @@ def generate(
         result.positions = "rolling" if cache.rolling is not None and cache.rolling.active \
             else "absolute"
         if used_gates is not None:
-            result.gates = f"{used_gates.config.base_model}@{used_gates.digest()}"
+            result.gates = used_gates.ref()
     else:
         seen = int(cache.get_seq_length())
         result.seen_tokens = result.peak_tokens_per_head = seen

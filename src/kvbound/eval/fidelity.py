@@ -166,8 +166,7 @@ def run_fidelity(
                                                 buffer=buffer, context_len=context_len)
                         peak = cache.stats().peak_tokens_per_head
                         info = {"sinks": sinks_used, "settings": cache.settings(),
-                                "gates": None if used is None else
-                                f"{used.config.base_model}@{used.digest()}"}
+                                "gates": None if used is None else used.ref()}
                     meta[key] = {"method": method, **info}
                     peaks[key] = max(peaks.get(key, 0), peak)
                     for b, w in enumerate(group[: sub_ids.shape[0]]):

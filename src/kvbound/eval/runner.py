@@ -103,8 +103,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     peak = cache.stats().peak_tokens_per_head if bounded else cache.get_seq_length()
     settings = None
     if bounded:
-        settings = {**cache.settings(), "prefill_chunk": prefill_chunk, "gates": None if used is
-                    None else f"{used.config.base_model}@{used.digest()}"}
+        settings = {**cache.settings(), "prefill_chunk": prefill_chunk,
+                    "gates": None if used is None else used.ref()}
     return texts, peak, seconds, settings
 
 

@@ -7,7 +7,7 @@ top-``budget`` tokens per (batch row, KV head) are kept in their original order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
 import torch
@@ -96,3 +96,25 @@ class Policy:
         from dataclasses import asdict
 
         return {"policy": self.name, **asdict(self)}
+
+
+@dataclass
+class WindowedPolicy(Policy):
+    """A policy that reads the last ``window`` queries (SnapKV, PyramidKV, R-KV). Unset, the
+    window is ``min(DEFAULT_WINDOW, M // 2)`` for a budget-M cache (:func:`window_for`)."""
+
+    #: observation window; None = min(DEFAULT_WINDOW, M // 2), resolved by :meth:`fit_budget`
+    window: int | None = None
+    DEFAULT_WINDOW: ClassVar[int] = 32
+
+    def window_at(self, budget: int) -> int:
+        """The observation window of a budget-``budget`` cache."""
+        return window_for(budget, self.DEFAULT_WINDOW) if self.window is None else self.window
+
+    def fit_budget(self, budget: int) -> WindowedPolicy:
+        return self if self.window is not None else replace(self, window=self.window_at(budget))
+
+    @property
+    def query_window(self) -> int:  # the hook buffers this many recent queries per layer
+        return self.DEFAULT_WINDOW if self.window is None else self.window
+

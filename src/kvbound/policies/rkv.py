@@ -19,7 +19,7 @@ Rows of ``S`` are processed in blocks so a long prefill never holds an n x n mat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -32,16 +32,14 @@ from kvbound.policies.attention_rows import (
     pool1d,
     recent_window,
 )
-from kvbound.policies.base import Policy, window_for
+from kvbound.policies.base import WindowedPolicy
 
 
 @dataclass
-class RKVPolicy(Policy):
+class RKVPolicy(WindowedPolicy):
     """Pooled attention of the last queries minus key redundancy (arXiv 2505.24133)."""
 
     name: ClassVar[str] = "rkv"
-    #: observation window; None = min(DEFAULT_WINDOW, M // 2), resolved by :meth:`fit_budget`
-    window: int | None = None
     kernel: int = 7
     mix_lambda: float = 0.1
     threshold: float = 0.5
@@ -55,17 +53,6 @@ class RKVPolicy(Policy):
             raise KVBoundError("window, kernel and block must be >= 1.")
         if not 0.0 <= self.mix_lambda <= 1.0:
             raise KVBoundError(f"mix_lambda must be in [0, 1], got {self.mix_lambda}.")
-
-    def window_at(self, budget: int) -> int:
-        """The observation window of a budget-``budget`` cache."""
-        return window_for(budget, self.DEFAULT_WINDOW) if self.window is None else self.window
-
-    def fit_budget(self, budget: int) -> RKVPolicy:
-        return self if self.window is not None else replace(self, window=self.window_at(budget))
-
-    @property
-    def query_window(self) -> int:
-        return self.DEFAULT_WINDOW if self.window is None else self.window
 
     def importance(self, layer, window: torch.Tensor) -> torch.Tensor:
         """(B, H_kv, n) pooled attention of the window queries over the non-window tokens."""

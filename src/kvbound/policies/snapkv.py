@@ -20,23 +20,21 @@ variants do.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from kvbound.errors import KVBoundError
 from kvbound.policies.attention_rows import mean_over_queries, pool1d, recent_probs, recent_window
-from kvbound.policies.base import Policy, window_for
+from kvbound.policies.base import WindowedPolicy
 
 
 @dataclass
-class SnapKVPolicy(Policy):
+class SnapKVPolicy(WindowedPolicy):
     """Pooled attention of the last ``window`` queries; window kept (arXiv 2404.14469)."""
 
     name: ClassVar[str] = "snapkv"
-    #: observation window; None = min(DEFAULT_WINDOW, M // 2), resolved by :meth:`fit_budget`
-    window: int | None = None
     kernel: int = 7
     pooling: str = "max"
     #: label only: the question is part of the prompt the window sees
@@ -51,17 +49,6 @@ class SnapKVPolicy(Policy):
             raise KVBoundError(f"kernel must be >= 1, got {self.kernel}.")
         if self.pooling not in ("max", "avg"):
             raise KVBoundError(f"pooling must be 'max' or 'avg', got {self.pooling!r}.")
-
-    def window_at(self, budget: int) -> int:
-        """The observation window of a budget-``budget`` cache."""
-        return window_for(budget, self.DEFAULT_WINDOW) if self.window is None else self.window
-
-    def fit_budget(self, budget: int) -> SnapKVPolicy:
-        return self if self.window is not None else replace(self, window=self.window_at(budget))
-
-    @property
-    def query_window(self) -> int:  # the hook buffers this many recent queries per layer
-        return self.DEFAULT_WINDOW if self.window is None else self.window
 
     def score(self, layer) -> torch.Tensor:
         probs, valid = recent_probs(layer)  # (B, H_kv, g, w, n)
