@@ -81,7 +81,10 @@ def main() -> None:
     ap.add_argument("--budgets", default="32,64,128,256")
     ap.add_argument("--buffer", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--per-domain", type=int, default=12, help="windows per text domain")
+    ap.add_argument("--per-domain", type=int, default=11, help="windows per text domain")
+    ap.add_argument("--windows", type=int, default=32,
+                    help="at most this many windows in all (the last domain gives up the rest)")
+    ap.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     ap.add_argument("--selfgen", type=int, default=12, help="self-generated texts")
     ap.add_argument("--weak-windows", type=int, default=None,
                     help="windows for methods outside the strongest baselines (default: all)")
@@ -98,8 +101,12 @@ def main() -> None:
         res = json.loads(args.json.read_text())
     else:
         model, tok = load_model(args.model)
-        windows, taken = windows_per_domain(tok, domain_texts(model, tok, args), args.seq_len,
-                                            args.per_domain)
+        windows, _ = windows_per_domain(tok, domain_texts(model, tok, args), args.seq_len,
+                                        args.per_domain)
+        windows = windows[: args.windows]
+        taken = {}
+        for w in windows:
+            taken[w.source.split("/")[0]] = taken.get(w.source.split("/")[0], 0) + 1
         methods = args.methods.split(",")
         fewer = ({m: args.weak_windows for m in methods if m not in STRONG + ("full",)}
                  if args.weak_windows else {})
@@ -109,7 +116,8 @@ def main() -> None:
         res = fidelity_sweep(model, tok, windows, methods=methods, store=store,
                              budgets=[int(b) for b in args.budgets.split(",")],
                              buffer=args.buffer, fewer_windows=fewer, protocol=args.protocol,
-                             regimes=tuple(int(s) for s in args.regimes.split(",")))
+                             regimes=tuple(int(s) for s in args.regimes.split(",")),
+                             batch_size=args.batch_size)
         res.update(command=command(), machine=machine(), windows_per_domain=taken,
                    protocol=args.protocol, seq_len=args.seq_len)
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -146,3 +146,71 @@ def test_sweep_store_resumes_without_rerunning_and_refuses_other_settings(model,
     assert again["regimes"]["0"]["comparisons"] == first["regimes"]["0"]["comparisons"]
     with pytest.raises(KVBoundError, match="other windows or settings"):
         sweep.fidelity_sweep(model, ByteTokenizer(), _windows(3), store=store, **kw)
+
+
+def test_deferred_output_head_gives_the_logits_of_the_plain_path(model):
+    """One output projection over the collected hidden states = the logits chunk by chunk."""
+    from kvbound.eval import fidelity
+
+    ids = torch.stack([w.ids for w in _windows(2)])
+    assert fidelity._head_is_plain(model)
+    cache = EvictionCache(model, "trimkv", budget=8, buffer=4)
+    deferred = bounded_logprobs(model, ids, cache, protocol="decode", buffer=4, keep_from=8)
+    model.__dict__["_kvbound_plain_head"] = False
+    try:
+        cache = EvictionCache(model, "trimkv", budget=8, buffer=4)
+        plain = bounded_logprobs(model, ids, cache, protocol="decode", buffer=4)
+    finally:
+        del model.__dict__["_kvbound_plain_head"]
+    assert deferred.shape == (2, 64 - 8, plain.shape[-1])
+    assert torch.allclose(deferred, plain[:, 8:], atol=1e-5)
+
+
+def test_logits_changed_after_the_head_are_not_deferred():
+    """Gemma-style final soft-capping happens after the projection: the check must see it."""
+    from kvbound.eval import fidelity
+
+    capped = tiny_model("gemma3", final_logit_softcapping=0.5)
+    plain = tiny_model("gemma3")
+    assert not fidelity._head_is_plain(capped)
+    assert fidelity._head_is_plain(plain)
+
+
+def test_sweep_in_groups_equals_one_group_and_resumes_per_group(model, tmp_path, monkeypatch):
+    from kvbound.eval import sweep
+
+    kw = dict(budgets=[8, 16], buffer=4, methods=["trimkv", "streaming", "knorm"],
+              fewer_windows={"knorm": 3}, progress=False)
+    whole = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(4), batch_size=4, **kw)
+    store = tmp_path / "partial.json"
+    real, calls = sweep.run_fidelity, []
+
+    def stop_after_first(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(k["methods"][0][0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep, "run_fidelity", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.fidelity_sweep(model, ByteTokenizer(), _windows(4), batch_size=2, store=store, **kw)
+    assert calls == ["0/trimkv"]
+    monkeypatch.setattr(sweep, "run_fidelity", lambda *a, **k: calls.append(
+        (len(a[2]), k["methods"][0][0])) or real(*a, **k))
+    grouped = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(4), batch_size=2,
+                                   store=store, **kw)
+    # after the stop: everything but the one saved (group, regime, method), each once
+    labels = [f"{s}/{m}" for s in (0, 4) for m in ("trimkv", "streaming", "knorm")]
+    assert sorted(calls[1:]) == sorted([(2, x) for x in labels if x != "0/trimkv"]
+                                       + [(2, x) for x in labels])
+    for sinks in ("0", "4"):
+        a = {(r["label"], r["budget"]): r for r in whole["regimes"][sinks]["results"]}
+        b = {(r["label"], r["budget"]): r for r in grouped["regimes"][sinks]["results"]}
+        assert a.keys() == b.keys()
+        for key, r in a.items():
+            assert b[key]["windows"] == r["windows"] == (3 if key[0] == "knorm" else 4)
+            assert b[key]["source_per_window"] == r["source_per_window"]
+            assert b[key]["kl_per_window"] == pytest.approx(r["kl_per_window"], rel=1e-3,
+                                                            abs=1e-6)
+            assert b[key]["kl_mean"] == pytest.approx(r["kl_mean"], rel=1e-3)
+            assert b[key]["sinks"] == int(sinks)

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from kvbound.errors import KVBoundError
-from kvbound.eval.fidelity import Window, run_fidelity
+from kvbound.eval.fidelity import Window, merge_results, run_fidelity
 from kvbound.eval.stats import bootstrap_mean_ci, check_same_rules, paired_difference
 
 
@@ -25,35 +25,48 @@ def fidelity_sweep(model, tokenizer, windows: list[Window], *, methods: list[str
                    budgets: list[int], buffer: int = 16, regimes: tuple[int, ...] = (0, 4),
                    focus: str = "trimkv", fewer_windows: dict[str, int] | None = None,
                    gates=None, protocol: str = "decode", progress: bool = True,
-                   store: Path | None = None) -> dict:
+                   store: Path | None = None, batch_size: int = 16) -> dict:
     """Run every method in every sink regime; ``fewer_windows`` maps weaker methods to the number
-    of windows they get (recorded per row as ``windows``). With ``store`` (a JSON file), each
-    (regime, method) is saved as soon as it is done and skipped when the sweep is run again with
-    the same windows and settings, so a long sweep survives being stopped."""
+    of windows they get (recorded per row as ``windows``).
+
+    Windows are taken ``batch_size`` at a time and every (regime, method, budget) runs on a group
+    before the next one, so the full-cache reference is computed once per group. With ``store``
+    (a JSON file) each (group, regime, method) is saved as soon as it is done and skipped when
+    the sweep is run again with the same windows and settings, so a long sweep survives being
+    stopped."""
     fewer = fewer_windows or {}
     fingerprint = {"windows": _windows_digest(windows), "budgets": budgets, "buffer": buffer,
-                   "protocol": protocol, "fewer_windows": fewer}
+                   "protocol": protocol, "fewer_windows": fewer, "regimes": list(regimes),
+                   "methods": methods, "batch_size": batch_size}
     done = _load_store(store, fingerprint)
+    parts, reference = [], {}
+    for g, first in enumerate(range(0, len(windows), batch_size)):
+        for sinks in regimes:
+            for m in methods:
+                if fewer.get(m, first + 1) <= first:
+                    continue
+                key = f"group/{g}/{sinks}/{m}"
+                if key not in done:
+                    over = {"sinks": sinks, **({"max_windows": fewer[m] - first}
+                                               if m in fewer else {})}
+                    done[key] = run_fidelity(
+                        model, tokenizer, windows[first : first + batch_size],
+                        methods=[(f"{sinks}/{m}", m, over)], budgets=budgets, buffer=buffer,
+                        gates=gates, protocol=protocol, batch_size=batch_size,
+                        progress=progress, reference=reference)
+                    _save_store(store, fingerprint, done)
+                parts.append(done[key])
+    merged = merge_results(parts)
     out = {"regimes": {}, "budgets": budgets, "focus": focus, "buffer": buffer,
-           "fewer_windows": fewer}
+           "fewer_windows": fewer, "seconds": merged["seconds"]}
     for sinks in regimes:
-        rows, meta = [], None
-        for m in methods:
-            key = f"{sinks}/{m}"
-            if key not in done:
-                over = {"max_windows": fewer[m]} if m in fewer else {}
-                res = run_fidelity(model, tokenizer, windows, methods=[(m, m, over)],
-                                   budgets=budgets, buffer=buffer, sinks=sinks, gates=gates,
-                                   protocol=protocol, context_len=None, progress=progress)
-                done[key] = res
-                _save_store(store, fingerprint, done)
-            meta = done[key]
-            rows += done[key]["results"]
-        res = {k: v for k, v in meta.items() if k != "results"}
-        res["results"] = rows
+        rows = [{**r, "label": r["label"].split("/", 1)[1]} for r in merged["results"]
+                if r["label"].split("/", 1)[0] == str(sinks)]
         check_same_rules(rows)
         for row in rows:
             add_intervals(row)
+        res = {k: v for k, v in merged.items() if k != "results"}
+        res["results"] = rows
         res["comparisons"] = compare_to_best(rows, budgets, focus)
         out["regimes"][str(sinks)] = res
     return out
