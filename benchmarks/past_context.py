@@ -9,9 +9,10 @@ TRIM-KV and StreamingLLM at M=256 (4 sinks each, buffer 16, decode protocol: 16 
 eviction throughout) with absolute and with rolling positions.
 
 Part 2, generation: ``kvbound.generate(..., method="trimkv", budget=256, max_new_tokens=N,
-positions=P)`` (sampled, T=0.7, top-p 0.9, seed 0, the same for both P). Per 1K-token block of the
-generated text: its perplexity scored by the same model with a fresh full cache over the preceding
-2K tokens + the block (positions restarted at 0), and the share of repeated 4-grams in the block.
+positions=P)`` (sampled, T=0.7, top-p 0.9, seed 0, ``--repetition-penalty``, the same for
+both P). Per 1K-token block of the generated text: its perplexity scored by the same model with a
+fresh full cache over the preceding 2K tokens + the block (positions restarted at 0), and the
+share of repeated 4-grams in the block.
 ``--part2-only`` keeps part 1 from the saved JSON and runs the generation alone.
 """
 
@@ -113,7 +114,7 @@ def part2(model, tok, args, save) -> dict:
         t0 = time.perf_counter()
         r = generate(model, tok, PROMPT, method="trimkv", budget=args.budget, buffer=args.buffer,
                      max_new_tokens=args.new, min_new_tokens=args.new, sample=True, seed=0,
-                     positions=positions)
+                     positions=positions, repetition_penalty=args.repetition_penalty)
         ppl, rep = scored_blocks(model, r.token_ids, list(prompt_ids), args.block, args.lookback)
         res[positions] = {"ppl": ppl, "repeated_4grams": rep, "new_tokens": r.new_tokens,
                           "peak_tokens_per_head": r.peak_tokens_per_head,
@@ -192,7 +193,9 @@ def _table(result: dict) -> str:
                            f"context vs {mean(v['ppl'], after):.2f} past it, repeated 4-grams "
                            f"{mean(v['repeated_4grams'], before):.2f} vs "
                            f"{mean(v['repeated_4grams'], after):.2f}")
-        out += (f"\n\nGeneration (TRIM-KV, M={result['budget']}, sampled T=0.7 top-p 0.9 seed 0; "
+        penalty = result.get("repetition_penalty", 1.0)
+        out += (f"\n\nGeneration (TRIM-KV, M={result['budget']}, sampled T=0.7 top-p 0.9 seed 0"
+                + (f", repetition penalty {penalty}" if penalty != 1.0 else "") + "; "
                 f"each block scored with a fresh full cache over the {result.get('lookback')} "
                 f"tokens before it, positions restarted): {runs}. Summary: "
                 + "; ".join(summary) + ". A repeated-4-gram share near 1 with a perplexity near "
@@ -208,6 +211,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--buffer", type=int, default=16)
     ap.add_argument("--new", type=int, default=20000, help="generated tokens (part 2)")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="part 2 sampling: > 1 keeps the model out of repetition loops")
     ap.add_argument("--lookback", type=int, default=2048,
                     help="tokens of history the full-cache scorer sees before each block (part 2)")
     ap.add_argument("--skip-generation", action="store_true")
@@ -263,6 +268,7 @@ def run(args) -> tuple[dict, int]:
         args.json.write_text(json.dumps(result, indent=1))
     if not args.skip_generation:
         result["lookback"] = args.lookback
+        result["repetition_penalty"] = args.repetition_penalty
 
         def save(part):
             result["part2"] = part
@@ -270,6 +276,7 @@ def run(args) -> tuple[dict, int]:
 
         part2(model, tok, args, save)
     return result, context
+
 
 if __name__ == "__main__":
     main()

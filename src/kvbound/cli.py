@@ -61,6 +61,8 @@ def generate(
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(0.7, min=0.0, help="Sampling temperature (> 0)."),
     top_p: float = typer.Option(0.9, min=0.0, max=1.0, help="Nucleus sampling mass (0, 1]."),
+    repetition_penalty: float = typer.Option(
+        1.0, min=0.0, help="> 1 discourages repeating tokens already seen (1 = off)."),
     seed: int = typer.Option(0, min=0),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -80,6 +82,8 @@ def generate(
                                                    "decoding, without --sample, for T = 0).")
         if sample and top_p <= 0:
             raise arg.OptionError("--top-p", "must be > 0 with --sample.")
+        if repetition_penalty <= 0:
+            raise arg.OptionError("--repetition-penalty", "must be > 0 (1 = off).")
         if min_new_tokens is not None and min_new_tokens > max_new_tokens:
             raise arg.OptionError("--min-new-tokens", f"must be <= --max-new-tokens "
                                                       f"({max_new_tokens}).")
@@ -87,7 +91,8 @@ def generate(
         m, tok = load_model(arg.model_name(model, "--model"))
         result = run(m, tok, text, method=method, gates=gates, budget=budget, buffer=buffer,
                      chunk=chunk, sinks=sinks, max_new_tokens=max_new_tokens, sample=sample,
-                     temperature=temperature, top_p=top_p, seed=seed,
+                     temperature=temperature, top_p=top_p,
+                     repetition_penalty=repetition_penalty, seed=seed,
                      chat=False if no_chat else None, min_new_tokens=min_new_tokens,
                      full_prefill=full_prefill, compile=compile, positions=positions)
     except (KVBoundError, OSError) as exc:

@@ -198,6 +198,7 @@ def generate(
     sample: bool = False,
     temperature: float = 0.7,
     top_p: float = 0.9,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     chat: bool | None = None,
     min_new_tokens: int | None = None,
@@ -214,6 +215,8 @@ def generate(
     :func:`compile_config`); the first decode step pays the compilation. ``positions``: RoPE
     positions of a bounded cache, ``"auto"`` (absolute, then rolling once the run passes the
     model's context), ``"absolute"`` or ``"rolling"`` (:mod:`kvbound.cache.positions`).
+    ``repetition_penalty`` > 1 discourages tokens already in the prompt or output (CTRL, Keskar
+    et al. 2019; transformers' ``RepetitionPenaltyLogitsProcessor``), greedy or sampled.
     """
     ids = prompt if isinstance(prompt, torch.Tensor) else encode_prompt(tokenizer, prompt,
                                                                         chat=chat)
@@ -231,6 +234,8 @@ def generate(
         raise KVBoundError(f"chunk must be a positive integer, got {chunk!r}.")
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise KVBoundError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if not repetition_penalty > 0:
+        raise KVBoundError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}.")
     cache, used_gates, used_sinks = build_cache(
         model, method, budget=budget, buffer=buffer, sinks=sinks, gates=gates, static=compile,
         max_cache_len=ids.shape[1] + max_new_tokens,
@@ -241,6 +246,8 @@ def generate(
                   attention_mask=torch.ones_like(ids), prefill_chunk_size=prefill_chunk)
     if min_new_tokens is not None:
         kwargs["min_new_tokens"] = min_new_tokens
+    if repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = float(repetition_penalty)
     if compile:
         kwargs["compile_config"] = compile_config(model.device)
     if sample:

@@ -73,6 +73,20 @@ def test_generate_sampling_is_seeded(env, capsys):
     assert c["text"] != a["text"] or greedy["text"] != a["text"]
 
 
+def test_generate_repetition_penalty_discourages_repeats(env, capsys):
+    from kvbound.generation import generate
+
+    model, tok = load_model(env["model"])
+    kw = dict(method="trimkv", gates=env["gates"], budget=16, buffer=4, max_new_tokens=24,
+              min_new_tokens=24, chat=False)
+    plain = generate(model, tok, TEXT[:300], **kw)
+    penalized = generate(model, tok, TEXT[:300], repetition_penalty=50.0, **kw)
+    assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
+    cli = _gen(capsys, env, "--method", "trimkv", "--budget", 16, "--buffer", 4, "--no-chat",
+               "--max-new-tokens", 24, "--min-new-tokens", 24, "--repetition-penalty", 50)
+    assert cli["text"] == penalized.text
+
+
 def test_generate_compile_matches_eager(env, capsys):
     args = ("--method", "streaming", "--budget", 16, "--buffer", 4, "--no-chat")
     eager = _gen(capsys, env, *args)

@@ -29,8 +29,8 @@ def fidelity_sweep(model, tokenizer, windows: list[Window], *, methods: list[str
     """Run every method in every sink regime; ``fewer_windows`` maps weaker methods to the number
     of windows they get (recorded per row as ``windows``).
 
-    Windows are taken ``batch_size`` at a time and every (regime, method, budget) runs on a group
-    before the next one, so the full-cache reference is computed once per group. With ``store``
+    Windows are taken ``batch_size`` at a time and every method and budget of a regime runs on a
+    group before the next one, so the full-cache reference is computed once per group and regime. With ``store``
     (a JSON file) each (group, regime, method) is saved as soon as it is done and skipped when
     the sweep is run again with the same windows and settings, so a long sweep survives being
     stopped."""
@@ -40,8 +40,8 @@ def fidelity_sweep(model, tokenizer, windows: list[Window], *, methods: list[str
                    "methods": methods, "batch_size": batch_size}
     done = _load_store(store, fingerprint)
     parts, reference = [], {}
-    for g, first in enumerate(range(0, len(windows), batch_size)):
-        for sinks in regimes:
+    for sinks in regimes:  # regime by regime: a stopped sweep has whole regimes done
+        for g, first in enumerate(range(0, len(windows), batch_size)):
             for m in methods:
                 if fewer.get(m, first + 1) <= first:
                     continue
