@@ -220,8 +220,20 @@ class Pool:
             time.sleep(0.05)
 
 
-def _explained() -> dict[str, str]:
-    return json.loads(EXPLAINED.read_text()) if EXPLAINED.exists() else {}
+#: kinds of explained survivors: only "equivalent" ones (no test could kill them) leave the
+#: denominator of the standard score; "benign" ones change something no result depends on
+#: (timing attribution, a memory heuristic's boundary) and count as survivors, as do the others
+KINDS = ("equivalent", "benign", "compile-only", "killed-later")
+
+
+def _explained() -> dict[str, dict]:
+    """Survivor key -> {"kind": one of KINDS, "why": text}."""
+    out = json.loads(EXPLAINED.read_text()) if EXPLAINED.exists() else {}
+    bad = {k: v for k, v in out.items() if not isinstance(v, dict) or v.get("kind") not in KINDS}
+    if bad:
+        raise SystemExit(f"{EXPLAINED}: give each entry a kind in {KINDS} and a why: "
+                         f"{sorted(bad)[:3]}")
+    return out
 
 
 def _log(path: Path) -> dict[str, dict]:
@@ -307,12 +319,17 @@ def _report(results, targets, tests, seconds, total) -> str:
 
     killed = sum(o != "survived" for _, o in results)
     score = 100.0 * killed / max(len(results), 1)
-    lo, hi = wilson_interval(killed, len(results)) if results else (0.0, 0.0)
-    sample = "" if len(results) == total else (
-        f" The run decided a seeded random sample of {len(results)} of the {total} mutants; "
-        f"95% Wilson interval of the score over all of them: {100 * lo:.1f}-{100 * hi:.1f}%.")
     survivors = [m for m, o in results if o == "survived"]
     unexplained = [m for m in survivors if m.key not in explained]
+    kinds = {k: sum(1 for m in survivors if explained.get(m.key, {}).get("kind") == k)
+             for k in KINDS}
+    killable = len(results) - kinds["equivalent"]
+    standard = 100.0 * killed / max(killable, 1)
+    lo, hi = wilson_interval(killed, killable) if killable else (0.0, 0.0)
+    sample = "" if len(results) == total else (
+        f" The run decided a seeded random sample of {len(results)} of the {total} mutants; "
+        f"95% Wilson interval of the standard score over all of them: "
+        f"{100 * lo:.1f}-{100 * hi:.1f}%.")
     by_file: dict[str, list[int]] = {}
     for m, o in results:
         k = by_file.setdefault(m.path, [0, 0])
@@ -324,13 +341,19 @@ def _report(results, targets, tests, seconds, total) -> str:
         f"Command: `{command()}`  ", f"Machine: {machine()}", "",
         f"Targets: {', '.join(targets)}; tests: `{' '.join(tests)}`; {len(results)} of {total} "
         f"mutants decided" + (f" ({seconds:.0f} s in the last run)." if seconds else ".") , "",
-        f"**Mutation score: {score:.1f}%** ({killed} of {len(results)} killed); "
-        f"{len(survivors) - len(unexplained)} survivors explained (equivalent, only checked by the compile tests, or killed by a test added since), "
-        f"{len(unexplained)} unexplained.{sample}", "",
+        f"**Mutation score: {standard:.1f}%** ({killed} killed of {killable} killable mutants: "
+        f"the {kinds['equivalent']} equivalent survivors, which no test can kill, are left out "
+        f"of the denominator, the usual definition); raw: {score:.1f}% ({killed} of "
+        f"{len(results)}). Survivors: {kinds['equivalent']} equivalent, {kinds['benign']} benign "
+        f"(observable, but no result depends on them), {kinds['compile-only']} "
+        f"checked only by the compile tests (left out of this test set for time), "
+        f"{kinds['killed-later']} killed by a test added after the run decided them (counted as "
+        f"survivors until re-run), {len(unexplained)} unexplained.{sample}", "",
         "| file | killed | score |", "|---|---|---|", *rows, "",
-        "| surviving mutant | where | why it survives |", "|---|---|---|",
+        "| surviving mutant | where | kind | why it survives |", "|---|---|---|---|",
         *[f"| {m.what} in `{_cell(m.code)}` | `{m.path}:{m.line}` ({m.function}) | "
-          f"{explained.get(m.key, '**unexplained**')} |" for m in survivors],
+          f"{explained.get(m.key, {}).get('kind', '**unexplained**')} | "
+          f"{explained.get(m.key, {}).get('why', '')} |" for m in survivors],
         "",
     ])
 
