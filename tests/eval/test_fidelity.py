@@ -144,6 +144,9 @@ def test_sweep_store_resumes_without_rerunning_and_refuses_other_settings(model,
     monkeypatch.setattr(sweep, "run_fidelity", refuse)
     again = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2), store=store, **kw)
     assert again["regimes"]["0"]["comparisons"] == first["regimes"]["0"]["comparisons"]
+    subset = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2), store=store,
+                                  **{**kw, "methods": ["trimkv"]})  # e.g. the finished part
+    assert [r["label"] for r in subset["regimes"]["0"]["results"]] == ["trimkv"]
     with pytest.raises(KVBoundError, match="other windows or settings"):
         sweep.fidelity_sweep(model, ByteTokenizer(), _windows(3), store=store, **kw)
 

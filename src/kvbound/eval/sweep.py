@@ -30,14 +30,14 @@ def fidelity_sweep(model, tokenizer, windows: list[Window], *, methods: list[str
     of windows they get (recorded per row as ``windows``).
 
     Windows are taken ``batch_size`` at a time and every method and budget of a regime runs on a
-    group before the next one, so the full-cache reference is computed once per group and regime. With ``store``
-    (a JSON file) each (group, regime, method) is saved as soon as it is done and skipped when
-    the sweep is run again with the same windows and settings, so a long sweep survives being
-    stopped."""
+    group before the next one, so the full-cache reference is computed once per group and
+    regime. With ``store`` (a JSON file) each (group, regime, method) is saved as soon as it is
+    done and skipped when the sweep is run again with the same windows and settings (any subset
+    of the regimes and methods: e.g. render the regimes finished so far), so a long sweep
+    survives being stopped."""
     fewer = fewer_windows or {}
     fingerprint = {"windows": _windows_digest(windows), "budgets": budgets, "buffer": buffer,
-                   "protocol": protocol, "fewer_windows": fewer, "regimes": list(regimes),
-                   "methods": methods, "batch_size": batch_size}
+                   "protocol": protocol, "fewer_windows": fewer, "batch_size": batch_size}
     done = _load_store(store, fingerprint)
     parts, reference = [], {}
     for sinks in regimes:  # regime by regime: a stopped sweep has whole regimes done
@@ -84,7 +84,8 @@ def _load_store(store: Path | None, fingerprint: dict) -> dict:
     if store is None or not store.exists():
         return {}
     saved = json.loads(store.read_text())
-    if saved.get("fingerprint") != fingerprint:
+    known = saved.get("fingerprint") or {}
+    if any(known.get(k) != v for k, v in fingerprint.items()):
         raise KVBoundError(f"{store} holds a sweep of other windows or settings; delete it or "
                            "choose another file to start afresh.")
     return saved["done"]
