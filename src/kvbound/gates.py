@@ -36,6 +36,19 @@ LEGACY_FORMATS = ("trimkv-gates",)
 FORMAT_VERSION = 1
 
 
+#: scales s of the gate's optional position features 1 / (1 + p / s): large for the first tokens
+#: of a sequence, ~0 far from its start, so they tell a gate "this token is early" without
+#: letting it extrapolate a trend past the lengths it was trained on
+POSITION_SCALES = (1.0, 4.0, 16.0, 64.0)
+
+
+def position_features(positions: torch.Tensor) -> torch.Tensor:
+    """(..., S) token positions (-1 = padding, read as 0) -> (..., S, len(POSITION_SCALES))."""
+    p = positions.clamp(min=0).to(torch.float32)[..., None]
+    scales = torch.tensor(POSITION_SCALES, dtype=torch.float32, device=positions.device)
+    return 1.0 / (1.0 + p / scales)
+
+
 class RetentionGate(nn.Module):
     """Per-layer gate: Linear(hidden -> I, bias) -> SiLU -> Linear(I -> H_kv) + per-head bias.
 
@@ -48,6 +61,11 @@ class RetentionGate(nn.Module):
         released checkpoints 8-10; 18 leaves gradients ~1e-8 that AdamW cannot move in a short run.
     init_std:
         Std of the normal init of both linear weights.
+    position_input:
+        Also feed :func:`position_features` of each token's position into the hidden layer
+        (a kvbound extension, not in the paper: the layer-0 gate otherwise sees only the token
+        embedding and cannot tell the first token, the attention sink, from any other).
+        Zero-initialised, so a fresh gate computes exactly what it would without it.
     """
 
     def __init__(
@@ -57,6 +75,7 @@ class RetentionGate(nn.Module):
         intermediate_size: int = 128,
         bias_init: float = 8.0,
         init_std: float = 0.02,
+        position_input: bool = False,
     ) -> None:
         super().__init__()
         self.linear1 = nn.Linear(hidden_size, intermediate_size, bias=True)
@@ -65,17 +84,34 @@ class RetentionGate(nn.Module):
         nn.init.normal_(self.linear1.weight, std=init_std)
         nn.init.zeros_(self.linear1.bias)
         nn.init.normal_(self.linear2.weight, std=init_std)
+        self.position = None
+        if position_input:
+            self.position = nn.Linear(len(POSITION_SCALES), intermediate_size, bias=False)
+            nn.init.zeros_(self.position.weight)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Return log beta, shape (B, H_kv, S), float32, computed with autocast off."""
+    @property
+    def uses_positions(self) -> bool:
+        return self.position is not None
+
+    def forward(self, hidden_states: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Return log beta, shape (B, H_kv, S), float32, computed with autocast off.
+        ``positions`` (B, S) are needed when the gate has a position input."""
+        if self.position is not None and positions is None:
+            raise KVBoundError("This retention gate reads token positions: pass positions "
+                               "(B, S) with the hidden states.")
         if torch.is_autocast_enabled(hidden_states.device.type):
             with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-                return self._log_beta(hidden_states)
-        return self._log_beta(hidden_states)
+                return self._log_beta(hidden_states, positions)
+        return self._log_beta(hidden_states, positions)
 
-    def _log_beta(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _log_beta(self, hidden_states: torch.Tensor,
+                  positions: torch.Tensor | None) -> torch.Tensor:
         x = hidden_states.to(self.linear1.weight.dtype)
-        logits = F.linear(F.silu(self.linear1(x)), self.linear2.weight, self.bias)
+        h = self.linear1(x)
+        if self.position is not None:
+            h = h + self.position(position_features(positions).to(h.dtype))
+        logits = F.linear(F.silu(h), self.linear2.weight, self.bias)
         return F.logsigmoid(logits).transpose(1, 2)
 
 
@@ -92,6 +128,7 @@ class GateConfig:
     bias_init: float = 8.0
     init_std: float = 0.02
     base_model: str | None = None
+    position_input: bool = False
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -124,6 +161,7 @@ class RetentionGates(nn.Module):
                     config.intermediate_size,
                     config.bias_init,
                     config.init_std,
+                    config.position_input,
                 )
                 for i in config.gated_layers
             }
@@ -139,8 +177,10 @@ class RetentionGates(nn.Module):
         bias_init: float = 8.0,
         init_std: float = 0.02,
         seed: int | None = 0,
+        position_input: bool = False,
     ) -> RetentionGates:
-        """Fresh (untrained) gates shaped for ``model``; deterministic for a given ``seed``."""
+        """Fresh (untrained) gates shaped for ``model``; deterministic for a given ``seed``
+        (``position_input``: see :class:`RetentionGate`)."""
         fp = model_fingerprint(model)
         config = GateConfig(
             model_type=fp["model_type"],
@@ -153,6 +193,7 @@ class RetentionGates(nn.Module):
             init_std=init_std,
             base_model=getattr(model, "kvbound_model_name", None)
             or getattr(model.config, "_name_or_path", None),
+            position_input=position_input,
         )
         if seed is None:
             return cls(config)
@@ -166,8 +207,13 @@ class RetentionGates(nn.Module):
     def __getitem__(self, layer_idx: int) -> RetentionGate:
         return self.gates[str(layer_idx)]
 
-    def forward(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.gates[str(layer_idx)](hidden_states)
+    @property
+    def uses_positions(self) -> bool:
+        return self.config.position_input
+
+    def forward(self, layer_idx: int, hidden_states: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.gates[str(layer_idx)](hidden_states, positions)
 
     # ------------------------------------------------------------------ model wiring
     def check_compatible(self, model: nn.Module) -> None:

@@ -45,11 +45,14 @@ class GateStaging:
         """Traceable variant for static decode steps: the row is a (1,) tensor index."""
         self.inputs.index_copy_(1, row, hidden.detach().to(self.inputs.dtype))
 
-    def run(self) -> torch.Tensor | None:
-        """Log beta (B, H_kv, p) of the ``p`` staged tokens, or ``None`` if none is staged."""
+    def run(self, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Log beta (B, H_kv, p) of the ``p`` staged tokens, or ``None`` if none is staged;
+        ``positions`` (B, p) are theirs, read by gates with a position input."""
         p = self.pending
         if not p:
             return None
         self.pending = 0
         with torch.no_grad():
+            if getattr(self.gate, "uses_positions", False):
+                return self.gate(self.inputs[:, :p], positions)
             return self.gate(self.inputs[:, :p])

@@ -290,15 +290,19 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
             return
         self.flush_gates()
         q = hidden.shape[1]
-        self._state["log_beta"][:, :, self.n : self.n + q] = self.gates.gate(hidden).detach()
+        gate, pos = self.gates.gate, self._pos[:, 0, self.n : self.n + q]
+        log_beta = gate(hidden, pos) if getattr(gate, "uses_positions", False) else gate(hidden)
+        self._state["log_beta"][:, :, self.n : self.n + q] = log_beta.detach()
 
     def flush_gates(self) -> None:
-        """Run the gate over the staged decode tokens and store their log beta."""
+        """Run the gate over the staged decode tokens (the trailing ``pending`` slots) and store
+        their log beta."""
         p = self.gates.pending
         if not p:
             return
         t0 = time.perf_counter()
-        self._state["log_beta"][:, :, self.n - p : self.n] = self.gates.run()
+        self._state["log_beta"][:, :, self.n - p : self.n] = self.gates.run(
+            self._pos[:, 0, self.n - p : self.n])
         if self.timings is not None:
             self.timings["scoring_inputs"] += time.perf_counter() - t0
 

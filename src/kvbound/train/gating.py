@@ -22,7 +22,11 @@ def hand_off(module: nn.Module, mode: str, gates: nn.Module | None, hidden: torc
     log_beta = None
     layer_idx = module.layer_idx
     if mode == "student" and gates is not None and layer_idx in gates:
-        log_beta = gates(layer_idx, hidden)
+        positions = None
+        if getattr(gates, "uses_positions", False):  # right-padded batches: 0..T-1 per row
+            positions = torch.arange(hidden.shape[1], device=hidden.device).expand(
+                hidden.shape[0], -1)
+        log_beta = gates(layer_idx, hidden, positions)
         if train_sinks:
             log_beta = log_beta.clone()
             log_beta[..., :train_sinks] = 0.0

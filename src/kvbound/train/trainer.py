@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -64,6 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     intermediate_size: int = 128
     bias_init: float = 8.0
+    gate_positions: bool = False
     lambda_cap: float = 1.0
     cap_variant: str = "paper"
     quality_reduction: str = "sum"
@@ -138,7 +139,8 @@ class Trainer:
         model.requires_grad_(False)
         model.eval()
         self.gates = RetentionGates.for_model(
-            model, intermediate_size=cfg.intermediate_size, bias_init=cfg.bias_init, seed=cfg.seed
+            model, intermediate_size=cfg.intermediate_size, bias_init=cfg.bias_init, seed=cfg.seed,
+            position_input=cfg.gate_positions,
         ).to(self.device)
         self.gates.train()
         self.optimizer = torch.optim.AdamW(self.gates.parameters(), lr=cfg.lr,
@@ -225,7 +227,10 @@ class Trainer:
         except Exception as exc:
             raise KVBoundError(f"Cannot read {ckpt / TRAINER_FILE}: {exc}. Delete the checkpoint "
                               "directory to start over.") from exc
-        saved = {k: v for k, v in state["config"].items() if k not in ("steps", "out", "extra")}
+        # settings added after the checkpoint was written take their defaults
+        defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+        saved = {k: v for k, v in {**defaults, **state["config"]}.items()
+                 if k not in ("steps", "out", "extra")}
         mine = {k: v for k, v in asdict(self.cfg).items() if k not in ("steps", "out", "extra")}
         if saved != mine:
             diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
