@@ -136,3 +136,24 @@ def test_training_moves_the_position_weights(tmp_path):
     assert all(m > 0 for m in moved)
     again = RetentionGates.load(tmp_path / "run")
     assert again.uses_positions and again.digest() == gates.digest()
+
+
+@pytest.mark.parametrize("buffer", [0, 4])
+def test_static_decoding_with_positional_gates_equals_dynamic(buffer):
+    model = tiny_model("llama", seed=0)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    _gates(model).attach(model)
+    ids = torch.randint(1, 100, (2, 20), generator=gen(406))
+    kw = dict(do_sample=False, disable_compile=True, max_new_tokens=30, prefill_chunk_size=8)
+    try:
+        dyn = EvictionCache(model, "trimkv", budget=8, buffer=buffer)
+        sta = EvictionCache(model, "trimkv", budget=8, buffer=buffer, static=True)
+        a = model.generate(ids, cache=dyn, **kw)
+        b = model.generate(ids, cache=sta, **kw)
+    finally:
+        detach(model)
+    assert torch.equal(a, b)
+    for idx in sta.evicted:
+        assert torch.equal(sta.resident_positions(idx), dyn.resident_positions(idx))
+        torch.testing.assert_close(sta.layers[idx].log_beta, dyn.layers[idx].log_beta)
