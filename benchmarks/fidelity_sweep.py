@@ -89,6 +89,11 @@ def main() -> None:
     ap.add_argument("--weak-windows", type=int, default=None,
                     help="windows for methods outside the strongest baselines (default: all)")
     ap.add_argument("--regimes", default="0,4", help="protected sinks, one regime each")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=GATES",
+                    help="also run TRIM-KV with these gates (a directory or shipped name) under "
+                         "LABEL, on every window; repeatable")
+    ap.add_argument("--focus", default="trimkv",
+                    help="the entry compared with the best other method (a method or LABEL)")
     ap.add_argument("--protocol", default="decode")
     ap.add_argument("--text-file", action="append", default=[])
     ap.add_argument("--json", type=Path, default=ROOT / "runs" / "fidelity_sweep.json")
@@ -107,8 +112,15 @@ def main() -> None:
         taken = {}
         for w in windows:
             taken[w.source.split("/")[0]] = taken.get(w.source.split("/")[0], 0) + 1
-        methods = args.methods.split(",")
-        fewer = ({m: args.weak_windows for m in methods if m not in STRONG + ("full",)}
+        variants = {}
+        for v in args.variant:
+            label, sep, gates = v.partition("=")
+            if not sep or not label or not gates:
+                ap.error(f"--variant takes LABEL=GATES, got {v!r}")
+            variants[label] = {"method": "trimkv", "gates": gates}
+        methods = args.methods.split(",") + list(variants)
+        strong = STRONG + tuple(variants)
+        fewer = ({m: args.weak_windows for m in methods if m not in strong + ("full",)}
                  if args.weak_windows else {})
         store = args.json.with_suffix(".partial.json")
         if args.fresh and store.exists():
@@ -117,7 +129,7 @@ def main() -> None:
                              budgets=[int(b) for b in args.budgets.split(",")],
                              buffer=args.buffer, fewer_windows=fewer, protocol=args.protocol,
                              regimes=tuple(int(s) for s in args.regimes.split(",")),
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, variants=variants, focus=args.focus)
         res.update(command=command(), machine=machine(), windows_per_domain=taken,
                    protocol=args.protocol, seq_len=args.seq_len)
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -136,8 +148,42 @@ def _ci(x: float, ci: list[float], fmt: str = ".4f") -> str:
     return f"{x:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
+def _comparison_table(comparisons: list[dict], name: str) -> list[str]:
+    out = [f"| M | {name} KL | best other at M | its KL | difference [95% CI] | wins | "
+           "best other at 2M | its KL | difference [95% CI] | wins |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        v = c["vs_best"]
+        row = (f"| {c['budget']} | {c['kl']:.4f} | {v['other']} | {v['other_kl']:.4f} | "
+               f"{_ci(v['mean'], v['ci'], '+.4f')} | {v['wins']}/{v['n']} |")
+        d = c.get("vs_best_at_2m")
+        row += (f" {d['other']} | {d['other_kl']:.4f} | {_ci(d['mean'], d['ci'], '+.4f')} | "
+                f"{d['wins']}/{d['n']} |" if d else " - | - | - | - |")
+        out.append(row)
+    return out
+
+
+def _verdict(comparisons: list[dict], name: str) -> str:
+    """Per budget, from the CIs of the paired differences: at M, and against 2M where known."""
+    def word(v, at):
+        if v["ci"][1] < 0:
+            return f"wins against {v['other']}{at} (CI below 0)"
+        if v["ci"][0] > 0:
+            return f"loses to {v['other']}{at} (CI above 0)"
+        return f"no clear difference with {v['other']}{at}"
+
+    parts = []
+    for c in comparisons:
+        text = f"M={c['budget']}: {name} {word(c['vs_best'], '')}"
+        if c.get("vs_best_at_2m"):
+            text += f", and {word(c['vs_best_at_2m'], ' given 2M')}"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def render(res: dict) -> str:
     budgets, protocol = res["budgets"], res["protocol"]
+    name = res.get("focus", "trimkv")
     any_regime = next(iter(res["regimes"].values()))
     domains = ", ".join(f"{k} ({v})" for k, v in res["windows_per_domain"].items())
     lines = [
@@ -174,31 +220,19 @@ def render(res: dict) -> str:
             ppl = " | ".join(f"{by[(m, b)]['ppl_ratio']:.3f}" for b in budgets)
             lines.append(f"| {m} | {by[(m, budgets[0])]['windows']} | {' | '.join(cells)} | "
                          f"{top} | {ppl} |")
-        lines += ["", f"TRIM-KV minus the best other method, window by window (sinks {sinks}; "
-                  "negative = TRIM-KV closer to the full cache; wins = windows where TRIM-KV's "
-                  "KL is lower):", "",
-                  "| M | TRIM-KV KL | best other at M | its KL | difference [95% CI] | wins | "
-                  "best other at 2M | its KL | difference [95% CI] | wins |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for c in r["comparisons"]:
-            v = c["vs_best"]
-            row = (f"| {c['budget']} | {c['kl']:.4f} | {v['other']} | {v['other_kl']:.4f} | "
-                   f"{_ci(v['mean'], v['ci'], '+.4f')} | {v['wins']}/{v['n']} |")
-            d = c.get("vs_best_at_2m")
-            row += (f" {d['other']} | {d['other_kl']:.4f} | {_ci(d['mean'], d['ci'], '+.4f')} | "
-                    f"{d['wins']}/{d['n']} |" if d else " - | - | - | - |")
-            lines.append(row)
-        verdicts = []
-        for c in r["comparisons"]:
-            v = c["vs_best"]
-            if v["ci"][1] < 0:
-                verdicts.append(f"M={c['budget']}: TRIM-KV wins (CI below 0)")
-            elif v["ci"][0] > 0:
-                verdicts.append(f"M={c['budget']}: TRIM-KV loses to {v['other']} (CI above 0)")
-            else:
-                verdicts.append(f"M={c['budget']}: no clear difference with {v['other']}")
-        lines += ["", f"Verdict, sinks {sinks}: " + "; ".join(verdicts) + ".", "",
+        lines += ["", f"{name} minus the best other method, window by window (sinks {sinks}; "
+                  f"negative = {name} closer to the full cache; wins = windows where {name}'s "
+                  "KL is lower):", "", *_comparison_table(r["comparisons"], name),
+                  "", f"Verdict, sinks {sinks}: {_verdict(r['comparisons'], name)}.", "",
                   f"![KL vs budget, sinks {sinks}](img/fidelity_{protocol}_sinks{sinks}_kl_mean.png)"]
+    across = res.get("across")
+    if across:
+        a, b = across["focus_sinks"], across["others_sinks"]
+        lines += ["", f"### {name} with {a} sinks against every other method with {b}", "",
+                  f"{name} without the protection the others get (windows paired as above):", "",
+                  *_comparison_table(across["comparisons"], name), "",
+                  f"Verdict, {name} at sinks {a} vs the others at sinks {b}: "
+                  f"{_verdict(across['comparisons'], name)}."]
     return "\n".join(lines)
 
 

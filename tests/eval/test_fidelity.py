@@ -217,3 +217,31 @@ def test_sweep_in_groups_equals_one_group_and_resumes_per_group(model, tmp_path,
                                                             abs=1e-6)
             assert b[key]["kl_mean"] == pytest.approx(r["kl_mean"], rel=1e-3)
             assert b[key]["sinks"] == int(sinks)
+
+
+def test_sweep_variants_are_labelled_compared_with_heuristics_and_tied_to_their_gates(tmp_path):
+    from kvbound.eval import sweep
+
+    model = tiny_model("llama", seed=1)
+    shipped = RetentionGates.for_model(model, bias_init=2.0, init_std=0.5).attach(model)
+    new = RetentionGates.for_model(model, bias_init=1.0, init_std=0.5, seed=9)
+    kw = dict(budgets=[8, 16], buffer=4, methods=["trimkv", "streaming", "new"], focus="new",
+              store=tmp_path / "s.json", progress=False)
+    res = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2),
+                               variants={"new": {"method": "trimkv", "gates": new}}, **kw)
+    rows = {r["label"]: r for r in res["regimes"]["0"]["results"] if r["budget"] == 8}
+    assert rows["new"]["gates"] == new.ref() and rows["trimkv"]["gates"] == shipped.ref()
+    assert rows["new"]["kl_per_window"] != rows["trimkv"]["kl_per_window"]
+    for c in res["regimes"]["0"]["comparisons"]:
+        assert c["vs_best"]["other"] == "streaming"  # another TRIM-KV variant is not "other"
+    across = res["across"]
+    assert (across["focus_sinks"], across["others_sinks"]) == (0, 4)
+    first = across["comparisons"][0]
+    assert first["kl"] == rows["new"]["kl_mean"]
+    streaming4 = next(r for r in res["regimes"]["4"]["results"]
+                      if r["label"] == "streaming" and r["budget"] == 8)
+    assert first["vs_best"]["other_kl"] == streaming4["kl_mean"]
+    other = RetentionGates.for_model(model, bias_init=3.0, seed=11)
+    with pytest.raises(KVBoundError, match="other gates"):
+        sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2),
+                             variants={"new": {"method": "trimkv", "gates": other}}, **kw)

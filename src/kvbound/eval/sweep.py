@@ -25,36 +25,43 @@ def fidelity_sweep(model, tokenizer, windows: list[Window], *, methods: list[str
                    budgets: list[int], buffer: int = 16, regimes: tuple[int, ...] = (0, 4),
                    focus: str = "trimkv", fewer_windows: dict[str, int] | None = None,
                    gates=None, protocol: str = "decode", progress: bool = True,
-                   store: Path | None = None, batch_size: int = 16) -> dict:
+                   store: Path | None = None, batch_size: int = 16,
+                   variants: dict[str, dict] | None = None) -> dict:
     """Run every method in every sink regime; ``fewer_windows`` maps weaker methods to the number
-    of windows they get (recorded per row as ``windows``).
+    of windows they get (recorded per row as ``windows``). ``variants`` adds labelled entries,
+    label -> ``{"method": name, "gates": dir, name or RetentionGates}`` (e.g. newly trained gates
+    beside the shipped ones): put the label in ``methods``, and make it the ``focus`` to compare it
+    with the best other method.
 
     Windows are taken ``batch_size`` at a time and every method and budget of a regime runs on a
     group before the next one, so the full-cache reference is computed once per group and
     regime. With ``store`` (a JSON file) each (group, regime, method) is saved as soon as it is
     done and skipped when the sweep is run again with the same windows and settings (any subset
     of the regimes and methods: e.g. render the regimes finished so far), so a long sweep
-    survives being stopped."""
+    survives being stopped. Stored rows of gated methods must come from the same gates."""
     fewer = fewer_windows or {}
     fingerprint = {"windows": _windows_digest(windows), "budgets": budgets, "buffer": buffer,
                    "protocol": protocol, "fewer_windows": fewer, "batch_size": batch_size}
     done = _load_store(store, fingerprint)
+    specs = {m: _spec(model, m, variants or {}, gates) for m in methods}
     parts, reference = [], {}
     for sinks in regimes:  # regime by regime: a stopped sweep has whole regimes done
         for g, first in enumerate(range(0, len(windows), batch_size)):
             for m in methods:
                 if fewer.get(m, first + 1) <= first:
                     continue
+                method, over = specs[m]
                 key = f"group/{g}/{sinks}/{m}"
                 if key not in done:
-                    over = {"sinks": sinks, **({"max_windows": fewer[m] - first}
-                                               if m in fewer else {})}
+                    over = {**over, "sinks": sinks,
+                            **({"max_windows": fewer[m] - first} if m in fewer else {})}
                     done[key] = run_fidelity(
                         model, tokenizer, windows[first : first + batch_size],
-                        methods=[(f"{sinks}/{m}", m, over)], budgets=budgets, buffer=buffer,
-                        gates=gates, protocol=protocol, batch_size=batch_size,
+                        methods=[(f"{sinks}/{m}", method, over)], budgets=budgets,
+                        buffer=buffer, protocol=protocol, batch_size=batch_size,
                         progress=progress, reference=reference)
                     _save_store(store, fingerprint, done)
+                _check_gates(done[key], over.get("gates"), store)
                 parts.append(done[key])
     merged = merge_results(parts)
     out = {"regimes": {}, "budgets": budgets, "focus": focus, "buffer": buffer,
@@ -69,7 +76,36 @@ def fidelity_sweep(model, tokenizer, windows: list[Window], *, methods: list[str
         res["results"] = rows
         res["comparisons"] = compare_to_best(rows, budgets, focus)
         out["regimes"][str(sinks)] = res
+    if len(regimes) > 1:  # the focus with the fewest sinks against the others with the most
+        low, high = str(min(regimes)), str(max(regimes))
+        out["across"] = {"focus_sinks": int(low), "others_sinks": int(high),
+                         "comparisons": compare_across(out["regimes"][low]["results"],
+                                                       out["regimes"][high]["results"],
+                                                       budgets, focus)}
     return out
+
+
+def _spec(model, label: str, variants: dict[str, dict], gates) -> tuple[str, dict]:
+    """(method, overrides) of a sweep entry; gated methods get their gates resolved once (so
+    attaching a variant's gates cannot change which gates a plain entry uses)."""
+    from kvbound.generation import resolve_gates
+    from kvbound.policies import POLICIES, check_method
+
+    v = dict(variants.get(label, {"method": label}))
+    method = check_method(v.pop("method"))
+    if method != "full" and POLICIES[method].needs_gates:
+        v["gates"] = resolve_gates(model, v.get("gates", gates))
+    return method, v
+
+
+def _check_gates(entry: dict, gates, store: Path | None) -> None:
+    if gates is None:
+        return
+    want = gates.ref()
+    for row in entry["results"]:
+        if row.get("gates") not in (None, want):
+            raise KVBoundError(f"{store} holds {row['label']} results of other gates "
+                               f"({row['gates']}, now {want}); give another --json file.")
 
 
 def _windows_digest(windows: list[Window]) -> str:
@@ -114,9 +150,12 @@ def _paired(a: dict, b: dict) -> dict:
 
 def compare_to_best(rows: list[dict], budgets: list[int], focus: str) -> list[dict]:
     """Per budget: ``focus`` minus the best other bounded method (window by window), at the same
-    budget and, where the sweep has it, at twice the budget."""
+    budget and, where the sweep has it, at twice the budget. Other variants of the focus's own
+    method (e.g. the shipped gates beside new ones) are not "other methods"."""
     by = {(r["label"], r["budget"]): r for r in rows}
-    others = [r for r in rows if r["label"] not in (focus, "full")]
+    kind = next((r["method"] for r in rows if r["label"] == focus), focus)
+    # other methods: not the focus, the full cache, or another variant of the focus's method
+    others = [r for r in rows if r["label"] != focus and r["method"] not in (kind, "full")]
     out = []
     for m in budgets:
         mine = by.get((focus, m))
@@ -130,3 +169,11 @@ def compare_to_best(rows: list[dict], budgets: list[int], focus: str) -> list[di
             entry["vs_best_at_2m"] = _paired(mine, min(double, key=lambda r: r["kl_mean"]))
         out.append(entry)
     return out
+
+
+def compare_across(mine: list[dict], theirs: list[dict], budgets: list[int],
+                   focus: str) -> list[dict]:
+    """``focus`` from one regime's rows against the best other method of another regime's (same
+    windows), e.g. TRIM-KV without sinks against baselines given 4 protected sinks."""
+    return compare_to_best([r for r in mine if r["label"] == focus]
+                           + [r for r in theirs if r["label"] != focus], budgets, focus)
