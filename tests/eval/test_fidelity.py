@@ -212,6 +212,7 @@ def test_sweep_in_groups_equals_one_group_and_resumes_per_group(model, tmp_path,
         assert a.keys() == b.keys()
         for key, r in a.items():
             assert b[key]["windows"] == r["windows"] == (3 if key[0] == "knorm" else 4)
+        assert grouped["regimes"][sinks]["windows"] == whole["regimes"][sinks]["windows"] == 4
             assert b[key]["source_per_window"] == r["source_per_window"]
             assert b[key]["kl_per_window"] == pytest.approx(r["kl_per_window"], rel=1e-3,
                                                             abs=1e-6)

@@ -311,7 +311,8 @@ def merge_results(parts: list[dict]) -> dict:
         for key in PER_WINDOW:
             merged[key] = [v for r in rs for v in r[key]]
         results.append(merged)
-    return {**parts[0], "windows": sum(p["windows"] for p in parts),
+    # windows: the most any row was scored on (parts may be several methods on one group)
+    return {**parts[0], "windows": max(r["windows"] for r in results),
             "sources": sorted({s for p in parts for s in p["sources"]}),
             "seconds": round(sum(p["seconds"] for p in parts), 1), "results": results}
 
