@@ -212,12 +212,12 @@ def test_sweep_in_groups_equals_one_group_and_resumes_per_group(model, tmp_path,
         assert a.keys() == b.keys()
         for key, r in a.items():
             assert b[key]["windows"] == r["windows"] == (3 if key[0] == "knorm" else 4)
-        assert grouped["regimes"][sinks]["windows"] == whole["regimes"][sinks]["windows"] == 4
             assert b[key]["source_per_window"] == r["source_per_window"]
             assert b[key]["kl_per_window"] == pytest.approx(r["kl_per_window"], rel=1e-3,
                                                             abs=1e-6)
             assert b[key]["kl_mean"] == pytest.approx(r["kl_mean"], rel=1e-3)
             assert b[key]["sinks"] == int(sinks)
+        assert grouped["regimes"][sinks]["windows"] == whole["regimes"][sinks]["windows"] == 4
 
 
 def test_sweep_variants_are_labelled_compared_with_heuristics_and_tied_to_their_gates(tmp_path):
