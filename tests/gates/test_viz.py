@@ -233,9 +233,9 @@ def test_bad_arguments(tmp_path):
     gates = RetentionGates.for_model(model)
     with pytest.raises(KVBoundError, match='Give exactly one'):
         run_viz(model, tok, gates, text="ab", ids=torch.tensor([3, 4]), out=tmp_path)
-    with pytest.raises(KVBoundError, match='\(layer, head\) \(5,'):
+    with pytest.raises(KVBoundError, match=r'\(layer, head\) \(5,'):
         run_viz(model, tok, gates, text="abc", out=tmp_path, heads=[(5, 0)])
-    with pytest.raises(KVBoundError, match='\(layer, head\) \(0,'):
+    with pytest.raises(KVBoundError, match=r'\(layer, head\) \(0,'):
         run_viz(model, tok, gates, text="abc", out=tmp_path, heads=[(0, 2)])
     with pytest.raises(KVBoundError, match='sinks must be'):
         run_viz(model, tok, gates, text="abc", out=tmp_path, budget=4, sinks=4)

@@ -172,7 +172,7 @@ def test_input_validation():
     q, k, v, lb = _inputs(1, 4, 2, 8, 8, 8)
     with pytest.raises(KVBoundError, match='log_beta must have'):
         retention_attention(q, k, v, lb[:, :1])
-    with pytest.raises(KVBoundError, match='query heads \(3\)'):
+    with pytest.raises(KVBoundError, match=r'query heads \(3\)'):
         retention_attention(q[:, :3], k, v, lb)
     with pytest.raises(KVBoundError, match='attention_mask must be'):
         retention_attention(q, k, v, lb, attention_mask=torch.ones(1, 8, dtype=torch.bool))
