@@ -53,6 +53,11 @@ class GateStaging:
             return None
         self.pending = 0
         with torch.no_grad():
-            if getattr(self.gate, "uses_positions", False):
-                return self.gate(self.inputs[:, :p], positions)
-            return self.gate(self.inputs[:, :p])
+            return self.apply(self.inputs[:, :p], positions)
+
+    def apply(self, hidden: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Log beta (B, H_kv, q) of ``hidden`` (B, q, hidden); ``positions`` (B, q) go to gates
+        with a position input only."""
+        if getattr(self.gate, "uses_positions", False):
+            return self.gate(hidden, positions)
+        return self.gate(hidden)

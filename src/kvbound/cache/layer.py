@@ -290,8 +290,7 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
             return
         self.flush_gates()
         q = hidden.shape[1]
-        gate, pos = self.gates.gate, self._pos[:, 0, self.n : self.n + q]
-        log_beta = gate(hidden, pos) if getattr(gate, "uses_positions", False) else gate(hidden)
+        log_beta = self.gates.apply(hidden, self._pos[:, 0, self.n : self.n + q])
         self._state["log_beta"][:, :, self.n : self.n + q] = log_beta.detach()
 
     def flush_gates(self) -> None:

@@ -50,7 +50,7 @@ def fidelity_sweep(model, tokenizer, windows: list[Window], *, methods: list[str
             for m in methods:
                 if fewer.get(m, first + 1) <= first:
                     continue
-                method, over = specs[m]
+                method, over, ref = specs[m]
                 key = f"group/{g}/{sinks}/{m}"
                 if key not in done:
                     over = {**over, "sinks": sinks,
@@ -61,7 +61,7 @@ def fidelity_sweep(model, tokenizer, windows: list[Window], *, methods: list[str
                         buffer=buffer, protocol=protocol, batch_size=batch_size,
                         progress=progress, reference=reference)
                     _save_store(store, fingerprint, done)
-                _check_gates(done[key], over.get("gates"), store)
+                _check_gates(done[key], ref, store)
                 parts.append(done[key])
     merged = merge_results(parts)
     out = {"regimes": {}, "budgets": budgets, "focus": focus, "buffer": buffer,
@@ -85,9 +85,9 @@ def fidelity_sweep(model, tokenizer, windows: list[Window], *, methods: list[str
     return out
 
 
-def _spec(model, label: str, variants: dict[str, dict], gates) -> tuple[str, dict]:
-    """(method, overrides) of a sweep entry; gated methods get their gates resolved once (so
-    attaching a variant's gates cannot change which gates a plain entry uses)."""
+def _spec(model, label: str, variants: dict[str, dict], gates) -> tuple[str, dict, str | None]:
+    """(method, overrides, gates ref) of a sweep entry; gated methods get their gates resolved
+    once (so attaching a variant's gates cannot change which gates a plain entry uses)."""
     from kvbound.generation import resolve_gates
     from kvbound.policies import POLICIES, check_method
 
@@ -95,13 +95,14 @@ def _spec(model, label: str, variants: dict[str, dict], gates) -> tuple[str, dic
     method = check_method(v.pop("method"))
     if method != "full" and POLICIES[method].needs_gates:
         v["gates"] = resolve_gates(model, v.get("gates", gates))
-    return method, v
+        return method, v, v["gates"].ref()
+    return method, v, None
 
 
-def _check_gates(entry: dict, gates, store: Path | None) -> None:
-    if gates is None:
+def _check_gates(entry: dict, want: str | None, store: Path | None) -> None:
+    """Refuse stored rows that ran with other gates than ``want`` (a ``RetentionGates.ref()``)."""
+    if want is None:
         return
-    want = gates.ref()
     for row in entry["results"]:
         if row.get("gates") not in (None, want):
             raise KVBoundError(f"{store} holds {row['label']} results of other gates "
