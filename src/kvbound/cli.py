@@ -136,13 +136,16 @@ def train(
     bias_init: float = typer.Option(8.0, help="Initial gate bias (beta ~ sigmoid(b))."),
     gate_positions: bool = typer.Option(False, "--gate-positions",
                                         help="Gates also see how early a token is."),
+    init_gates: str | None = typer.Option(None, help="Start from these trained gates (a "
+                                          "directory or shipped name) instead of a fresh init."),
     lambda_cap: float = typer.Option(1.0, min=0.0, help="Weight of the capacity loss."),
     cap_variant: Literal["paper", "official"] = typer.Option("paper",
                                     help="paper|official capacity loss."),
     quality_reduction: Literal["sum", "mean"] = typer.Option("sum",
                                           help="sum (paper) or mean of KL and NTP."),
     train_sinks: int = typer.Option(4, min=0, help="First N tokens never decay in training."),
-    bf16: bool = typer.Option(True, help="bf16 autocast where supported."),
+    bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
+                              "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
     save_every: int = typer.Option(50, min=1, help="Checkpoint every N steps."),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -154,7 +157,8 @@ def train(
         model=model, out=str(out), memory_size=memory_size, seq_len=seq_len, steps=steps,
         data=data, seed=seed, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, intermediate_size=intermediate_size,
-        bias_init=bias_init, gate_positions=gate_positions, lambda_cap=lambda_cap,
+        bias_init=bias_init, gate_positions=gate_positions, init_gates=init_gates,
+        lambda_cap=lambda_cap,
         cap_variant=cap_variant,
         quality_reduction=quality_reduction, train_sinks=train_sinks, bf16=bf16,
         grad_checkpointing=grad_checkpointing, save_every=save_every,
@@ -166,6 +170,7 @@ def train(
         arg.writable(out, "--out", directory=True)
         _check_data(data)
         arg.model_name(model, "--model")
+        arg.gates_source(init_gates, "--init-gates")
         if resume:
             from kvbound.io import read_versioned
 

@@ -48,6 +48,7 @@ STRING_BAD = {
     "--prompt": [""],
     "--model": ["./no/such/model"],
     "--gates": ["no-such-gates"],
+    "--init-gates": ["no-such-gates"],
     "--method": ["nope"],
     "--methods": ["full,nope", ","],
     "--budgets": ["64,x", "0"],

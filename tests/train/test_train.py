@@ -142,3 +142,39 @@ def test_bad_data_spec(spec, match):
 def test_bad_config():
     with pytest.raises(KVBoundError, match="memory_size"):
         TrainConfig(memory_size=0).validate()
+
+
+def test_bf16_autocast_only_with_native_cpu_support(monkeypatch):
+    """An AVX2-only CPU emulates bf16 (~20x slower than fp32): training must stay in fp32 there."""
+    from kvbound.train.trainer import _bf16_ok
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True),
+                                       (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert _bf16_ok(cpu) is expected
+    assert _bf16_ok(torch.device("meta")) is False
+
+
+def test_init_gates_starts_from_trained_gates_and_adds_positions(tmp_path):
+    """--init-gates: the fine-tuning run starts exactly where the source gates are (a new position
+    input keeps its zero init), records where it came from, and refuses another gate width."""
+    model = tiny_model("llama", seed=0)
+    source, _ = _train(_cfg(tmp_path / "a", steps=2), model=model)
+    trainer = Trainer(_cfg(tmp_path / "b", steps=2, gate_positions=True,
+                           init_gates=str(tmp_path / "a" / "run")),
+                      model, ByteTokenizer(), progress=False)
+    trainer._setup()
+    x = torch.randn(1, 12, model.config.hidden_size, generator=gen(58))
+    positions = torch.arange(12)[None]
+    with torch.no_grad():
+        assert torch.allclose(trainer.gates(0, x, positions), source(0, x), atol=1e-6)
+    tuned = trainer.run()
+    assert tuned.uses_positions
+    assert tuned.metadata.training["init_gates"]["ref"] == source.ref()
+    saved = RetentionGates.load(tmp_path / "b" / "run", model)
+    assert saved.metadata.training["init_gates"]["steps"] == 2
+    with pytest.raises(KVBoundError, match="--intermediate-size 8"):
+        Trainer(_cfg(tmp_path / "c", intermediate_size=16, init_gates=str(tmp_path / "a" / "run")),
+                model, ByteTokenizer(), progress=False)._setup()

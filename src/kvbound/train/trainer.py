@@ -65,6 +65,7 @@ class TrainConfig:
     intermediate_size: int = 128
     bias_init: float = 8.0
     gate_positions: bool = False
+    init_gates: str | None = None
     lambda_cap: float = 1.0
     cap_variant: str = "paper"
     quality_reduction: str = "sum"
@@ -100,9 +101,39 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def _bf16_ok(device: torch.device) -> bool:
+    """bf16 autocast only where the hardware computes bf16 natively: on a CPU without AVX512-BF16
+    or AMX (e.g. AVX2-only machines) bf16 matmuls are emulated and ~20x slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu"
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+
+
+def warm_start(gates: RetentionGates, source: str, model) -> dict:
+    """Copy the weights of trained gates ``source`` into the fresh ``gates`` (fine-tuning).
+
+    Both sets must gate the same layers with the same width; a position input that ``gates`` has
+    and ``source`` lacks keeps its zero init (the warm start then computes exactly what the source
+    does). Returns the provenance recorded in the new gates' metadata."""
+    src = RetentionGates.load(source, model)
+    mine, theirs = gates.config, src.config
+    if (mine.gated_layers, mine.intermediate_size) != (theirs.gated_layers, theirs.intermediate_size):
+        raise KVBoundError(
+            f"--init-gates {source}: those gates have width {theirs.intermediate_size} on layers "
+            f"{theirs.gated_layers}, this run {mine.intermediate_size} on {mine.gated_layers}. "
+            f"Pass --intermediate-size {theirs.intermediate_size} to fine-tune them.")
+    if theirs.position_input and not mine.position_input:
+        raise KVBoundError(f"--init-gates {source}: those gates read token positions; add "
+                           "--gate-positions to fine-tune them.")
+    missing, unexpected = gates.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or not all(".position." in k for k in missing):
+        raise KVBoundError(f"--init-gates {source}: weights do not match this gate layout "
+                           f"(missing {missing}, unexpected {unexpected}).")
+    return {"source": str(source), "ref": src.ref(),
+            "steps": src.metadata.training.get("steps_done"),
+            "command": src.metadata.training.get("command")}
 
 
 def gate_summary(gates: RetentionGates, log_betas: list[torch.Tensor]) -> dict:
@@ -141,7 +172,11 @@ class Trainer:
         self.gates = RetentionGates.for_model(
             model, intermediate_size=cfg.intermediate_size, bias_init=cfg.bias_init, seed=cfg.seed,
             position_input=cfg.gate_positions,
-        ).to(self.device)
+        )
+        self.init_source = None
+        if cfg.init_gates:
+            self.init_source = warm_start(self.gates, cfg.init_gates, model)
+        self.gates.to(self.device)
         self.gates.train()
         self.optimizer = torch.optim.AdamW(self.gates.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
@@ -263,6 +298,8 @@ class Trainer:
                 "tokens": sum(r["tokens"] for r in self.log),
                 "final": {k: last.get(k) for k in ("loss", "kl", "ntp", "cap")},
                 "torch": torch.__version__,
+                "bf16_autocast": self.use_bf16,
+                **({"init_gates": self.init_source} if self.init_source else {}),
             },
             recommended={"memory_size": cfg.memory_size, "sinks": cfg.train_sinks},
         )
