@@ -144,6 +144,10 @@ def train(
     quality_reduction: Literal["sum", "mean"] = typer.Option("sum",
                                           help="sum (paper) or mean of KL and NTP."),
     train_sinks: int = typer.Option(4, min=0, help="First N tokens never decay in training."),
+    evict_aware: bool = typer.Option(False, "--evict-aware", help="Student attention also "
+                                     "soft-masks the keys top-M eviction would drop."),
+    evict_tau: float = typer.Option(0.5, min=0.0, help="Temperature of --evict-aware's mask "
+                                    "(nats of retention score)."),
     bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
                               "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
@@ -160,13 +164,16 @@ def train(
         bias_init=bias_init, gate_positions=gate_positions, init_gates=init_gates,
         lambda_cap=lambda_cap,
         cap_variant=cap_variant,
-        quality_reduction=quality_reduction, train_sinks=train_sinks, bf16=bf16,
+        quality_reduction=quality_reduction, train_sinks=train_sinks, evict_aware=evict_aware,
+        evict_tau=evict_tau, bf16=bf16,
         grad_checkpointing=grad_checkpointing, save_every=save_every,
         extra={"resume": resume},
     )
     try:
         if lr <= 0:
             raise arg.OptionError("--lr", f"must be > 0, got {lr}.")
+        if evict_tau <= 0:
+            raise arg.OptionError("--evict-tau", f"must be > 0, got {evict_tau}.")
         arg.writable(out, "--out", directory=True)
         _check_data(data)
         arg.model_name(model, "--model")

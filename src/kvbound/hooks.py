@@ -38,6 +38,7 @@ class HookState:
     mode: str = "inference"
     #: in training, protect the first N tokens from decay (beta = 1), matching sink protection
     train_sinks: int = 0
+    train_evict: dict | None = None
     handles: list = field(default_factory=list)
 
 
@@ -144,7 +145,8 @@ def _attention_pre_hook(state: HookState):
         layer_idx = module.layer_idx
         gates = state.gates
         if state.mode != "inference":
-            gating.hand_off(module, state.mode, gates, hidden, state.train_sinks)
+            gating.hand_off(module, state.mode, gates, hidden, state.train_sinks,
+                            state.train_evict)
             return None
         has_gate = gates is not None and layer_idx in gates
         cache = _cache_of(kwargs)

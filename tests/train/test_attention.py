@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from kvbound.errors import KVBoundError
 from kvbound.train.attention import (
     ATTENTION_NAME,
+    eviction_threshold,
     naive_retention_attention,
     register_retention_attention,
     retention_attention,
@@ -320,3 +321,78 @@ def test_dropout_is_refused():
         kvbound_attention_forward(module, q, k, v, None, dropout=0.1)
     out, weights = kvbound_attention_forward(module, q, k, v, None)
     assert weights is None and out.shape == (1, 8, 4, 8)
+
+
+def test_eviction_threshold_is_the_mth_score_among_past_keys():
+    _, _, _, lb = _inputs(2, 2, 2, 23, 23, 4, seed=3)
+    budget = 5
+    theta = eviction_threshold(lb, budget, tq=23, block_size=4)
+    for t in range(23):
+        scores = (t - torch.arange(t + 1)).float() * lb[..., : t + 1]
+        want = (scores.topk(budget, dim=-1).values[..., -1] if t + 1 > budget
+                else torch.full(scores.shape[:2], float("-inf")))
+        torch.testing.assert_close(theta[..., t], want)
+    # queries that are a suffix of the keys sit at the end
+    torch.testing.assert_close(eviction_threshold(lb, budget, tq=7), theta[..., -7:])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("group", "t", "block", "budget"), [(1, 37, 8, 6), (3, 33, 32, 4),
+                                                              (2, 16, 16, 40)])
+def test_eviction_aware_matches_naive_values_and_grads(impl, group, t, block, budget):
+    """The eviction term in the fused kernel: same output and gradients as autograd through the
+    reference; and it does change the output (keys past the top-M are masked)."""
+    hkv = 2
+    q, k, v, lb = _inputs(2, hkv * group, hkv, t, t, 16, seed=t + group, scale_lb=1.0)
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    kw = {"evict_budget": budget, "evict_tau": 0.3}
+    ref, ref_g = _grads(lambda *x: naive_retention_attention(*x, **kw),
+                        [z.double() for z in (q, k, v, lb)], go.double())
+    out, g = _grads(lambda *x: retention_attention(*x, block_size=block, impl=impl, **kw),
+                    [q, k, v, lb], go)
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+    for name, a, r in zip("q k v log_beta".split(), g, ref_g):
+        scale = r.abs().max().item()
+        torch.testing.assert_close(a, r.float(), atol=1e-5 * max(1.0, scale), rtol=1e-4,
+                                   msg=f"grad {name}")
+    plain = retention_attention(q, k, v, lb, block_size=block, impl=impl)
+    if budget >= t:  # nothing to evict
+        torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
+    else:
+        assert (out - plain).abs().max() > 1e-3
+
+
+def test_eviction_aware_guards_a_needed_key_at_the_eviction_boundary():
+    """A key the loss needs, whose score sits at the top-M boundary, gets a stronger push to be
+    retained longer than the soft decay alone gives (the barrier that keeps attention sinks);
+    a key far below the boundary is evicted (next to no attention), as in the cache."""
+    t, budget = 24, 4
+    q, k, v, _ = _inputs(1, 1, 1, t, t, 8, seed=5)
+    k[..., 0, :] = 3 * q[..., -1, :] / q[..., -1, :].norm()  # the last query wants key 0
+    target = v[..., 0, :].clone()
+
+    def grad_of_key0(lb0, **kw):
+        lb = torch.full((1, 1, t), -0.2)
+        lb[..., 0] = lb0
+        x = lb.requires_grad_()
+        out = retention_attention(q, k, v, x, **kw)
+        loss = ((out[..., -1, :] - target) ** 2).sum()
+        (g,) = torch.autograd.grad(loss, x)
+        return g[..., 0].item(), loss.item()
+
+    at_boundary = -0.6 / (t - 1)  # key 0's score = the 4th best score (distances 0..3 at -0.2)
+    evict, _ = grad_of_key0(at_boundary, evict_budget=budget, evict_tau=0.25)
+    plain, _ = grad_of_key0(at_boundary)
+    assert evict < 0 and plain < 0  # descent raises log beta_0 in both
+    assert abs(evict) > 1.5 * abs(plain)
+    _, far_loss = grad_of_key0(-0.2, evict_budget=budget, evict_tau=0.25)
+    _, kept_loss = grad_of_key0(-0.2)
+    assert far_loss > kept_loss  # evicted: the output lost what key 0 gave
+
+
+def test_eviction_aware_validation():
+    q, k, v, lb = _inputs(1, 1, 1, 4, 4, 4)
+    with pytest.raises(KVBoundError, match="evict_budget"):
+        retention_attention(q, k, v, lb, evict_budget=0)
+    with pytest.raises(KVBoundError, match="flex"):
+        retention_attention(q, k, v, lb, evict_budget=2, impl="flex")

@@ -178,3 +178,18 @@ def test_init_gates_starts_from_trained_gates_and_adds_positions(tmp_path):
     with pytest.raises(KVBoundError, match="--intermediate-size 8"):
         Trainer(_cfg(tmp_path / "c", intermediate_size=16, init_gates=str(tmp_path / "a" / "run")),
                 model, ByteTokenizer(), progress=False)._setup()
+
+
+def test_evict_aware_student_sees_top_m_eviction(tmp_path):
+    """--evict-aware: the same first step, with the student's keys outside the top-M masked, is
+    further from the teacher than the soft decay alone (M = 4 of 48 tokens); the knob is saved."""
+    def first_kl(**kw):
+        _train(_cfg(tmp_path / str(kw), steps=1, memory_size=4, **kw))
+        log = (tmp_path / str(kw) / "run" / "train_log.jsonl").read_text().splitlines()
+        return json.loads(log[0])["kl"]
+
+    assert first_kl(evict_aware=True) > 2 * first_kl()
+    saved = RetentionGates.load(tmp_path / str({"evict_aware": True}) / "run")
+    assert saved.metadata.training["config"]["evict_aware"] is True
+    with pytest.raises(KVBoundError, match="evict_tau"):
+        _cfg(tmp_path, evict_tau=0.0).validate()

@@ -8,6 +8,13 @@ followed by a causal softmax and the product with ``V``. ``log_beta`` is the per
 output of the retention gate (``<= 0``); all zeros gives ordinary causal attention. The log-decay is
 *added* to the scaled logits (equivalently ``beta ** (t - i)`` multiplies ``exp(logit)``).
 
+Eviction-aware training (a kvbound extension, issue 17): with ``evict_budget=M`` the logit also
+gets ``log sigmoid((s_ti - theta_t) / tau)`` where ``s_ti = (t - i) * log_beta_i`` is the cache's
+retention score and ``theta_t`` the M-th largest score among the keys ``<= t`` of that KV head
+(no gradient): keys the cache would have evicted at ``t`` are (softly) masked out, as at inference,
+and the gate gets a gradient to raise the score of an evicted key the output needed. The soft decay
+alone barely penalises a partly decayed attention sink that hard top-M eviction throws out.
+
 Three implementations share one entry point, :func:`retention_attention`:
 
 ``"blockwise"`` (default)
@@ -49,11 +56,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kvbound.errors import KVBoundError
-from kvbound.train.gating import log_beta_of
+from kvbound.train.gating import evict_of, log_beta_of
 
 __all__ = [
     "ATTENTION_NAME",
     "DEFAULT_BLOCK_SIZE",
+    "eviction_threshold",
     "naive_retention_attention",
     "register_retention_attention",
     "retention_attention",
@@ -148,6 +156,37 @@ def _bias(
     return bias
 
 
+def eviction_threshold(
+    log_beta: torch.Tensor, budget: int, tq: int, mask: torch.Tensor | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> torch.Tensor:
+    """(B, Hkv, Tq) fp32: for each query ``t`` the ``budget``-th largest retention score
+    ``(t - i) * log_beta_i`` over the admissible keys ``i <= t`` (``-inf`` while ``t`` has at most
+    ``budget`` keys: nothing evicted yet). Queries are the last ``Tq`` positions. No gradient."""
+    b, hkv, tk = log_beta.shape
+    offset = tk - tq
+    out = torch.full((b, hkv, tq), float("-inf"), dtype=torch.float32, device=log_beta.device)
+    lb = log_beta.detach().float()
+    with torch.no_grad():
+        for s in range(0, tq, block_size):
+            e = min(s + block_size, tq)
+            kend = offset + e
+            if kend <= budget:
+                continue
+            bias = _bias(_distance(offset + s, e - s, kend, lb.device), lb[:, :, :kend],
+                         None if mask is None else mask[:, :, s:e, :kend])
+            kth = bias.topk(budget, dim=-1).values[..., -1]
+            # rows with at most `budget` admissible keys keep all of them
+            admissible = torch.isfinite(bias).sum(-1)
+            out[:, :, s:e] = kth.masked_fill(admissible <= budget, float("-inf"))
+    return out
+
+
+def _evict_term(score: torch.Tensor, theta: torch.Tensor, tau: float) -> torch.Tensor:
+    """log sigmoid((score - theta) / tau), with theta (..., n) broadcast over the keys."""
+    return F.logsigmoid((score - theta[..., None]) / tau)
+
+
 # --------------------------------------------------------------------------------------------------
 # reference
 
@@ -160,12 +199,17 @@ def naive_retention_attention(
     scaling: float | None = None,
     *,
     attention_mask: torch.Tensor | None = None,
+    evict_budget: int | None = None,
+    evict_tau: float = 0.5,
 ) -> torch.Tensor:
     """Reference retention-gated attention materialising the full (B, Hq, Tq, Tk) scores.
 
     Same contract as :func:`retention_attention`; for tests and small shapes only. Computes in fp32
     (fp64 for fp64 inputs). Rows with no admissible key return zeros.
     """
+    theta = None
+    if evict_budget is not None:
+        theta = eviction_threshold(log_beta, evict_budget, query.shape[2], attention_mask)
     b, hq, hkv, tq, tk = _check_inputs(query, key, value, log_beta, attention_mask)
     group = hq // hkv
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -178,7 +222,11 @@ def naive_retention_attention(
     t = torch.arange(tq, device=q.device)[:, None] + offset
     i = torch.arange(tk, device=q.device)[None, :]
     dist = (t - i).to(dt)  # (Tq, Tk)
-    scores = (q @ k.transpose(-1, -2)) * scaling + dist * lb[:, :, None, :]
+    retention = dist * lb[:, :, None, :]
+    scores = (q @ k.transpose(-1, -2)) * scaling + retention
+    if theta is not None:
+        scores = scores + _evict_term(retention, theta.to(dt).repeat_interleave(group, dim=1),
+                                      evict_tau)
     scores = scores.masked_fill(dist < 0, float("-inf"))
     add = _additive(attention_mask)
     if add is not None:
@@ -247,10 +295,12 @@ def _exp_(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_(min=-87.0).exp_()
 
 
-def _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e, offset):
+def _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e, offset, evict=None):
     """fp32 scores of query block [s, e) incl. bias, as (B*Hkv, G*n, kend) in workspace 0.
 
-    Also returns the block's queries (B*Hkv, G*n, d) and the distance matrix t - i (n, kend).
+    Also returns the block's queries (B*Hkv, G*n, d), the distance matrix t - i (n, kend) and,
+    with ``evict = (theta, tau)``, the factor ``1 + sigmoid(-z) / tau`` (B, Hkv, n, kend) by which
+    the eviction term scales the gradient of the retention score (else ``None``).
     """
     b, hkv, group, _, d = qg.shape
     n, kend = e - s, offset + e
@@ -263,6 +313,12 @@ def _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e, offset):
     torch.sub(t[:, None], i[None, :], out=dist)
     bias = ws.view(ws.f32[1], b, hkv, n, kend)
     torch.mul(dist, log_beta[:, :, None, :kend], out=bias)
+    factor = None
+    if evict is not None:
+        theta, tau = evict
+        z = (bias - theta[:, :, s:e, None]).div_(tau)
+        factor = torch.sigmoid(-z).div_(tau).add_(1.0)
+        bias.add_(F.logsigmoid(z))
     above = torch.ones(n, n, dtype=torch.bool, device=qg.device).triu_(1)
     bias[..., kend - n :].masked_fill_(above, float("-inf"))
     if mask is not None:
@@ -272,12 +328,12 @@ def _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e, offset):
         else:
             bias.add_(mask_blk.float())
     scores.view(b, hkv, group, n, kend).add_(bias.unsqueeze(2))
-    return scores, q_blk, dist
+    return scores, q_blk, dist, factor
 
 
 class _BlockwiseRetentionAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, log_beta, mask, scaling, block_size):
+    def forward(ctx, query, key, value, log_beta, mask, scaling, block_size, theta, tau):
         b, hq, tq, d = query.shape
         hkv, tk, dv = key.shape[1], key.shape[2], value.shape[-1]
         group = hq // hkv
@@ -289,11 +345,13 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
         out = torch.empty(b, hkv, group, tq, dv, dtype=cdt, device=query.device)
         lse = torch.empty(b, hkv, group, tq, dtype=torch.float32, device=query.device)
         ws = _make_workspace(b, hkv, group, tq, tk, block_size, cdt, query.device, False)
+        evict = None if theta is None else (theta, tau)
         with torch.autocast(query.device.type, enabled=False):
             for s in range(0, tq, block_size):
                 e = min(s + block_size, tq)
                 n, kend = e - s, offset + e
-                scores, _, _ = _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e, offset)
+                scores, _, _, _ = _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e,
+                                                offset, evict)
                 m = scores.amax(dim=-1, keepdim=True)
                 empty = torch.isneginf(m)  # rows without any admissible key
                 m = m.masked_fill(empty, 0.0)
@@ -308,14 +366,16 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
                 row_lse = (m + torch.log(denom)).view(b, hkv, group, n)
                 # rows without any admissible key: +inf makes exp(s - lse) = 0 in backward
                 lse[:, :, :, s:e] = torch.where(denom.view(b, hkv, group, n) > 0, row_lse, math.inf)
-        ctx.save_for_backward(query, key, value, log_beta, mask, out, lse)
+        ctx.save_for_backward(query, key, value, log_beta, mask, out, lse, theta)
+        ctx.tau = tau
         ctx.scaling = scaling
         ctx.block_size = block_size
         return out.view(b, hq, tq, dv)
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, log_beta, mask, out, lse = ctx.saved_tensors
+        query, key, value, log_beta, mask, out, lse, theta = ctx.saved_tensors
+        evict = None if theta is None else (theta, ctx.tau)
         scaling, block_size = ctx.scaling, ctx.block_size
         need_q, need_k, need_v, need_lb = ctx.needs_input_grad[:4]
         b, hq, tq, d = query.shape
@@ -338,8 +398,8 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
             for s in range(0, tq, block_size):
                 e = min(s + block_size, tq)
                 n, kend = e - s, offset + e
-                scores, q_blk, dist = _block_scores(
-                    ws, qg, key3, log_beta, mask, scaling, s, e, offset
+                scores, q_blk, dist, factor = _block_scores(
+                    ws, qg, key3, log_beta, mask, scaling, s, e, offset, evict
                 )
                 probs = scores.view(b, hkv, group, n, kend)
                 lse_blk = lse[:, :, :, s:e, None]
@@ -357,7 +417,10 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
                 ds5.sub_(delta[:, :, :, s:e, None]).mul_(probs)  # dL/dscores
                 if need_lb:
                     dsum = torch.sum(ds5, dim=2, out=ws.view(ws.f32[1], b, hkv, n, kend))
-                    dlb[:, :, :kend] += dsum.mul_(dist).sum(dim=-2)
+                    dsum.mul_(dist)
+                    if factor is not None:
+                        dsum.mul_(factor)
+                    dlb[:, :, :kend] += dsum.sum(dim=-2)
                 if need_q or need_k:
                     dsc = _as_compute(ds.mul_(scaling), cdt, ws, 0)
                     if need_q:
@@ -372,6 +435,8 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
 
 
@@ -379,12 +444,15 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
 # "sdpa": SDPA over query blocks with a per-block bias, checkpointed per block
 
 
-def _sdpa_block(q_blk, k_rep, v_rep, log_beta, mask_blk, dist, scaling, group):
-    bias = _bias(dist, log_beta, mask_blk).repeat_interleave(group, dim=1).to(q_blk.dtype)
+def _sdpa_block(q_blk, k_rep, v_rep, log_beta, mask_blk, dist, scaling, group, theta, tau):
+    bias = _bias(dist, log_beta, mask_blk)
+    if theta is not None:
+        bias = bias + _evict_term(dist * log_beta[:, :, None, :], theta, tau)
+    bias = bias.repeat_interleave(group, dim=1).to(q_blk.dtype)
     return F.scaled_dot_product_attention(q_blk, k_rep, v_rep, attn_mask=bias, scale=scaling)
 
 
-def _sdpa_blocks(query, key, value, log_beta, mask, scaling, block_size):
+def _sdpa_blocks(query, key, value, log_beta, mask, scaling, block_size, theta=None, tau=0.5):
     hq, tq = query.shape[1], query.shape[2]
     hkv, tk = key.shape[1], key.shape[2]
     group = hq // hkv
@@ -407,6 +475,8 @@ def _sdpa_blocks(query, key, value, log_beta, mask, scaling, block_size):
             dist,
             scaling,
             group,
+            None if theta is None else theta[:, :, s:e],
+            tau,
         )
         if grad:
             outs.append(checkpoint(_sdpa_block, *args, use_reentrant=False))
@@ -478,6 +548,8 @@ def retention_attention(
     attention_mask: torch.Tensor | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     impl: Impl = "blockwise",
+    evict_budget: int | None = None,
+    evict_tau: float = 0.5,
 ) -> torch.Tensor:
     """Causal retention-gated attention, memory-efficient for long sequences.
 
@@ -499,6 +571,10 @@ def retention_attention(
         Query rows per block ("blockwise" and "sdpa").
     impl : {"blockwise", "sdpa", "flex"}
         See the module docstring. "flex" is forward-only on CPU.
+    evict_budget, evict_tau : int, float
+        Eviction-aware training (module docstring): soft-mask the keys outside each query's
+        top-``evict_budget`` retention scores, with temperature ``evict_tau`` ("blockwise",
+        "sdpa").
 
     Returns
     -------
@@ -513,13 +589,24 @@ def retention_attention(
     cdt = _compute_dtype(query, key, value)
     q, k, v = query.to(cdt), key.to(cdt), value.to(cdt)
     lb = log_beta.float()
+    theta = None
+    if evict_budget is not None:
+        if evict_budget < 1 or evict_tau <= 0:
+            raise KVBoundError(f"evict_budget must be >= 1 and evict_tau > 0, got "
+                               f"{evict_budget}, {evict_tau}")
+        if impl == "flex":
+            raise KVBoundError("eviction-aware training is implemented for impl='blockwise' and "
+                               "'sdpa', not 'flex'")
+        theta = eviction_threshold(lb, int(evict_budget), q.shape[2], attention_mask, block_size)
     if impl == "blockwise":
         mask = attention_mask
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.detach()
-        return _BlockwiseRetentionAttention.apply(q, k, v, lb, mask, scaling, int(block_size))
+        return _BlockwiseRetentionAttention.apply(q, k, v, lb, mask, scaling, int(block_size),
+                                                  theta, float(evict_tau))
     if impl == "sdpa":
-        return _sdpa_blocks(q, k, v, lb, attention_mask, scaling, int(block_size))
+        return _sdpa_blocks(q, k, v, lb, attention_mask, scaling, int(block_size), theta,
+                            float(evict_tau))
     if impl == "flex":
         return _flex(q, k, v, lb, attention_mask, scaling)
     raise KVBoundError(f"unknown impl {impl!r}; choose 'blockwise', 'sdpa' or 'flex'")
@@ -570,6 +657,7 @@ def kvbound_attention_forward(
         attention_mask=attention_mask,
         block_size=getattr(module, "_kvbound_block_size", DEFAULT_BLOCK_SIZE),
         impl=getattr(module, "_kvbound_attention_impl", "blockwise"),
+        **evict_of(module),
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -13,12 +13,15 @@ from torch import nn
 
 #: key of the side channel in ``module.__dict__`` (never a registered buffer or parameter)
 LOG_BETA_ATTR = "_kvbound_log_beta"
+#: the eviction-aware training knobs of this forward (``retention_attention`` keyword arguments)
+EVICT_ATTR = "_kvbound_evict"
 
 
 def hand_off(module: nn.Module, mode: str, gates: nn.Module | None, hidden: torch.Tensor,
-             train_sinks: int = 0) -> None:
+             train_sinks: int = 0, evict: dict | None = None) -> None:
     """Leave this forward's log beta (B, H_kv, T) on ``module``: the gate's in ``"student"``
-    mode (the first ``train_sinks`` tokens protected: log beta 0), ``None`` in ``"teacher"``."""
+    mode (the first ``train_sinks`` tokens protected: log beta 0), ``None`` in ``"teacher"``;
+    ``evict`` (``{"evict_budget": M, "evict_tau": tau}``) turns on eviction-aware attention."""
     log_beta = None
     layer_idx = module.layer_idx
     if mode == "student" and gates is not None and layer_idx in gates:
@@ -31,6 +34,7 @@ def hand_off(module: nn.Module, mode: str, gates: nn.Module | None, hidden: torc
             log_beta = log_beta.clone()
             log_beta[..., :train_sinks] = 0.0
     module.__dict__[LOG_BETA_ATTR] = log_beta
+    module.__dict__[EVICT_ATTR] = dict(evict or {}) if log_beta is not None else {}
 
 
 def log_beta_of(module: nn.Module) -> torch.Tensor | None:
@@ -38,5 +42,11 @@ def log_beta_of(module: nn.Module) -> torch.Tensor | None:
     return module.__dict__.get(LOG_BETA_ATTR)
 
 
+def evict_of(module: nn.Module) -> dict:
+    """Eviction-aware keyword arguments for this forward (empty: the paper's soft decay only)."""
+    return module.__dict__.get(EVICT_ATTR) or {}
+
+
 def clear(module: nn.Module) -> None:
     module.__dict__.pop(LOG_BETA_ATTR, None)
+    module.__dict__.pop(EVICT_ATTR, None)

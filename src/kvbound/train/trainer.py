@@ -70,6 +70,8 @@ class TrainConfig:
     cap_variant: str = "paper"
     quality_reduction: str = "sum"
     train_sinks: int = 4
+    evict_aware: bool = False
+    evict_tau: float = 0.5
     bf16: bool = True
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -87,6 +89,8 @@ class TrainConfig:
             raise KVBoundError("quality_reduction must be 'sum' or 'mean'.")
         if self.train_sinks < 0:
             raise KVBoundError("train_sinks must be >= 0.")
+        if not self.evict_tau > 0:
+            raise KVBoundError(f"evict_tau must be > 0, got {self.evict_tau!r}.")
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -202,6 +206,9 @@ class Trainer:
         detach(model)
         state = attach(model, gates=self.gates)
         state.train_sinks = self.cfg.train_sinks
+        if self.cfg.evict_aware:  # the student sees the cache's top-M eviction (attention.py)
+            state.train_evict = {"evict_budget": self.cfg.memory_size,
+                                 "evict_tau": self.cfg.evict_tau}
         name = register_retention_attention()
         # transformers documents no public getter (5.24); set_attn_implementation is the setter
         self._prev_impl = model.config._attn_implementation
