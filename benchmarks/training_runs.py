@@ -1,0 +1,152 @@
+"""The table of gate-training runs in docs/TRAINING.md: one row per run, with its numbers.
+
+    python benchmarks/training_runs.py --add shipped-v1=src/kvbound/shipped_gates/smollm2-135m
+    python benchmarks/training_runs.py --add evict-s0=runs/gates-evict-s0 --note evict-s0="..."
+
+``--add LABEL=DIR`` reads the run's recorded command, configuration, wall time and training
+losses (gates.json / train_log.jsonl in DIR, or its newest checkpoint) and, when the fidelity
+sweep (runs/fidelity_sweep.json or its partial store) has rows for the run's gates (matched by
+their digest: the shipped gates, or ``--variant LABEL=DIR``), their mean KL per budget and sink
+regime. Rows are kept in docs/training_runs.json (written by this script only, so runs
+stay listed after their directories are gone) and rendered between the ``training-runs`` markers
+of docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "docs" / "training_runs.json"
+DOC = ROOT / "docs" / "TRAINING.md"
+SWEEP = ROOT / "runs" / "fidelity_sweep.json"
+#: configuration fields that tell runs apart (the rest is in each run's command)
+LEVERS = ("init_gates", "train_sinks", "gate_positions", "evict_aware", "evict_tau",
+          "memory_size", "seq_len", "intermediate_size", "data", "steps", "lr")
+
+
+def _run_record(directory: Path) -> dict:
+    from kvbound.io import read_versioned
+
+    meta_path = directory / "gates.json"
+    if not meta_path.exists():
+        ckpt = read_versioned(directory, "checkpoint")
+        if ckpt is None or not (ckpt / "gates.json").exists():
+            raise SystemExit(f"{directory}: no gates.json and no checkpoint")
+        meta_path = ckpt / "gates.json"
+    meta = json.loads(meta_path.read_text())
+    training = meta.get("metadata", {}).get("training", {})
+    log_path = directory / "train_log.jsonl"
+    log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+    log = [r for r in log if r["step"] < training.get("steps_done", len(log))]
+    tail = log[-20:]
+    from kvbound.gates import RetentionGates
+
+    gates = RetentionGates.load(meta_path.parent)
+    return {
+        "ref": gates.ref(),
+        "command": training.get("command"),
+        "config": training.get("config", {}),
+        "init_gates": training.get("init_gates"),
+        "steps_done": training.get("steps_done"),
+        "wall_minutes": round(training.get("wall_seconds", 0) / 60, 1),
+        "train_kl_last20": round(sum(r["kl"] for r in tail) / len(tail), 4) if tail else None,
+        "half_life_last20": (round(sum(r["half_life_median"] for r in tail) / len(tail), 1)
+                             if tail else None),
+    }
+
+
+def _sweep_rows(ref: str) -> dict:
+    """{sinks: {budget: (kl_mean, windows)}} of the rows run with gates ``ref``, in the finished
+    or the partial sweep (whichever has more windows)."""
+    out: dict = {}
+    if SWEEP.exists():
+        res = json.loads(SWEEP.read_text())
+        for sinks, regime in res.get("regimes", {}).items():
+            for r in regime["results"]:
+                if r.get("gates") == ref:
+                    out.setdefault(str(sinks), {})[str(r["budget"])] = [r["kl_mean"],
+                                                                         r["windows"]]
+    partial = SWEEP.with_suffix(".partial.json")
+    if partial.exists():  # groups finished since the last render: windows add up
+        from kvbound.eval.fidelity import merge_results
+
+        done = json.loads(partial.read_text()).get("done", {})
+        by_regime: dict = {}
+        for key, part in done.items():
+            _, group, sinks, _ = key.split("/", 3)
+            if part.get("results") and part["results"][0].get("gates") == ref:
+                by_regime.setdefault(sinks, []).append((int(group), part))
+        for sinks, parts in by_regime.items():
+            merged = merge_results([p for _, p in sorted(parts)])
+            got = {str(r["budget"]): [r["kl_mean"], r["windows"]] for r in merged["results"]}
+            if sum(v[1] for v in got.values()) >= sum(v[1] for v in out.get(sinks, {}).values()):
+                out[sinks] = got
+    return out
+
+
+def render(runs: dict) -> str:
+    budgets = sorted({int(b) for r in runs.values() for s in r.get("sweep", {}).values()
+                      for b in s}) or [32, 64, 128]
+    head = ("| run | levers | steps | wall (min) | train KL (last 20 steps) | "
+            + " | ".join(f"sweep KL M={b} sinks {s}" for s in ("0", "4") for b in budgets)
+            + " | note |")
+    lines = ["Written by `benchmarks/training_runs.py` from each run's recorded configuration and "
+             "log and the fidelity sweep's rows for its gates (`benchmarks/fidelity_sweep.py "
+             "--variant LABEL=DIR`; mean KL over the sweep's windows, the count in brackets). "
+             "Commands are in docs/training_runs.json.", "", head,
+             "|" + "---|" * (6 + 2 * len(budgets))]
+    for label, r in runs.items():
+        cfg = r["config"]
+        levers = ", ".join(f"{k}={cfg[k]}" for k in LEVERS if k in cfg and k != "steps"
+                           and cfg[k] not in (None, False))
+        cells = []
+        for s in ("0", "4"):
+            for b in budgets:
+                v = r.get("sweep", {}).get(s, {}).get(str(b))
+                cells.append(f"{v[0]:.3f} ({v[1]})" if v else "-")
+        lines.append(f"| {label} | {levers} | {r['steps_done']} | {r['wall_minutes']} | "
+                     f"{r['train_kl_last20']} | {' | '.join(cells)} | {r.get('note', '')} |")
+    return "\n".join(lines)
+
+
+def write(runs: dict) -> None:
+    RUNS.write_text(json.dumps(runs, indent=1) + "\n")
+    text = DOC.read_text()
+    block = f"<!-- BEGIN training-runs -->\n{render(runs)}\n<!-- END training-runs -->"
+    pattern = re.compile(r"<!-- BEGIN training-runs -->.*?<!-- END training-runs -->", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{DOC} has no training-runs markers")
+    DOC.write_text(pattern.sub(lambda _: block, text))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--add", action="append", default=[], metavar="LABEL=DIR")
+    ap.add_argument("--note", action="append", default=[], metavar="LABEL=TEXT")
+    args = ap.parse_args()
+    runs = json.loads(RUNS.read_text()) if RUNS.exists() else {}
+    for item in args.add:
+        label, _, directory = item.partition("=")
+        record = _run_record(Path(directory))
+        record["note"] = runs.get(label, {}).get("note", "")
+        runs[label] = record
+    for r in runs.values():
+        found = _sweep_rows(r["ref"])
+        if found:
+            r["sweep"] = found
+    for item in args.note:
+        label, _, text = item.partition("=")
+        if label not in runs:
+            sys.exit(f"--note {label}: no such run (add it first)")
+        runs[label]["note"] = text
+    write(runs)
+    print(render(runs))
+
+
+if __name__ == "__main__":
+    main()
