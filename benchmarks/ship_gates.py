@@ -47,7 +47,12 @@ def main(run: str, name: str) -> None:
         f"- training memory M = {cfg['memory_size']}, gate width I = {cfg['intermediate_size']}, "
         f"bias init {cfg['bias_init']}, lr {cfg['lr']}, warmup {cfg['warmup_steps']}, "
         f"lambda_cap {cfg['lambda_cap']} ({cfg['cap_variant']} capacity loss), quality "
-        f"{cfg['quality_reduction']}, train sinks {cfg['train_sinks']}",
+        f"{cfg['quality_reduction']}, train sinks {cfg['train_sinks']}, gate positions "
+        f"{cfg.get('gate_positions', False)}, eviction-aware {cfg.get('evict_aware', False)}"
+        + (f" (tau {cfg['evict_tau']})" if cfg.get("evict_aware") else ""),
+        *([f"- fine-tuned from gates {t['init_gates']['ref']} ({t['init_gates']['steps']} steps, "
+           f"trained by `{t['init_gates']['command']}`; their README is in the git history of "
+           "this directory)"] if t.get("init_gates") else []),
         f"- final losses (last step): {json.dumps(t['final'])}",
         f"- recommended at inference: {json.dumps(gates.metadata.recommended)}",
         f"- weights digest: {gates.digest()} (stored as fp16)",
