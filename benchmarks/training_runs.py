@@ -92,7 +92,7 @@ def _sweep_rows(ref: str) -> dict:
 def render(runs: dict) -> str:
     budgets = sorted({int(b) for r in runs.values() for s in r.get("sweep", {}).values()
                       for b in s}) or [32, 64, 128]
-    head = ("| run | levers | steps | wall (min) | train KL (last 20 steps) | "
+    head = ("| run | levers | steps | wall (min) | train KL (its own objective, last 20 steps) | "
             + " | ".join(f"sweep KL M={b} sinks {s}" for s in ("0", "4") for b in budgets)
             + " | note |")
     lines = ["Written by `benchmarks/training_runs.py` from each run's recorded configuration and "
@@ -103,7 +103,7 @@ def render(runs: dict) -> str:
     for label, r in runs.items():
         cfg = r["config"]
         levers = ", ".join(f"{k}={cfg[k]}" for k in LEVERS if k in cfg and k != "steps"
-                           and cfg[k] not in (None, False))
+                           and cfg[k] is not None and cfg[k] is not False)
         cells = []
         for s in ("0", "4"):
             for b in budgets:
