@@ -6,7 +6,8 @@ Same gates, same tokens, same budget M: KL(full || ...) of
   without protected sinks;
 - the training objective's student (``kvbound train``): the paper's soft decay
   ``softmax(q.k + (t - i) log beta_i)``, and the eviction-aware variant (``--evict-aware``) at
-  several temperatures.
+  several temperatures (relative to the threshold's magnitude, the default ``--evict-scale``, and
+  absolute).
 
 Measured on *training* text (the stdlib docstrings / first pydoc half that ``prose`` trains on), so
 that a temperature chosen from this table is not tuned to evaluation text. Positions ``>= M``.
@@ -45,7 +46,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--budget", type=int, default=64)
     ap.add_argument("--buffer", type=int, default=16)
-    ap.add_argument("--taus", default="0.5,0.1,0.02")
+    ap.add_argument("--taus", default="0.5,0.1,0.05,0.02", help="relative temperatures")
+    ap.add_argument("--absolute-taus", default="0.5,0.02")
     ap.add_argument("--json", type=Path, default=ROOT / "runs" / "train_infer_gap.json")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
@@ -65,11 +67,14 @@ def main() -> None:
                      "kl": cache["results"][0]["kl_per_window"]})
         rows.append({"objective": "training: soft decay (paper)", "sinks": sinks,
                      "kl": student_kl(model, gates, ids, start=m, train_sinks=sinks).tolist()})
-        for tau in (float(t) for t in args.taus.split(",")):
-            kl = student_kl(model, gates, ids, start=m, train_sinks=sinks,
-                            evict={"evict_budget": m, "evict_tau": tau})
-            rows.append({"objective": f"training: --evict-aware --evict-tau {tau:g}",
-                         "sinks": sinks, "kl": kl.tolist()})
+        for scale, taus in (("relative", args.taus), ("absolute", args.absolute_taus)):
+            for tau in (float(t) for t in taus.split(",") if t):
+                kl = student_kl(model, gates, ids, start=m, train_sinks=sinks,
+                                evict={"evict_budget": m, "evict_tau": tau,
+                                       "evict_scale": scale})
+                rows.append({"objective": f"training: --evict-aware --evict-tau {tau:g} "
+                                          f"--evict-scale {scale}",
+                             "sinks": sinks, "kl": kl.tolist()})
     res = {"rows": rows, "budget": m, "windows": len(windows), "seq_len": args.seq_len,
            "gates": gates.ref(), "command": command(), "machine": machine()}
     args.json.parent.mkdir(parents=True, exist_ok=True)

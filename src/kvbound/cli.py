@@ -146,8 +146,11 @@ def train(
     train_sinks: int = typer.Option(4, min=0, help="First N tokens never decay in training."),
     evict_aware: bool = typer.Option(False, "--evict-aware", help="Student attention also "
                                      "soft-masks the keys top-M eviction would drop."),
-    evict_tau: float = typer.Option(0.5, min=0.0, help="Temperature of --evict-aware's mask "
-                                    "(nats of retention score)."),
+    evict_tau: float = typer.Option(0.05, min=0.0, help="Temperature of --evict-aware's mask, "
+                                    "relative to the threshold score (or in nats: --evict-scale "
+                                    "absolute)."),
+    evict_scale: Literal["relative", "absolute"] = typer.Option("relative",
+                                    help="relative (scale-free) or absolute temperature."),
     bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
                               "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
@@ -165,7 +168,7 @@ def train(
         lambda_cap=lambda_cap,
         cap_variant=cap_variant,
         quality_reduction=quality_reduction, train_sinks=train_sinks, evict_aware=evict_aware,
-        evict_tau=evict_tau, bf16=bf16,
+        evict_tau=evict_tau, evict_scale=evict_scale, bf16=bf16,
         grad_checkpointing=grad_checkpointing, save_every=save_every,
         extra={"resume": resume},
     )

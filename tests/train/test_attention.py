@@ -339,13 +339,14 @@ def test_eviction_threshold_is_the_mth_score_among_past_keys():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("group", "t", "block", "budget"), [(1, 37, 8, 6), (3, 33, 32, 4),
                                                               (2, 16, 16, 40)])
-def test_eviction_aware_matches_naive_values_and_grads(impl, group, t, block, budget):
+@pytest.mark.parametrize("scale", ["relative", "absolute"])
+def test_eviction_aware_matches_naive_values_and_grads(impl, group, t, block, budget, scale):
     """The eviction term in the fused kernel: same output and gradients as autograd through the
     reference; and it does change the output (keys past the top-M are masked)."""
     hkv = 2
     q, k, v, lb = _inputs(2, hkv * group, hkv, t, t, 16, seed=t + group, scale_lb=1.0)
     go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-    kw = {"evict_budget": budget, "evict_tau": 0.3}
+    kw = {"evict_budget": budget, "evict_tau": 0.3, "evict_scale": scale}
     ref, ref_g = _grads(lambda *x: naive_retention_attention(*x, **kw),
                         [z.double() for z in (q, k, v, lb)], go.double())
     out, g = _grads(lambda *x: retention_attention(*x, block_size=block, impl=impl, **kw),
@@ -381,13 +382,35 @@ def test_eviction_aware_guards_a_needed_key_at_the_eviction_boundary():
         return g[..., 0].item(), loss.item()
 
     at_boundary = -0.6 / (t - 1)  # key 0's score = the 4th best score (distances 0..3 at -0.2)
-    evict, _ = grad_of_key0(at_boundary, evict_budget=budget, evict_tau=0.25)
+    evict, _ = grad_of_key0(at_boundary, evict_budget=budget, evict_tau=0.25,
+                            evict_scale="absolute")
     plain, _ = grad_of_key0(at_boundary)
     assert evict < 0 and plain < 0  # descent raises log beta_0 in both
     assert abs(evict) > 1.5 * abs(plain)
-    _, far_loss = grad_of_key0(-0.2, evict_budget=budget, evict_tau=0.25)
+    _, far_loss = grad_of_key0(-0.2, evict_budget=budget, evict_tau=0.25, evict_scale="absolute")
     _, kept_loss = grad_of_key0(-0.2)
     assert far_loss > kept_loss  # evicted: the output lost what key 0 gave
+
+
+def test_relative_temperature_cannot_be_escaped_by_shrinking_every_score():
+    """With an absolute temperature, scaling every log beta by c < 1 softens the eviction mask
+    (the loophole a gate used in training); relative to |theta| the mask is unchanged."""
+    from kvbound.train.attention import _evict_term, row_temperature
+
+    _, _, _, lb = _inputs(1, 2, 2, 30, 30, 4, seed=9, scale_lb=1.0)
+    score = (torch.arange(30.0)[:, None] - torch.arange(30.0)[None, :]) * lb[:, :, None, :]
+    score = score.masked_fill(score > 0, float("-inf"))  # keys after the query
+    theta = eviction_threshold(lb, 6, 30)
+    rows = slice(6, None)  # queries with something to evict
+
+    def term(c, scale):
+        th = theta * c
+        return _evict_term(score * c, th, row_temperature(th, 0.1, scale))[..., rows, :]
+
+    torch.testing.assert_close(term(0.01, "relative"), term(1.0, "relative"))
+    assert (term(0.01, "absolute") - term(1.0, "absolute")).nan_to_num().abs().max() > 1.0
+    with pytest.raises(KVBoundError, match="evict_scale"):
+        row_temperature(theta, 0.1, "nope")
 
 
 def test_eviction_aware_validation():

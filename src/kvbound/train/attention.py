@@ -9,11 +9,15 @@ output of the retention gate (``<= 0``); all zeros gives ordinary causal attenti
 *added* to the scaled logits (equivalently ``beta ** (t - i)`` multiplies ``exp(logit)``).
 
 Eviction-aware training (a kvbound extension, issue 17): with ``evict_budget=M`` the logit also
-gets ``log sigmoid((s_ti - theta_t) / tau)`` where ``s_ti = (t - i) * log_beta_i`` is the cache's
+gets ``log sigmoid((s_ti - theta_t) / tau_t)`` where ``s_ti = (t - i) * log_beta_i`` is the cache's
 retention score and ``theta_t`` the M-th largest score among the keys ``<= t`` of that KV head
 (no gradient): keys the cache would have evicted at ``t`` are (softly) masked out, as at inference,
 and the gate gets a gradient to raise the score of an evicted key the output needed. The soft decay
 alone barely penalises a partly decayed attention sink that hard top-M eviction throws out.
+``tau_t = tau * |theta_t|`` by default (``evict_scale="relative"``): with a fixed temperature
+(``"absolute"``) the student can soften the mask, and so escape eviction, by shrinking every
+retention score together (a layer whose gate keeps everything sees no eviction at all); relative
+to the threshold's magnitude the mask depends only on the scores' ratios, as the cache's ranking.
 
 Three implementations share one entry point, :func:`retention_attention`:
 
@@ -62,6 +66,7 @@ __all__ = [
     "ATTENTION_NAME",
     "DEFAULT_BLOCK_SIZE",
     "eviction_threshold",
+    "row_temperature",
     "naive_retention_attention",
     "register_retention_attention",
     "retention_attention",
@@ -182,9 +187,20 @@ def eviction_threshold(
     return out
 
 
-def _evict_term(score: torch.Tensor, theta: torch.Tensor, tau: float) -> torch.Tensor:
-    """log sigmoid((score - theta) / tau), with theta (..., n) broadcast over the keys."""
-    return F.logsigmoid((score - theta[..., None]) / tau)
+def row_temperature(theta: torch.Tensor, tau: float, scale: str = "relative") -> torch.Tensor:
+    """Per-query temperature (B, Hkv, Tq): ``tau * |theta_t|`` ("relative") or ``tau``
+    ("absolute"); rows with nothing to evict (``theta = -inf``) get ``tau``."""
+    if scale not in ("relative", "absolute"):
+        raise KVBoundError(f"evict_scale must be 'relative' or 'absolute', got {scale!r}")
+    if scale == "absolute":
+        return torch.full_like(theta, tau)
+    rows = tau * theta.abs().clamp_min(1e-6)
+    return torch.where(torch.isfinite(theta), rows, torch.full_like(theta, tau))
+
+
+def _evict_term(score: torch.Tensor, theta: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """log sigmoid((score - theta) / tau), theta and tau (..., n) broadcast over the keys."""
+    return F.logsigmoid((score - theta[..., None]) / tau[..., None])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,6 +217,7 @@ def naive_retention_attention(
     attention_mask: torch.Tensor | None = None,
     evict_budget: int | None = None,
     evict_tau: float = 0.5,
+    evict_scale: str = "relative",
 ) -> torch.Tensor:
     """Reference retention-gated attention materialising the full (B, Hq, Tq, Tk) scores.
 
@@ -210,6 +227,7 @@ def naive_retention_attention(
     theta = None
     if evict_budget is not None:
         theta = eviction_threshold(log_beta, evict_budget, query.shape[2], attention_mask)
+        tau = row_temperature(theta, evict_tau, evict_scale)
     b, hq, hkv, tq, tk = _check_inputs(query, key, value, log_beta, attention_mask)
     group = hq // hkv
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -226,7 +244,7 @@ def naive_retention_attention(
     scores = (q @ k.transpose(-1, -2)) * scaling + retention
     if theta is not None:
         scores = scores + _evict_term(retention, theta.to(dt).repeat_interleave(group, dim=1),
-                                      evict_tau)
+                                      tau.to(dt).repeat_interleave(group, dim=1))
     scores = scores.masked_fill(dist < 0, float("-inf"))
     add = _additive(attention_mask)
     if add is not None:
@@ -299,7 +317,8 @@ def _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e, offset, evict=Non
     """fp32 scores of query block [s, e) incl. bias, as (B*Hkv, G*n, kend) in workspace 0.
 
     Also returns the block's queries (B*Hkv, G*n, d), the distance matrix t - i (n, kend) and,
-    with ``evict = (theta, tau)``, the factor ``1 + sigmoid(-z) / tau`` (B, Hkv, n, kend) by which
+    with ``evict = (theta, tau)`` (both per query row), the factor ``1 + sigmoid(-z) / tau``
+    (B, Hkv, n, kend) by which
     the eviction term scales the gradient of the retention score (else ``None``).
     """
     b, hkv, group, _, d = qg.shape
@@ -316,8 +335,9 @@ def _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e, offset, evict=Non
     factor = None
     if evict is not None:
         theta, tau = evict
-        z = (bias - theta[:, :, s:e, None]).div_(tau)
-        factor = torch.sigmoid(-z).div_(tau).add_(1.0)
+        tau_blk = tau[:, :, s:e, None]
+        z = (bias - theta[:, :, s:e, None]).div_(tau_blk)
+        factor = torch.sigmoid(-z).div_(tau_blk).add_(1.0)
         bias.add_(F.logsigmoid(z))
     above = torch.ones(n, n, dtype=torch.bool, device=qg.device).triu_(1)
     bias[..., kend - n :].masked_fill_(above, float("-inf"))
@@ -366,16 +386,15 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
                 row_lse = (m + torch.log(denom)).view(b, hkv, group, n)
                 # rows without any admissible key: +inf makes exp(s - lse) = 0 in backward
                 lse[:, :, :, s:e] = torch.where(denom.view(b, hkv, group, n) > 0, row_lse, math.inf)
-        ctx.save_for_backward(query, key, value, log_beta, mask, out, lse, theta)
-        ctx.tau = tau
+        ctx.save_for_backward(query, key, value, log_beta, mask, out, lse, theta, tau)
         ctx.scaling = scaling
         ctx.block_size = block_size
         return out.view(b, hq, tq, dv)
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, log_beta, mask, out, lse, theta = ctx.saved_tensors
-        evict = None if theta is None else (theta, ctx.tau)
+        query, key, value, log_beta, mask, out, lse, theta, tau = ctx.saved_tensors
+        evict = None if theta is None else (theta, tau)
         scaling, block_size = ctx.scaling, ctx.block_size
         need_q, need_k, need_v, need_lb = ctx.needs_input_grad[:4]
         b, hq, tq, d = query.shape
@@ -452,7 +471,7 @@ def _sdpa_block(q_blk, k_rep, v_rep, log_beta, mask_blk, dist, scaling, group, t
     return F.scaled_dot_product_attention(q_blk, k_rep, v_rep, attn_mask=bias, scale=scaling)
 
 
-def _sdpa_blocks(query, key, value, log_beta, mask, scaling, block_size, theta=None, tau=0.5):
+def _sdpa_blocks(query, key, value, log_beta, mask, scaling, block_size, theta=None, tau=None):
     hq, tq = query.shape[1], query.shape[2]
     hkv, tk = key.shape[1], key.shape[2]
     group = hq // hkv
@@ -476,7 +495,7 @@ def _sdpa_blocks(query, key, value, log_beta, mask, scaling, block_size, theta=N
             scaling,
             group,
             None if theta is None else theta[:, :, s:e],
-            tau,
+            None if tau is None else tau[:, :, s:e],
         )
         if grad:
             outs.append(checkpoint(_sdpa_block, *args, use_reentrant=False))
@@ -550,6 +569,7 @@ def retention_attention(
     impl: Impl = "blockwise",
     evict_budget: int | None = None,
     evict_tau: float = 0.5,
+    evict_scale: str = "relative",
 ) -> torch.Tensor:
     """Causal retention-gated attention, memory-efficient for long sequences.
 
@@ -571,10 +591,10 @@ def retention_attention(
         Query rows per block ("blockwise" and "sdpa").
     impl : {"blockwise", "sdpa", "flex"}
         See the module docstring. "flex" is forward-only on CPU.
-    evict_budget, evict_tau : int, float
+    evict_budget, evict_tau, evict_scale : int, float, str
         Eviction-aware training (module docstring): soft-mask the keys outside each query's
-        top-``evict_budget`` retention scores, with temperature ``evict_tau`` ("blockwise",
-        "sdpa").
+        top-``evict_budget`` retention scores, with temperature ``evict_tau``, relative to the
+        threshold's magnitude or absolute (``evict_scale``; "blockwise", "sdpa").
 
     Returns
     -------
@@ -589,7 +609,7 @@ def retention_attention(
     cdt = _compute_dtype(query, key, value)
     q, k, v = query.to(cdt), key.to(cdt), value.to(cdt)
     lb = log_beta.float()
-    theta = None
+    theta = tau = None
     if evict_budget is not None:
         if evict_budget < 1 or evict_tau <= 0:
             raise KVBoundError(f"evict_budget must be >= 1 and evict_tau > 0, got "
@@ -598,15 +618,15 @@ def retention_attention(
             raise KVBoundError("eviction-aware training is implemented for impl='blockwise' and "
                                "'sdpa', not 'flex'")
         theta = eviction_threshold(lb, int(evict_budget), q.shape[2], attention_mask, block_size)
+        tau = row_temperature(theta, float(evict_tau), evict_scale)
     if impl == "blockwise":
         mask = attention_mask
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.detach()
         return _BlockwiseRetentionAttention.apply(q, k, v, lb, mask, scaling, int(block_size),
-                                                  theta, float(evict_tau))
+                                                  theta, tau)
     if impl == "sdpa":
-        return _sdpa_blocks(q, k, v, lb, attention_mask, scaling, int(block_size), theta,
-                            float(evict_tau))
+        return _sdpa_blocks(q, k, v, lb, attention_mask, scaling, int(block_size), theta, tau)
     if impl == "flex":
         return _flex(q, k, v, lb, attention_mask, scaling)
     raise KVBoundError(f"unknown impl {impl!r}; choose 'blockwise', 'sdpa' or 'flex'")

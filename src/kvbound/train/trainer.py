@@ -39,6 +39,8 @@ from kvbound.train.data import Mixture
 from kvbound.train.gating import log_beta_of
 
 CKPT_DIR = "checkpoint"
+#: what runs did before a setting existed, where that differs from the setting's default
+BEHAVIOUR_BEFORE_FIELD = {"evict_scale": "absolute"}
 TRAINER_FILE = "trainer.pt"
 LOG_FILE = "train_log.jsonl"
 
@@ -71,7 +73,8 @@ class TrainConfig:
     quality_reduction: str = "sum"
     train_sinks: int = 4
     evict_aware: bool = False
-    evict_tau: float = 0.5
+    evict_tau: float = 0.05
+    evict_scale: str = "relative"
     bf16: bool = True
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -91,6 +94,8 @@ class TrainConfig:
             raise KVBoundError("train_sinks must be >= 0.")
         if not self.evict_tau > 0:
             raise KVBoundError(f"evict_tau must be > 0, got {self.evict_tau!r}.")
+        if self.evict_scale not in ("relative", "absolute"):
+            raise KVBoundError("evict_scale must be 'relative' or 'absolute'.")
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -208,7 +213,8 @@ class Trainer:
         state.train_sinks = self.cfg.train_sinks
         if self.cfg.evict_aware:  # the student sees the cache's top-M eviction (attention.py)
             state.train_evict = {"evict_budget": self.cfg.memory_size,
-                                 "evict_tau": self.cfg.evict_tau}
+                                 "evict_tau": self.cfg.evict_tau,
+                                 "evict_scale": self.cfg.evict_scale}
         name = register_retention_attention()
         # transformers documents no public getter (5.24); set_attn_implementation is the setter
         self._prev_impl = model.config._attn_implementation
@@ -271,6 +277,7 @@ class Trainer:
                               "directory to start over.") from exc
         # settings added after the checkpoint was written take their defaults
         defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+        defaults.update(BEHAVIOUR_BEFORE_FIELD)
         saved = {k: v for k, v in {**defaults, **state["config"]}.items()
                  if k not in ("steps", "out", "extra")}
         mine = {k: v for k, v in asdict(self.cfg).items() if k not in ("steps", "out", "extra")}
