@@ -26,6 +26,7 @@ DOC = ROOT / "docs" / "TRAINING.md"
 SWEEP = ROOT / "runs" / "fidelity_sweep.json"
 #: configuration fields that tell runs apart (the rest is in each run's command)
 LEVERS = ("init_gates", "train_sinks", "gate_positions", "evict_aware", "evict_tau",
+          "evict_scale", "evict_budgets",
           "memory_size", "seq_len", "intermediate_size", "data", "steps", "lr")
 
 
@@ -103,7 +104,8 @@ def render(runs: dict) -> str:
     for label, r in runs.items():
         cfg = r["config"]
         levers = ", ".join(f"{k}={cfg[k]}" for k in LEVERS if k in cfg and k != "steps"
-                           and cfg[k] is not None and cfg[k] is not False)
+                           and cfg[k] is not None and cfg[k] is not False
+                           and cfg[k] != [])
         cells = []
         for s in ("0", "4"):
             for b in budgets:

@@ -151,6 +151,9 @@ def train(
                                     "absolute)."),
     evict_scale: Literal["relative", "absolute"] = typer.Option("relative",
                                     help="relative (scale-free) or absolute temperature."),
+    evict_budgets: str | None = typer.Option(None, help="With --evict-aware: budgets M the "
+                                             "student's eviction cycles through, one per step "
+                                             "(e.g. '32,64,128'; default: --memory-size)."),
     bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
                               "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
@@ -169,6 +172,7 @@ def train(
         cap_variant=cap_variant,
         quality_reduction=quality_reduction, train_sinks=train_sinks, evict_aware=evict_aware,
         evict_tau=evict_tau, evict_scale=evict_scale, bf16=bf16,
+        evict_budgets=[],
         grad_checkpointing=grad_checkpointing, save_every=save_every,
         extra={"resume": resume},
     )
@@ -177,6 +181,11 @@ def train(
             raise arg.OptionError("--lr", f"must be > 0, got {lr}.")
         if evict_tau <= 0:
             raise arg.OptionError("--evict-tau", f"must be > 0, got {evict_tau}.")
+        if evict_budgets is not None:
+            cfg.evict_budgets = arg.csv(evict_budgets, "--evict-budgets", int, minimum=1)
+            if not evict_aware:
+                raise arg.OptionError("--evict-budgets", "needs --evict-aware (they are the "
+                                                         "budgets of the student's eviction).")
         arg.writable(out, "--out", directory=True)
         _check_data(data)
         arg.model_name(model, "--model")

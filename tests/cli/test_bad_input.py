@@ -52,6 +52,7 @@ STRING_BAD = {
     "--method": ["nope"],
     "--methods": ["full,nope", ","],
     "--budgets": ["64,x", "0"],
+    "--evict-budgets": ["32,x", "0", ","],
     "--lengths": ["1024,x", "-5"],
     "--tasks": ["nope"],
     "--data": ["nope:1", "file:/no/such/file.txt"],

@@ -193,3 +193,18 @@ def test_evict_aware_student_sees_top_m_eviction(tmp_path):
     assert saved.metadata.training["config"]["evict_aware"] is True
     with pytest.raises(KVBoundError, match="evict_tau"):
         _cfg(tmp_path, evict_tau=0.0).validate()
+
+
+def test_evict_budgets_cycle_one_per_step(tmp_path):
+    """--evict-budgets: step s trains at budgets[s % n] (eviction and capacity loss); its first
+    step is exactly the step of a run at that single budget, and the log says which M ran."""
+    _train(_cfg(tmp_path / "one", steps=1, memory_size=4, evict_aware=True))
+    _train(_cfg(tmp_path / "cyc", steps=3, evict_aware=True, evict_budgets=[4, 40]))
+    one = [json.loads(x) for x in (tmp_path / "one" / "run" / "train_log.jsonl").read_text().splitlines()]
+    cyc = [json.loads(x) for x in (tmp_path / "cyc" / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["budget"] for r in cyc] == [4, 40, 4]
+    assert cyc[0]["kl"] == one[0]["kl"] and cyc[0]["cap"] == one[0]["cap"]
+    with pytest.raises(KVBoundError, match="needs evict_aware"):
+        _cfg(tmp_path, evict_budgets=[4]).validate()
+    with pytest.raises(KVBoundError, match="positive integers"):
+        _cfg(tmp_path, evict_aware=True, evict_budgets=[4, 0]).validate()

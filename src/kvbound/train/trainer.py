@@ -40,7 +40,7 @@ from kvbound.train.gating import log_beta_of
 
 CKPT_DIR = "checkpoint"
 #: what runs did before a setting existed, where that differs from the setting's default
-BEHAVIOUR_BEFORE_FIELD = {"evict_scale": "absolute"}
+BEHAVIOUR_BEFORE_FIELD = {"evict_scale": "absolute", "evict_budgets": []}
 TRAINER_FILE = "trainer.pt"
 LOG_FILE = "train_log.jsonl"
 
@@ -75,6 +75,9 @@ class TrainConfig:
     evict_aware: bool = False
     evict_tau: float = 0.05
     evict_scale: str = "relative"
+    #: budgets the student's eviction and the capacity loss cycle through, one per step (empty:
+    #: ``memory_size`` every step); a ranking trained at several M serves every budget
+    evict_budgets: list[int] = field(default_factory=list)
     bf16: bool = True
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -96,6 +99,18 @@ class TrainConfig:
             raise KVBoundError(f"evict_tau must be > 0, got {self.evict_tau!r}.")
         if self.evict_scale not in ("relative", "absolute"):
             raise KVBoundError("evict_scale must be 'relative' or 'absolute'.")
+        budgets = self.evict_budgets
+        if not isinstance(budgets, (list, tuple)) or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in budgets):
+            raise KVBoundError(f"evict_budgets must be a list of positive integers, got {budgets!r}.")
+        if budgets and not self.evict_aware:
+            raise KVBoundError("evict_budgets needs evict_aware (the budgets are those the student's "
+                               "eviction cycles through).")
+
+    def budget_at(self, step: int) -> int:
+        """The budget M of optimizer step ``step``: ``evict_budgets`` in turn, else memory_size."""
+        return self.evict_budgets[step % len(self.evict_budgets)] if self.evict_budgets \
+            else self.memory_size
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -319,10 +334,12 @@ class Trainer:
         )
 
     # --------------------------------------------------------------------------- loop
-    def _micro_step(self, indices: list[int], state) -> dict:
+    def _micro_step(self, indices: list[int], state, budget: int) -> dict:
         from kvbound.train.losses import capacity_loss, distillation_loss
 
         cfg = self.cfg
+        if state.train_evict is not None:
+            state.train_evict["evict_budget"] = budget
         batch = {k: v.to(self.device) for k, v in self.data.batch(indices).items()}
         ids, att, tgt = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -337,7 +354,7 @@ class Trainer:
         quality = distillation_loss(student, teacher, tgt, labels,
                                     reduction_mode=cfg.quality_reduction)
         valid = att.bool()
-        cap = torch.stack([capacity_loss(lb, cfg.memory_size, variant=cfg.cap_variant,
+        cap = torch.stack([capacity_loss(lb, budget, variant=cfg.cap_variant,
                                          valid_mask=valid) for lb in log_betas]).mean()
         loss = quality["total"] + cfg.lambda_cap * cap
         (loss / cfg.grad_accum).backward()
@@ -417,7 +434,7 @@ class Trainer:
                     for micro in range(cfg.grad_accum):
                         base = step * per_step + micro * cfg.batch_size * world
                         idx = [base + rank * cfg.batch_size + j for j in range(cfg.batch_size)]
-                        parts.append(self._micro_step(idx, state))
+                        parts.append(self._micro_step(idx, state, cfg.budget_at(step)))
                     self._sync_grads()
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.gates.parameters(),
                                                                cfg.max_grad_norm)
@@ -426,7 +443,7 @@ class Trainer:
                     rec = self._reduce_record(parts)
                     seconds = time.perf_counter() - t0
                     rec.update(step=step, seconds=seconds, lr=self.scheduler.get_last_lr()[0],
-                               grad_norm=float(grad_norm))
+                               grad_norm=float(grad_norm), budget=cfg.budget_at(step))
                     self.log.append(rec)
                     if self.accelerator.is_main_process:
                         _append_jsonl(self.out / LOG_FILE, rec)
