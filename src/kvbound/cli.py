@@ -1,4 +1,4 @@
-"""The ``kvbound`` command line: demo, generate, train, eval, bench, viz, models."""
+"""The ``kvbound`` command line: demo, generate, chat, train, eval, bench, viz, models."""
 
 from __future__ import annotations
 
@@ -331,6 +331,7 @@ def demo(
 from kvbound.cli_eval import eval_app  # noqa: E402 - needs app, _fail and friends above
 
 app.add_typer(eval_app, name="eval")
+from kvbound import cli_chat  # noqa: E402, F401 - registers ``kvbound chat`` on app
 
 
 def main(argv: list[str] | None = None) -> int:

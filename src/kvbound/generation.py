@@ -153,6 +153,26 @@ def compile_config(device: torch.device):
     return cfg
 
 
+def decoding_kwargs(tokenizer, *, max_new_tokens: int, sample: bool, temperature: float,
+                    top_p: float, repetition_penalty: float) -> dict:
+    """``model.generate`` keyword arguments of a decoding choice: greedy (sampling settings
+    cleared, so a model's generation_config cannot turn sampling on) or sampled."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise KVBoundError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if not repetition_penalty > 0:
+        raise KVBoundError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}.")
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample)
+    if repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = float(repetition_penalty)
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
+    return kwargs
+
+
 class _Timer:
     """Forward post-hook recording when each forward ends and how many tokens it took."""
 
@@ -242,20 +262,15 @@ def generate(
         **({} if method == "full" else {"positions": positions}))
     prefill_chunk = prefill_chunk_size(method, chunk, ids.shape[1], budget,
                                        full_prefill=full_prefill)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, cache=cache,
-                  attention_mask=torch.ones_like(ids), prefill_chunk_size=prefill_chunk)
+    kwargs = dict(cache=cache, attention_mask=torch.ones_like(ids),
+                  prefill_chunk_size=prefill_chunk,
+                  **decoding_kwargs(tokenizer, max_new_tokens=max_new_tokens, sample=sample,
+                                    temperature=temperature, top_p=top_p,
+                                    repetition_penalty=repetition_penalty))
     if min_new_tokens is not None:
         kwargs["min_new_tokens"] = min_new_tokens
-    if repetition_penalty != 1.0:
-        kwargs["repetition_penalty"] = float(repetition_penalty)
     if compile:
         kwargs["compile_config"] = compile_config(model.device)
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if tokenizer is not None and tokenizer.pad_token_id is not None:
-        kwargs["pad_token_id"] = tokenizer.pad_token_id
     torch.manual_seed(seed)
     timer = _Timer(model)
     try:

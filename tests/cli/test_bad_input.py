@@ -41,11 +41,13 @@ BASE = {
     ("train",): ["--out", "{tmp}/run", "--data", "file:{text}"],
     ("viz",): ["--prompt", "hello"],
     ("eval", "fidelity"): ["--text-file", "{text}"],
+    ("chat",): ["--session", "{tmp}/session", "--message", "hi"],
 }
 
 #: bad values of string options, by option name
 STRING_BAD = {
     "--prompt": [""],
+    "--message": ["", "   "],
     "--model": ["./no/such/model"],
     "--gates": ["no-such-gates"],
     "--init-gates": ["no-such-gates"],
@@ -148,6 +150,10 @@ def test_bad_values_fail_cleanly_and_name_the_option(path, param, files, capsys)
     ["eval", "tasks", "--data", "gsm8k=/no/such.jsonl"],
     ["train", "--out", "{tmp}/empty", "--data", "file:{text}", "--resume"],
     ["train", "--out", "{tmp}/run", "--lr", "0"],
+    ["chat", "--session", "{tmp}/s", "--message", "hi", "--method", "full"],
+    ["chat", "--session", "{tmp}/s", "--message", "hi", "--sample", "--temperature", "0"],
+    ["chat", "--session", "{tmp}/s", "--message", "hi", "--budget", "8", "--sinks", "8"],
+    ["chat", "--session", "{tmp}/a-file", "--message", "hi"],
 ])
 def test_bad_combinations_fail_cleanly(argv, files, capsys):
     argv = [a.format(tmp=files, text=files / "text.txt") for a in argv]

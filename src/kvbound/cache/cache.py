@@ -14,8 +14,10 @@ the attention module calls the layer's ``update`` (append); the post-hook calls
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -106,6 +108,7 @@ class EvictionCache(Cache):
         for layer in self.eviction_layers:
             layer.timings = self.timings
             layer.rolling = self.rolling
+        self._model_ref = weakref.ref(model)
 
     def _rolling_positions(self, mode: str, model, kinds, budgets) -> RollingPositions | None:
         if check_mode(mode) == "absolute":
@@ -283,6 +286,23 @@ class EvictionCache(Cache):
                 "policy": self.policy.describe(),
                 "evicted_layers": len(self.eviction_layers),
                 "layer_budget_total": sum(layer.budget for layer in self.eviction_layers)}
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike, extra: dict | None = None):
+        """Write this cache to one ``.safetensors`` file (atomic), to continue later with
+        :meth:`load`: a bounded conversation's memory in a few MB (:mod:`kvbound.cache.persist`).
+        ``extra``: JSON-able data kept in the same file (``persist.read_metadata(path)["extra"]``)."""
+        from kvbound.cache.persist import save_cache
+
+        return save_cache(self, path, extra)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module) -> EvictionCache:
+        """The cache saved at ``path``, for ``model`` (the same model, and for TRIM-KV the same
+        gates attached, or an error that says so); generation continues exactly."""
+        from kvbound.cache.persist import load_cache
+
+        return load_cache(path, model, "trimkv" if cls is TrimKVCache else None)
 
     def resident_positions(self, layer_idx: int) -> torch.Tensor:
         """(B, H_kv, n) absolute positions of the tokens layer ``layer_idx`` holds now."""
