@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("gate-quality", "fidelity-sweep-decode", "speed")
+SECTIONS = ("gate-quality", "fidelity-sweep-decode", "speed", "chat-session")
 
 
 def main() -> None:
