@@ -34,14 +34,28 @@ def worker(args) -> dict:
     from kvbound.models import load_model
 
     torch.manual_seed(0)
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
-    text_ids = tok("\n\n".join(eval_text_pool()), add_special_tokens=False)["input_ids"]
-    reps = args.length // len(text_ids) + 1
-    ids = torch.tensor((text_ids * reps)[: args.length])[None]
+    dtype = getattr(torch, args.dtype)
     method, _, mode = args.method.partition("+")
+    gates = args.gates
+    if args.model_config:  # random weights of a real architecture: random tokens, random gates
+        from kvbound.gates import RetentionGates
+        from kvbound.models.random_config import random_model
+        from kvbound.policies import POLICIES
+
+        model = random_model(args.model_config, dtype=dtype, seed=0)
+        ids = torch.randint(3, model.config.vocab_size, (1, args.length),
+                            generator=torch.Generator().manual_seed(0))
+        if gates is None and method in POLICIES and POLICIES[method].needs_gates:
+            gates = RetentionGates.for_model(model, seed=0)
+    else:
+        model, tok = load_model(args.model, dtype=dtype)
+        text_ids = tok("\n\n".join(eval_text_pool()), add_special_tokens=False)["input_ids"]
+        reps = args.length // len(text_ids) + 1
+        ids = torch.tensor((text_ids * reps)[: args.length])[None]
+    ids = ids.expand(args.batch_size, -1).contiguous()
     compiled = mode == "compile"
     cache, used, sinks = build_cache(model, method, budget=args.budget, buffer=args.buffer,
-                                  gates=args.gates, static=compiled,
+                                  gates=gates, static=compiled,
                                   max_cache_len=args.length + args.decode_tokens)
     step_fn = model.get_compiled_call(compile_config(model.device)) if compiled else model
     bounded = isinstance(cache, EvictionCache)
@@ -66,9 +80,11 @@ def worker(args) -> dict:
     rec = {
         "method": args.method, "length": args.length, "budget": args.budget if bounded else None,
         "buffer": args.buffer if bounded else None, "sinks": sinks, "dtype": args.dtype,
-        "prefill_tok_s": args.length / prefill, "prefill_seconds": prefill,
+        "batch_size": args.batch_size, "model": args.model_config or args.model,
+        "random_weights": bool(args.model_config),
+        "prefill_tok_s": args.batch_size * args.length / prefill, "prefill_seconds": prefill,
         "compiled": compiled, "compile_seconds": steps[0] if compiled else None,
-        "decode_tok_s": n / decode, "step_ms_mean": 1000 * decode / n,
+        "decode_tok_s": args.batch_size * n / decode, "step_ms_mean": 1000 * decode / n,
         "step_ms": [round(1000 * x, 2) for x in steps],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
@@ -101,6 +117,9 @@ def median_run(recs: list[dict]) -> dict:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--model-config", default=None,
+                    help="random weights from a real config (shipped name or config.json)")
+    ap.add_argument("--batch-size", type=int, default=1, help="rows decoded together")
     ap.add_argument("--gates", default=None)
     ap.add_argument("--methods", default="full,trimkv,streaming,knorm,snapkv,h2o,tova")
     ap.add_argument("--lengths", default="1024,4096,16384")
@@ -134,7 +153,9 @@ def run_bench(args: argparse.Namespace) -> dict | None:
                    str(length), "--budget", str(args.budget), "--buffer", str(args.buffer),
                    "--chunk", str(args.chunk), "--full-chunk", str(args.full_chunk),
                    "--decode-tokens", str(args.decode_tokens), "--warmup", str(args.warmup),
-                   "--dtype", args.dtype]
+                   "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
+            if args.model_config:
+                cmd += ["--model-config", args.model_config]
             if args.model:
                 cmd += ["--model", args.model]
             if args.gates:

@@ -224,8 +224,12 @@ def bench(
     decode_tokens: int = typer.Option(64, min=5, help="Decode steps timed (4 are warm-up)."),
     repeats: int = typer.Option(1, min=1,
                                 help="Runs per configuration; the median run is reported."),
-    dtype: Literal["float32", "bfloat16"] = typer.Option("float32",
-                              help="float32 or bfloat16."),
+    dtype: Literal["float32", "bfloat16", "float16"] = typer.Option("float32",
+                              help="float32, bfloat16 or float16."),
+    model_config: str | None = typer.Option(None, help="Random weights from a real architecture "
+                                            "(llama-3.2-1b, qwen3-1.7b, qwen3-4b, qwen3-8b or a "
+                                            "config.json): speed at real sizes, no download."),
+    batch_size: int = typer.Option(1, min=1, help="Rows decoded together."),
     json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
     plot_dir: Path | None = typer.Option(None, help="Write plots here."),
 ):
@@ -240,6 +244,12 @@ def bench(
         arg.csv(lengths, "--lengths", int, minimum=1)
         arg.gates_source(gates, "--gates")
         arg.model_name(model, "--model")
+        if model_config is not None:
+            from kvbound.models.random_config import read_config
+
+            if model is not None:
+                raise arg.OptionError("--model-config", "give --model or --model-config, not both.")
+            arg.check("--model-config", read_config, model_config)
         if json_out is not None:
             arg.writable(json_out, "--json", directory=False)
         if plot_dir is not None:
@@ -248,9 +258,9 @@ def bench(
         _fail(exc)
     argv = ["--methods", methods, "--lengths", lengths, "--budget", str(budget), "--buffer",
             str(buffer), "--chunk", str(chunk), "--decode-tokens", str(decode_tokens),
-            "--repeats", str(repeats), "--dtype", dtype]
+            "--repeats", str(repeats), "--dtype", dtype, "--batch-size", str(batch_size)]
     for flag, value in (("--model", model), ("--gates", gates), ("--json", json_out),
-                        ("--plot-dir", plot_dir)):
+                        ("--plot-dir", plot_dir), ("--model-config", model_config)):
         if value is not None:
             argv += [flag, str(value)]
     try:

@@ -50,6 +50,7 @@ STRING_BAD = {
     "--message": ["", "   "],
     "--model": ["./no/such/model"],
     "--gates": ["no-such-gates"],
+    "--model-config": ["no-such-config"],
     "--init-gates": ["no-such-gates"],
     "--method": ["nope"],
     "--methods": ["full,nope", ","],

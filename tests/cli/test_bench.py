@@ -57,3 +57,44 @@ def test_median_run_is_a_real_run():
     recs = [{"decode_tok_s": x, "id": i} for i, x in enumerate([3.0, 1.0, 2.0, 5.0])]
     m = bench.median_run(recs)
     assert m["id"] == 2 and m["decode_tok_s_runs"] == [1.0, 2.0, 3.0, 5.0]
+
+
+def test_worker_on_a_random_config_model_with_a_batch(tmp_path):
+    """--model-config: random weights from a config.json (random tokens, random gates for
+    trimkv); --batch-size rows decode together, counted in tok/s, and the KV bytes scale."""
+    import json
+
+    cfg = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+           "max_position_embeddings": 512}
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+    recs = {}
+    for method in ("full", "trimkv"):
+        for b in (1, 2):
+            args = bench.parser().parse_args(
+                ["--worker", "--method", method, "--length", "96", "--budget", "16", "--buffer",
+                 "4", "--chunk", "32", "--decode-tokens", "6", "--warmup", "2", "--batch-size",
+                 str(b), "--model-config", str(tmp_path / "tiny.json")])
+            recs[(method, b)] = bench.worker(args)
+    for (method, b), r in recs.items():
+        assert r["batch_size"] == b and r["random_weights"] and len(r["step_ms"]) == 6
+    assert recs[("trimkv", 2)]["peak_kv_bytes"] == 2 * recs[("trimkv", 1)]["peak_kv_bytes"]
+    assert recs[("trimkv", 1)]["peak_tokens_per_head"] <= 16 + 4 + 32
+    assert recs[("full", 1)]["peak_tokens_per_head"] == 96 + 6  # prompt + every decode step
+
+
+def test_shipped_configs_build_their_architectures():
+    from kvbound.models.random_config import random_model, read_config, shipped_configs
+
+    assert {"llama-3.2-1b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b"} <= set(shipped_configs())
+    cfg = read_config("qwen3-4b")
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == (2560, 36, 8)
+    small = random_model("llama-3.2-1b", num_hidden_layers=1, hidden_size=64,
+                         intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, vocab_size=256)
+    again = random_model("llama-3.2-1b", num_hidden_layers=1, hidden_size=64,
+                         intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, vocab_size=256)
+    assert small.config.rope_scaling["rope_type"] == "llama3"
+    assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(),
+                                                 again.state_dict().values(), strict=True))
