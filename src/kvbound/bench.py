@@ -88,6 +88,7 @@ def worker(args) -> dict:
         "step_ms": [round(1000 * x, 2) for x in steps],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     if bounded:
         st = cache.stats()
@@ -102,7 +103,16 @@ def worker(args) -> dict:
         rec.update(peak_kv_bytes=kv, peak_tokens_per_head=int(cache.get_seq_length()),
                    full_kv_bytes=kv, scoring_share=0.0, bookkeeping_share=0.0,
                    evict_share=0.0)
+    rec["ideal_speedup"] = ideal_speedup(rec)
     return rec
+
+
+def ideal_speedup(rec: dict) -> float:
+    """The memory-bandwidth limit of the decode speed-up over the full cache: bytes a step must
+    read with the full cache (weights + every K/V) over bytes with this cache (weights + its
+    resident K/V), at the end of the run. 1.0 for the full cache."""
+    w = rec["weight_bytes"]
+    return (w + rec["full_kv_bytes"]) / (w + rec["peak_kv_bytes"])
 
 
 def median_run(recs: list[dict]) -> dict:
@@ -183,8 +193,9 @@ def run_bench(args: argparse.Namespace) -> dict | None:
 def render(result: dict, command: str = "", machine: str = "") -> str:
     recs = result["records"]
     a = result["args"]
+    where = a.get("model_config") and f"random-weight {a['model_config']} config" or "embedded model"
     lines = [
-        "## Speed and memory (embedded model, CPU)",
+        f"## Speed and memory ({where}, CPU, batch {a.get('batch_size', 1)})",
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine}  ",
@@ -193,9 +204,9 @@ def render(result: dict, command: str = "", machine: str = "") -> str:
         f"({a['warmup']} warm-up steps excluded); dtype {a['dtype']}; "
         f"{a.get('repeats', 1)} run(s) per configuration, methods alternating, median run shown.",
         "",
-        "| method | prompt tokens | prefill tok/s | decode tok/s | decode vs full* | peak KV MB "
-        "| peak RSS MB | gates/queries share | eviction+mask share |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | prompt tokens | prefill tok/s | decode tok/s | decode vs full* | ideal** "
+        "| peak KV MB | peak RSS MB | gates/queries share | eviction+mask share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     full = {(r["length"], r.get("compiled", False)): r for r in recs
             if r["method"].partition("+")[0] == "full"}
@@ -204,11 +215,14 @@ def render(result: dict, command: str = "", machine: str = "") -> str:
         ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else ""
         lines.append(
             f"| {r['method']} | {r['length']} | {r['prefill_tok_s']:.0f} | {_decode_cell(r)}"
-            f" | {ratio} | {r['peak_kv_bytes'] / 1e6:.2f} | {r['peak_rss_mb']:.0f} | "
+            f" | {ratio} | {_ideal(r)} | {r['peak_kv_bytes'] / 1e6:.2f} | {r['peak_rss_mb']:.0f} | "
             f"{100 * r['scoring_share']:.1f}% | {100 * r['bookkeeping_share']:.1f}% |")
     lines.append("")
     lines.append("\\* against the full cache in the same mode (eager, or +compile: torch.compile "
-                 "on a static cache; the first, compiling step is a warm-up step).")
+                 "on a static cache; the first, compiling step is a warm-up step).  ")
+    lines.append("\\** the memory-bandwidth limit of that speed-up: bytes a decode step reads with "
+                 "the full cache (weights + all K/V) over bytes with this one (weights + resident "
+                 "K/V), at the last step.")
     comp = [r for r in recs if r.get("compiled")]
     if comp:
         lines.append("")
@@ -237,6 +251,12 @@ def render(result: dict, command: str = "", machine: str = "") -> str:
     lines.append("")
     lines.append("![decode step latency vs position](img/speed_step_latency.png)")
     return "\n".join(lines)
+
+
+def _ideal(r: dict) -> str:
+    if "ideal_speedup" not in r:  # results written before it was recorded
+        return ""
+    return f"{r['ideal_speedup']:.2f}x"
 
 
 def _decode_cell(r: dict) -> str:

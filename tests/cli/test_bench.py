@@ -81,6 +81,13 @@ def test_worker_on_a_random_config_model_with_a_batch(tmp_path):
     assert recs[("trimkv", 2)]["peak_kv_bytes"] == 2 * recs[("trimkv", 1)]["peak_kv_bytes"]
     assert recs[("trimkv", 1)]["peak_tokens_per_head"] <= 16 + 4 + 32
     assert recs[("full", 1)]["peak_tokens_per_head"] == 96 + 6  # prompt + every decode step
+    assert recs[("full", 1)]["ideal_speedup"] == 1.0
+    r = recs[("trimkv", 2)]
+    assert r["ideal_speedup"] == pytest.approx((r["weight_bytes"] + r["full_kv_bytes"])
+                                               / (r["weight_bytes"] + r["peak_kv_bytes"]))
+    assert r["ideal_speedup"] > recs[("trimkv", 1)]["ideal_speedup"] > 1  # K/V weigh more
+    table = bench.render({"records": list(recs.values()), "args": vars(args)})
+    assert "ideal**" in table and f"{r['ideal_speedup']:.2f}x" in table
 
 
 def test_shipped_configs_build_their_architectures():
