@@ -50,7 +50,9 @@ def main(run: str, name: str) -> None:
         f"{cfg['quality_reduction']}, train sinks {cfg['train_sinks']}, gate positions "
         f"{cfg.get('gate_positions', False)}, eviction-aware {cfg.get('evict_aware', False)}"
         + (f" (tau {cfg['evict_tau']}, {cfg.get('evict_scale', 'absolute')}; budgets "
-           f"{cfg.get('evict_budgets') or [cfg['memory_size']]} in turn)"
+           f"{cfg.get('evict_budgets') or [cfg['memory_size']]} in turn"
+           + ("" if cfg.get("evict_decay", True) else "; eviction mask alone, no soft decay")
+           + ")"
            if cfg.get("evict_aware") else ""),
         *([f"- fine-tuned from gates {t['init_gates']['ref']} ({t['init_gates']['steps']} steps, "
            f"trained by `{t['init_gates']['command']}`; their README is in the git history of "

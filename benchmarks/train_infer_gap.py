@@ -7,7 +7,7 @@ Same gates, same tokens, same budget M: KL(full || ...) of
 - the training objective's student (``kvbound train``): the paper's soft decay
   ``softmax(q.k + (t - i) log beta_i)``, and the eviction-aware variant (``--evict-aware``) at
   several temperatures (relative to the threshold's magnitude, the default ``--evict-scale``, and
-  absolute).
+  absolute), with the decay or with the eviction mask alone (``--evict-no-decay``).
 
 Measured on *training* text (the stdlib docstrings / first pydoc half that ``prose`` trains on), so
 that a temperature chosen from this table is not tuned to evaluation text. Positions ``>= M``.
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--buffer", type=int, default=16)
     ap.add_argument("--taus", default="0.5,0.1,0.05,0.02", help="relative temperatures")
     ap.add_argument("--absolute-taus", default="0.5,0.02")
+    ap.add_argument("--no-decay-taus", default="0.05",
+                    help="relative temperatures of the mask alone (--evict-no-decay)")
     ap.add_argument("--json", type=Path, default=ROOT / "runs" / "train_infer_gap.json")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
@@ -67,13 +69,16 @@ def main() -> None:
                      "kl": cache["results"][0]["kl_per_window"]})
         rows.append({"objective": "training: soft decay (paper)", "sinks": sinks,
                      "kl": student_kl(model, gates, ids, start=m, train_sinks=sinks).tolist()})
-        for scale, taus in (("relative", args.taus), ("absolute", args.absolute_taus)):
+        for scale, taus, decay in (("relative", args.taus, True),
+                                   ("absolute", args.absolute_taus, True),
+                                   ("relative", args.no_decay_taus, False)):
             for tau in (float(t) for t in taus.split(",") if t):
                 kl = student_kl(model, gates, ids, start=m, train_sinks=sinks,
                                 evict={"evict_budget": m, "evict_tau": tau,
-                                       "evict_scale": scale})
+                                       "evict_scale": scale, "evict_decay": decay})
                 rows.append({"objective": f"training: --evict-aware --evict-tau {tau:g} "
-                                          f"--evict-scale {scale}",
+                                          f"--evict-scale {scale}"
+                                          + ("" if decay else " --evict-no-decay"),
                              "sinks": sinks, "kl": kl.tolist()})
     res = {"rows": rows, "budget": m, "windows": len(windows), "seq_len": args.seq_len,
            "gates": gates.ref(), "command": command(), "machine": machine()}

@@ -26,8 +26,10 @@ DOC = ROOT / "docs" / "TRAINING.md"
 SWEEP = ROOT / "runs" / "fidelity_sweep.json"
 #: configuration fields that tell runs apart (the rest is in each run's command)
 LEVERS = ("init_gates", "train_sinks", "gate_positions", "evict_aware", "evict_tau",
-          "evict_scale", "evict_budgets",
+          "evict_scale", "evict_budgets", "evict_decay",
           "memory_size", "seq_len", "intermediate_size", "data", "steps", "lr")
+#: levers whose default is True: named only when switched off
+SHOWN_WHEN_FALSE = ("evict_decay",)
 
 
 def _run_record(directory: Path) -> dict:
@@ -104,8 +106,9 @@ def render(runs: dict) -> str:
     for label, r in runs.items():
         cfg = r["config"]
         levers = ", ".join(f"{k}={cfg[k]}" for k in LEVERS if k in cfg and k != "steps"
-                           and cfg[k] is not None and cfg[k] is not False
-                           and cfg[k] != [])
+                           and cfg[k] is not None and cfg[k] != []
+                           and (cfg[k] is not False or k in SHOWN_WHEN_FALSE)
+                           and not (k in SHOWN_WHEN_FALSE and cfg[k] is True))
         cells = []
         for s in ("0", "4"):
             for b in budgets:

@@ -154,6 +154,9 @@ def train(
     evict_budgets: str | None = typer.Option(None, help="With --evict-aware: budgets M the "
                                              "student's eviction cycles through, one per step "
                                              "(e.g. '32,64,128'; default: --memory-size)."),
+    evict_decay: bool = typer.Option(True, "--evict-decay/--evict-no-decay",
+                                     help="With --evict-aware: keep the paper's soft decay in the "
+                                     "student beside the eviction mask, or the mask alone."),
     bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
                               "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
@@ -172,7 +175,7 @@ def train(
         cap_variant=cap_variant,
         quality_reduction=quality_reduction, train_sinks=train_sinks, evict_aware=evict_aware,
         evict_tau=evict_tau, evict_scale=evict_scale, bf16=bf16,
-        evict_budgets=[],
+        evict_budgets=[], evict_decay=evict_decay,
         grad_checkpointing=grad_checkpointing, save_every=save_every,
         extra={"resume": resume},
     )
@@ -181,6 +184,8 @@ def train(
             raise arg.OptionError("--lr", f"must be > 0, got {lr}.")
         if evict_tau <= 0:
             raise arg.OptionError("--evict-tau", f"must be > 0, got {evict_tau}.")
+        if not evict_decay and not evict_aware:
+            raise arg.OptionError("--evict-no-decay", "needs --evict-aware.")
         if evict_budgets is not None:
             cfg.evict_budgets = arg.csv(evict_budgets, "--evict-budgets", int, minimum=1)
             if not evict_aware:

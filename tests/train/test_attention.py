@@ -339,14 +339,17 @@ def test_eviction_threshold_is_the_mth_score_among_past_keys():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("group", "t", "block", "budget"), [(1, 37, 8, 6), (3, 33, 32, 4),
                                                               (2, 16, 16, 40)])
-@pytest.mark.parametrize("scale", ["relative", "absolute"])
-def test_eviction_aware_matches_naive_values_and_grads(impl, group, t, block, budget, scale):
+@pytest.mark.parametrize(("scale", "decay"), [("relative", True), ("absolute", True),
+                                              ("relative", False)])
+def test_eviction_aware_matches_naive_values_and_grads(impl, group, t, block, budget, scale,
+                                                       decay):
     """The eviction term in the fused kernel: same output and gradients as autograd through the
-    reference; and it does change the output (keys past the top-M are masked)."""
+    reference; and it does change the output (keys past the top-M are masked). Without the decay
+    term (``evict_decay=False``) and nothing to evict, it is plain causal attention."""
     hkv = 2
     q, k, v, lb = _inputs(2, hkv * group, hkv, t, t, 16, seed=t + group, scale_lb=1.0)
     go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-    kw = {"evict_budget": budget, "evict_tau": 0.3, "evict_scale": scale}
+    kw = {"evict_budget": budget, "evict_tau": 0.3, "evict_scale": scale, "evict_decay": decay}
     ref, ref_g = _grads(lambda *x: naive_retention_attention(*x, **kw),
                         [z.double() for z in (q, k, v, lb)], go.double())
     out, g = _grads(lambda *x: retention_attention(*x, block_size=block, impl=impl, **kw),
@@ -356,7 +359,8 @@ def test_eviction_aware_matches_naive_values_and_grads(impl, group, t, block, bu
         scale = r.abs().max().item()
         torch.testing.assert_close(a, r.float(), atol=1e-5 * max(1.0, scale), rtol=1e-4,
                                    msg=f"grad {name}")
-    plain = retention_attention(q, k, v, lb, block_size=block, impl=impl)
+    plain = retention_attention(q, k, v, lb if decay else torch.zeros_like(lb),
+                                block_size=block, impl=impl)
     if budget >= t:  # nothing to evict
         torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
     else:

@@ -206,5 +206,24 @@ def test_evict_budgets_cycle_one_per_step(tmp_path):
     assert cyc[0]["kl"] == one[0]["kl"] and cyc[0]["cap"] == one[0]["cap"]
     with pytest.raises(KVBoundError, match="needs evict_aware"):
         _cfg(tmp_path, evict_budgets=[4]).validate()
+    with pytest.raises(KVBoundError, match="needs evict_aware"):
+        _cfg(tmp_path, evict_decay=False).validate()
+
+
+def test_evict_no_decay_trains_on_the_mask_alone(tmp_path):
+    """--evict-no-decay: the student's logits lose the soft decay (so its first-step KL differs
+    from the run with it), the gates still get a gradient, and the setting is saved."""
+    def first(**kw):
+        gates, _ = _train(_cfg(tmp_path / str(kw), steps=1, memory_size=8, evict_aware=True,
+                               train_sinks=0, **kw))  # 4 sinks would fill M=4: a hard mask
+        log = (tmp_path / str(kw) / "run" / "train_log.jsonl").read_text().splitlines()
+        return json.loads(log[0]), gates
+
+    with_decay, g1 = first()
+    alone, g2 = first(evict_decay=False)
+    assert alone["kl"] != with_decay["kl"] and alone["grad_norm"] > 0
+    assert g2.metadata.training["config"]["evict_decay"] is False
+    assert any(not torch.equal(a, b) for a, b in zip(g1.state_dict().values(),
+                                                     g2.state_dict().values()))
     with pytest.raises(KVBoundError, match="positive integers"):
         _cfg(tmp_path, evict_aware=True, evict_budgets=[4, 0]).validate()

@@ -18,6 +18,9 @@ alone barely penalises a partly decayed attention sink that hard top-M eviction 
 (``"absolute"``) the student can soften the mask, and so escape eviction, by shrinking every
 retention score together (a layer whose gate keeps everything sees no eviction at all); relative
 to the threshold's magnitude the mask depends only on the scores' ratios, as the cache's ranking.
+``evict_decay=False`` drops the paper's soft decay from the student's logits and keeps only the
+eviction mask: the student then attends exactly as the cache does (no decay at inference), up to
+the softness of the mask.
 
 Three implementations share one entry point, :func:`retention_attention`:
 
@@ -218,6 +221,7 @@ def naive_retention_attention(
     evict_budget: int | None = None,
     evict_tau: float = 0.5,
     evict_scale: str = "relative",
+    evict_decay: bool = True,
 ) -> torch.Tensor:
     """Reference retention-gated attention materialising the full (B, Hq, Tq, Tk) scores.
 
@@ -241,7 +245,9 @@ def naive_retention_attention(
     i = torch.arange(tk, device=q.device)[None, :]
     dist = (t - i).to(dt)  # (Tq, Tk)
     retention = dist * lb[:, :, None, :]
-    scores = (q @ k.transpose(-1, -2)) * scaling + retention
+    scores = (q @ k.transpose(-1, -2)) * scaling
+    if theta is None or evict_decay:
+        scores = scores + retention
     if theta is not None:
         scores = scores + _evict_term(retention, theta.to(dt).repeat_interleave(group, dim=1),
                                       tau.to(dt).repeat_interleave(group, dim=1))
@@ -317,9 +323,9 @@ def _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e, offset, evict=Non
     """fp32 scores of query block [s, e) incl. bias, as (B*Hkv, G*n, kend) in workspace 0.
 
     Also returns the block's queries (B*Hkv, G*n, d), the distance matrix t - i (n, kend) and,
-    with ``evict = (theta, tau)`` (both per query row), the factor ``1 + sigmoid(-z) / tau``
-    (B, Hkv, n, kend) by which
-    the eviction term scales the gradient of the retention score (else ``None``).
+    with ``evict = (theta, tau, decay)`` (both per query row), the factor ``1 + sigmoid(-z) / tau``
+    (``sigmoid(-z) / tau`` without the decay term) (B, Hkv, n, kend) by which the bias scales the
+    gradient of the retention score (else ``None``).
     """
     b, hkv, group, _, d = qg.shape
     n, kend = e - s, offset + e
@@ -334,11 +340,15 @@ def _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e, offset, evict=Non
     torch.mul(dist, log_beta[:, :, None, :kend], out=bias)
     factor = None
     if evict is not None:
-        theta, tau = evict
+        theta, tau, decay = evict
         tau_blk = tau[:, :, s:e, None]
         z = (bias - theta[:, :, s:e, None]).div_(tau_blk)
-        factor = torch.sigmoid(-z).div_(tau_blk).add_(1.0)
-        bias.add_(F.logsigmoid(z))
+        factor = torch.sigmoid(-z).div_(tau_blk)
+        if decay:
+            factor.add_(1.0)
+            bias.add_(F.logsigmoid(z))
+        else:  # the mask alone, as the cache attends
+            bias.copy_(F.logsigmoid(z))
     above = torch.ones(n, n, dtype=torch.bool, device=qg.device).triu_(1)
     bias[..., kend - n :].masked_fill_(above, float("-inf"))
     if mask is not None:
@@ -353,7 +363,7 @@ def _block_scores(ws, qg, key3, log_beta, mask, scaling, s, e, offset, evict=Non
 
 class _BlockwiseRetentionAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, log_beta, mask, scaling, block_size, theta, tau):
+    def forward(ctx, query, key, value, log_beta, mask, scaling, block_size, theta, tau, decay):
         b, hq, tq, d = query.shape
         hkv, tk, dv = key.shape[1], key.shape[2], value.shape[-1]
         group = hq // hkv
@@ -365,7 +375,7 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
         out = torch.empty(b, hkv, group, tq, dv, dtype=cdt, device=query.device)
         lse = torch.empty(b, hkv, group, tq, dtype=torch.float32, device=query.device)
         ws = _make_workspace(b, hkv, group, tq, tk, block_size, cdt, query.device, False)
-        evict = None if theta is None else (theta, tau)
+        evict = None if theta is None else (theta, tau, decay)
         with torch.autocast(query.device.type, enabled=False):
             for s in range(0, tq, block_size):
                 e = min(s + block_size, tq)
@@ -389,12 +399,13 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
         ctx.save_for_backward(query, key, value, log_beta, mask, out, lse, theta, tau)
         ctx.scaling = scaling
         ctx.block_size = block_size
+        ctx.decay = decay
         return out.view(b, hq, tq, dv)
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, log_beta, mask, out, lse, theta, tau = ctx.saved_tensors
-        evict = None if theta is None else (theta, tau)
+        evict = None if theta is None else (theta, tau, ctx.decay)
         scaling, block_size = ctx.scaling, ctx.block_size
         need_q, need_k, need_v, need_lb = ctx.needs_input_grad[:4]
         b, hq, tq, d = query.shape
@@ -456,6 +467,7 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -463,15 +475,18 @@ class _BlockwiseRetentionAttention(torch.autograd.Function):
 # "sdpa": SDPA over query blocks with a per-block bias, checkpointed per block
 
 
-def _sdpa_block(q_blk, k_rep, v_rep, log_beta, mask_blk, dist, scaling, group, theta, tau):
-    bias = _bias(dist, log_beta, mask_blk)
+def _sdpa_block(q_blk, k_rep, v_rep, log_beta, mask_blk, dist, scaling, group, theta, tau,
+                decay=True):
+    bias = _bias(dist, log_beta if theta is None or decay else torch.zeros_like(log_beta),
+                 mask_blk)
     if theta is not None:
         bias = bias + _evict_term(dist * log_beta[:, :, None, :], theta, tau)
     bias = bias.repeat_interleave(group, dim=1).to(q_blk.dtype)
     return F.scaled_dot_product_attention(q_blk, k_rep, v_rep, attn_mask=bias, scale=scaling)
 
 
-def _sdpa_blocks(query, key, value, log_beta, mask, scaling, block_size, theta=None, tau=None):
+def _sdpa_blocks(query, key, value, log_beta, mask, scaling, block_size, theta=None, tau=None,
+                 decay=True):
     hq, tq = query.shape[1], query.shape[2]
     hkv, tk = key.shape[1], key.shape[2]
     group = hq // hkv
@@ -496,6 +511,7 @@ def _sdpa_blocks(query, key, value, log_beta, mask, scaling, block_size, theta=N
             group,
             None if theta is None else theta[:, :, s:e],
             None if tau is None else tau[:, :, s:e],
+            decay,
         )
         if grad:
             outs.append(checkpoint(_sdpa_block, *args, use_reentrant=False))
@@ -570,6 +586,7 @@ def retention_attention(
     evict_budget: int | None = None,
     evict_tau: float = 0.5,
     evict_scale: str = "relative",
+    evict_decay: bool = True,
 ) -> torch.Tensor:
     """Causal retention-gated attention, memory-efficient for long sequences.
 
@@ -595,6 +612,9 @@ def retention_attention(
         Eviction-aware training (module docstring): soft-mask the keys outside each query's
         top-``evict_budget`` retention scores, with temperature ``evict_tau``, relative to the
         threshold's magnitude or absolute (``evict_scale``; "blockwise", "sdpa").
+    evict_decay : bool
+        Keep the paper's soft decay in the logits beside the eviction mask (default), or use the
+        mask alone, as the cache attends.
 
     Returns
     -------
@@ -624,9 +644,10 @@ def retention_attention(
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.detach()
         return _BlockwiseRetentionAttention.apply(q, k, v, lb, mask, scaling, int(block_size),
-                                                  theta, tau)
+                                                  theta, tau, bool(evict_decay))
     if impl == "sdpa":
-        return _sdpa_blocks(q, k, v, lb, attention_mask, scaling, int(block_size), theta, tau)
+        return _sdpa_blocks(q, k, v, lb, attention_mask, scaling, int(block_size), theta, tau,
+                            bool(evict_decay))
     if impl == "flex":
         return _flex(q, k, v, lb, attention_mask, scaling)
     raise KVBoundError(f"unknown impl {impl!r}; choose 'blockwise', 'sdpa' or 'flex'")

@@ -78,6 +78,9 @@ class TrainConfig:
     #: budgets the student's eviction and the capacity loss cycle through, one per step (empty:
     #: ``memory_size`` every step); a ranking trained at several M serves every budget
     evict_budgets: list[int] = field(default_factory=list)
+    #: keep the paper's soft decay in the student beside the eviction mask (False: mask alone,
+    #: as the cache attends)
+    evict_decay: bool = True
     bf16: bool = True
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -103,6 +106,9 @@ class TrainConfig:
         if not isinstance(budgets, (list, tuple)) or not all(
                 isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in budgets):
             raise KVBoundError(f"evict_budgets must be a list of positive integers, got {budgets!r}.")
+        if not self.evict_decay and not self.evict_aware:
+            raise KVBoundError("evict_decay=False needs evict_aware (without the eviction mask the "
+                               "student would be plain attention).")
         if budgets and not self.evict_aware:
             raise KVBoundError("evict_budgets needs evict_aware (the budgets are those the student's "
                                "eviction cycles through).")
@@ -229,7 +235,8 @@ class Trainer:
         if self.cfg.evict_aware:  # the student sees the cache's top-M eviction (attention.py)
             state.train_evict = {"evict_budget": self.cfg.memory_size,
                                  "evict_tau": self.cfg.evict_tau,
-                                 "evict_scale": self.cfg.evict_scale}
+                                 "evict_scale": self.cfg.evict_scale,
+                                 "evict_decay": self.cfg.evict_decay}
         name = register_retention_attention()
         # transformers documents no public getter (5.24); set_attn_implementation is the setter
         self._prev_impl = model.config._attn_implementation
