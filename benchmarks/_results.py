@@ -57,3 +57,18 @@ def write_section(name: str, body: str) -> Path:
     tmp.write_text(text)
     tmp.replace(RESULTS)
     return RESULTS
+
+
+def publish(res: dict, json_path, section: str, render, write_results: bool) -> str:
+    """Save a benchmark's result JSON, print its rendered section and, with ``write_results``,
+    write that section into docs/RESULTS.md; returns the markdown."""
+    import json
+
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(res, indent=1))
+    md = render(res)
+    print(md)
+    if write_results:
+        write_section(section, md)
+    return md

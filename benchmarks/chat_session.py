@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import command, machine, write_section  # noqa: E402
+from _results import command, machine, publish  # noqa: E402
 
 from kvbound.cache import kv_bytes  # noqa: E402
 from kvbound.chat import Conversation  # noqa: E402
@@ -81,12 +81,7 @@ def main() -> None:
            "max_new_tokens": args.max_new_tokens, "dtype": str(next(model.parameters()).dtype),
            "gates": conv.cache.policy.needs_gates and _gates(model),
            "command": command(), "machine": machine()}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=1))
-    md = render(res)
-    print(md)
-    if args.write_results:
-        write_section("chat-session", md)
+    publish(res, args.json, "chat-session", render, args.write_results)
 
 
 def _gates(model) -> str:

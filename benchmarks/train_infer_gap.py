@@ -18,7 +18,6 @@ that a temperature chosen from this table is not tuned to evaluation text. Posit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import command, machine, write_section  # noqa: E402
+from _results import command, machine, publish  # noqa: E402
 
 from kvbound.eval.fidelity import make_windows, run_fidelity  # noqa: E402
 from kvbound.eval.stats import bootstrap_mean_ci  # noqa: E402
@@ -82,12 +81,7 @@ def main() -> None:
                              "sinks": sinks, "kl": kl.tolist()})
     res = {"rows": rows, "budget": m, "windows": len(windows), "seq_len": args.seq_len,
            "gates": gates.ref(), "command": command(), "machine": machine()}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=1))
-    md = render(res)
-    print(md)
-    if args.write_results:
-        write_section("train-infer-gap", md)
+    publish(res, args.json, "train-infer-gap", render, args.write_results)
 
 
 def render(res: dict) -> str:

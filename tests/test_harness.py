@@ -29,8 +29,9 @@ def env(tmp_path_factory):
 
 
 def _evaluate(monkeypatch, model_args: str, limit=None):
-    import kvbound.harness  # noqa: F401 - registers the model type
     from lm_eval.tasks import TaskManager
+
+    import kvbound.harness  # noqa: F401 - registers the model type
 
     monkeypatch.chdir(ROOT)  # the fixture tasks name their data relative to the repository
     return lm_eval.simple_evaluate(

@@ -76,7 +76,7 @@ def test_worker_on_a_random_config_model_with_a_batch(tmp_path):
                  "4", "--chunk", "32", "--decode-tokens", "6", "--warmup", "2", "--batch-size",
                  str(b), "--model-config", str(tmp_path / "tiny.json")])
             recs[(method, b)] = bench.worker(args)
-    for (method, b), r in recs.items():
+    for (_method, b), r in recs.items():
         assert r["batch_size"] == b and r["random_weights"] and len(r["step_ms"]) == 6
     assert recs[("trimkv", 2)]["peak_kv_bytes"] == 2 * recs[("trimkv", 1)]["peak_kv_bytes"]
     assert recs[("trimkv", 1)]["peak_tokens_per_head"] <= 16 + 4 + 32

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from kvbound.cache.persist import read_metadata
 from kvbound.chat import SESSION_FILE, Conversation, turn_text
