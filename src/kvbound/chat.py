@@ -23,7 +23,7 @@ import torch
 from kvbound.cache import EvictionCache
 from kvbound.cache.persist import read_metadata
 from kvbound.errors import KVBoundError
-from kvbound.generation import build_cache, decoding_kwargs, prefill_chunk_size
+from kvbound.generation import build_cache, decoding_kwargs, eos_ids, prefill_chunk_size
 
 #: file of a chat session directory
 SESSION_FILE = "conversation.safetensors"
@@ -51,22 +51,19 @@ def turn_text(tokenizer, message: str, *, first: bool) -> tuple[str, str]:
     The first turn is rendered as a one-message conversation (system prompt included where the
     template adds one); a later turn is what the template appends after a finished exchange,
     found by rendering one with placeholder texts."""
+    pair = [{"role": "user", "content": _SENTINEL_USER},
+            {"role": "assistant", "content": _SENTINEL_REPLY}]
+    before = _render(tokenizer, pair, prompt=False)
+    closing = before[before.rindex(_SENTINEL_REPLY) + len(_SENTINEL_REPLY):]
     if first:
         text = _render(tokenizer, [{"role": "user", "content": message}], prompt=True)
     else:
-        pair = [{"role": "user", "content": _SENTINEL_USER},
-                {"role": "assistant", "content": _SENTINEL_REPLY}]
-        before = _render(tokenizer, pair, prompt=False)
         after = _render(tokenizer, [*pair, {"role": "user", "content": message}], prompt=True)
         if not after.startswith(before):
             raise KVBoundError("This chat template renders earlier turns differently once a new "
                                "one follows, so a conversation cannot be continued turn by turn; "
                                "use --no-chat.")
         text = after[len(before):]
-    pair = [{"role": "user", "content": _SENTINEL_USER},
-            {"role": "assistant", "content": _SENTINEL_REPLY}]
-    rendered = _render(tokenizer, pair, prompt=False)
-    closing = rendered[rendered.rindex(_SENTINEL_REPLY) + len(_SENTINEL_REPLY):]
     return text, closing
 
 
@@ -138,8 +135,7 @@ class Conversation:
         out = self.model.generate(unseen, attention_mask=mask, cache=self.cache,
                                   prefill_chunk_size=chunk_size, **kwargs)
         reply = out[0, unseen.shape[1]:].tolist()
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        eos = eos_ids(self.model)
         closing, text = self._closing_next, reply
         if reply and reply[-1] in eos:  # the reply's end marker is part of the closing text
             end = self.tokenizer.decode(reply[-1:])

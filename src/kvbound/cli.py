@@ -77,13 +77,7 @@ def generate(
         if sinks is not None and sinks >= budget:
             raise arg.OptionError("--sinks", f"must be smaller than --budget ({budget}), "
                                              f"got {sinks}.")
-        if sample and temperature <= 0:
-            raise arg.OptionError("--temperature", "must be > 0 with --sample (use greedy "
-                                                   "decoding, without --sample, for T = 0).")
-        if sample and top_p <= 0:
-            raise arg.OptionError("--top-p", "must be > 0 with --sample.")
-        if repetition_penalty <= 0:
-            raise arg.OptionError("--repetition-penalty", "must be > 0 (1 = off).")
+        arg.decoding(sample, temperature, top_p, repetition_penalty)
         if min_new_tokens is not None and min_new_tokens > max_new_tokens:
             raise arg.OptionError("--min-new-tokens", f"must be <= --max-new-tokens "
                                                       f"({max_new_tokens}).")

@@ -132,3 +132,14 @@ def pair(value: str, option: str) -> tuple[int, int]:
     if min(out) < 0:
         raise OptionError(option, f"layer and head must be >= 0, got {value!r}.")
     return out
+
+
+def decoding(sample: bool, temperature: float, top_p: float, repetition_penalty: float) -> None:
+    """--sample / --temperature / --top-p / --repetition-penalty: values decoding can use."""
+    if sample and temperature <= 0:
+        raise OptionError("--temperature", "must be > 0 with --sample (use greedy decoding, "
+                                           "without --sample, for T = 0).")
+    if sample and top_p <= 0:
+        raise OptionError("--top-p", "must be > 0 with --sample.")
+    if repetition_penalty <= 0:
+        raise OptionError("--repetition-penalty", "must be > 0 (1 = off).")

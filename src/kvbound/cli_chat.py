@@ -52,12 +52,7 @@ def chat(
             if method == "full":
                 raise arg.OptionError("--method", "a persistent chat needs a bounded method "
                                                   "(the full cache grows with every token).")
-        if sample and temperature <= 0:
-            raise arg.OptionError("--temperature", "must be > 0 with --sample.")
-        if sample and top_p <= 0:
-            raise arg.OptionError("--top-p", "must be > 0 with --sample.")
-        if repetition_penalty <= 0:
-            raise arg.OptionError("--repetition-penalty", "must be > 0 (1 = off).")
+        arg.decoding(sample, temperature, top_p, repetition_penalty)
         arg.gates_source(gates, "--gates")
         path = session / SESSION_FILE
         given = {"--method": method, "--budget": budget, "--buffer": buffer, "--sinks": sinks}

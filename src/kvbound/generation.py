@@ -113,15 +113,19 @@ def _generate_compiled(model, ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
     if kwargs.get("min_new_tokens"):
         first_kw["min_new_tokens"] = 1
     first = model.generate(ids, **first_kw)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if kwargs["max_new_tokens"] == 1 or int(first[0, -1]) in eos:
+    if kwargs["max_new_tokens"] == 1 or int(first[0, -1]) in eos_ids(model):
         return first
     rest_kw = dict(kwargs, max_new_tokens=kwargs["max_new_tokens"] - 1, prefill_chunk_size=None,
                    attention_mask=torch.ones_like(first))
     if kwargs.get("min_new_tokens"):
         rest_kw["min_new_tokens"] = kwargs["min_new_tokens"] - 1
     return model.generate(first, **rest_kw)
+
+
+def eos_ids(model) -> set[int]:
+    """The token ids that end generation for ``model`` (its generation config's EOS, one or many)."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 def prefill_chunk_size(method: str, chunk: int | None, prompt_len: int, budget: int, *,
