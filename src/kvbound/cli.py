@@ -130,6 +130,8 @@ def train(
     bias_init: float = typer.Option(8.0, help="Initial gate bias (beta ~ sigmoid(b))."),
     gate_positions: bool = typer.Option(False, "--gate-positions",
                                         help="Gates also see how early a token is."),
+    position_lr_scale: float = typer.Option(1.0, min=0.0, help="With --gate-positions: learning-"
+                                            "rate multiplier of the position input."),
     init_gates: str | None = typer.Option(None, help="Start from these trained gates (a "
                                           "directory or shipped name) instead of a fresh init."),
     lambda_cap: float = typer.Option(1.0, min=0.0, help="Weight of the capacity loss."),
@@ -164,7 +166,8 @@ def train(
         model=model, out=str(out), memory_size=memory_size, seq_len=seq_len, steps=steps,
         data=data, seed=seed, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, intermediate_size=intermediate_size,
-        bias_init=bias_init, gate_positions=gate_positions, init_gates=init_gates,
+        bias_init=bias_init, gate_positions=gate_positions, position_lr_scale=position_lr_scale,
+        init_gates=init_gates,
         lambda_cap=lambda_cap,
         cap_variant=cap_variant,
         quality_reduction=quality_reduction, train_sinks=train_sinks, evict_aware=evict_aware,
@@ -176,6 +179,10 @@ def train(
     try:
         if lr <= 0:
             raise arg.OptionError("--lr", f"must be > 0, got {lr}.")
+        if position_lr_scale <= 0:
+            raise arg.OptionError("--position-lr-scale", f"must be > 0, got {position_lr_scale}.")
+        if position_lr_scale != 1.0 and not gate_positions:
+            raise arg.OptionError("--position-lr-scale", "needs --gate-positions.")
         if evict_tau <= 0:
             raise arg.OptionError("--evict-tau", f"must be > 0, got {evict_tau}.")
         if not evict_decay and not evict_aware:

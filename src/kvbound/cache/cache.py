@@ -24,6 +24,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvbound.architectures import evicted_layers, layer_types, model_fingerprint, text_config
+from kvbound.cache import layer as eviction_layer
 from kvbound.cache.layer import EvictionLayer
 from kvbound.cache.positions import RollingPositions, check_mode, check_rolling_support
 from kvbound.cache.static import StaticDecode, StaticEvictionLayer, check_static_support
@@ -254,7 +255,21 @@ class EvictionCache(Cache):
             layer.frozen = frozen
 
     # ---------------------------------------------------------------- statistics
+    def check_numerics(self) -> None:
+        """Raise :class:`KVBoundError` if an eviction since the last check saw NaN scores. On CPU
+        that raises in the step itself; on accelerators the decode step never reads a device
+        value on the host, so the check waits for this call (made by :meth:`stats`)."""
+        errors = []
+        for layer in self.eviction_layers:  # every flag consumed: reported once
+            try:
+                layer.check_numerics()
+            except KVBoundError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
     def stats(self) -> CacheStats:
+        self.check_numerics()
         ev = self.eviction_layers
         init = [layer for layer in ev if layer.is_initialized]
         shape = {"batch": init[0].keys.shape[0] if init else 1, "kv_heads": self._kv_heads,
@@ -331,6 +346,8 @@ def _incoming_validity(attention_mask, batch: int, q_len: int, device):
         valid = (last if last.dtype == torch.bool else last == 0).to(device)
     else:
         return torch.ones(batch, q_len, dtype=torch.bool, device=device), True
+    if eviction_layer.defer_host_checks(valid.device):  # no host read: masks are built, padding or not
+        return valid, False
     return valid, bool(valid.all())
 
 

@@ -28,6 +28,13 @@ from kvbound.policies import Policy
 TIE_RTOL = 1e-5
 
 
+def defer_host_checks(device: torch.device) -> bool:
+    """Whether checks that read a device value on the host (NaN scores) wait until
+    :meth:`EvictionLayer.check_numerics` instead of running in the decode step: on accelerators,
+    where reading one would stall the stream and break CUDA-graph capture; on CPU the read is free."""
+    return device.type != "cpu"
+
+
 class QueryWindow:
     """The last ``w`` post-RoPE queries of a layer, for attention-based policies."""
 
@@ -129,6 +136,8 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         self.queries = QueryWindow(policy.query_window)
         self.gates = GateStaging(buffer)
         self.peak = self.evicted_tokens = self.evictions = 0
+        #: device flag: some eviction saw NaN scores (accelerators; see defer_host_checks)
+        self._nan_seen: torch.Tensor | None = None
         self.resident_sum = self.seen_sum = 0
         self.last_chunk = 1
         self.timings: dict | None = None
@@ -314,11 +323,13 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         self.flush_gates()
         t0 = time.perf_counter()
         scores = self.policy.score(self).float()
-        if torch.isnan(scores).any():
-            raise KVBoundError(
-                f"NaN eviction scores in layer {self.layer_idx} (policy {self.policy.name}): the "
-                "gates or the model produced NaN/inf; check the gate checkpoint and the inputs."
-            )
+        nan = torch.isnan(scores)
+        if defer_host_checks(scores.device):  # no host sync: flag it, evict NaN first
+            seen = nan.any()
+            self._nan_seen = seen if self._nan_seen is None else self._nan_seen | seen
+            scores = scores.masked_fill(nan, -math.inf)
+        elif nan.any():
+            self._raise_nan()
         pos = self.positions
         scores = torch.where(pos >= 0, scores, torch.full_like(scores, -math.inf))
         if self.sinks:
@@ -330,7 +341,7 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         self._compact(kept)
         if rolling:
             self.rolling.after_compact(self, old_pos, kept)
-        if self.pad_resident:
+        if self.pad_resident and not defer_host_checks(self._pos.device):
             self.pad_resident = bool((self._pos[:, :, :keep] < 0).any())
         self.evicted_tokens += n - keep
         self.evictions += 1
@@ -340,6 +351,19 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         target = self.budget + self.buffer + self.last_chunk
         if self.capacity > 2 * target:
             self._realloc(target)
+
+    def check_numerics(self) -> None:
+        """Raise if an eviction saw NaN scores since the last check (a deferred check; one host
+        read)."""
+        seen, self._nan_seen = self._nan_seen, None
+        if seen is not None and bool(seen):
+            self._raise_nan()
+
+    def _raise_nan(self):
+        raise KVBoundError(
+            f"NaN eviction scores in layer {self.layer_idx} (policy {self.policy.name}): the "
+            "gates or the model produced NaN/inf; check the gate checkpoint and the inputs."
+        )
 
     def _compact(self, kept: torch.Tensor) -> None:
         b, h, keep = kept.shape

@@ -29,6 +29,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from kvbound.errors import KVBoundError
 from kvbound.gates import GateMetadata, RetentionGates
@@ -67,6 +68,11 @@ class TrainConfig:
     intermediate_size: int = 128
     bias_init: float = 8.0
     gate_positions: bool = False
+    #: learning-rate multiplier of the gates' position input (``gate_positions``): zero-initialised
+    #: and read through the hidden layer, at the base rate it moves a first token's logit by
+    #: ~lr x I per step, far too slow to learn "keep the attention sink" (beta ~ 1 - 1e-6,
+    #: logit ~ 14 from an init of 8) within a few hundred steps
+    position_lr_scale: float = 1.0
     init_gates: str | None = None
     lambda_cap: float = 1.0
     cap_variant: str = "paper"
@@ -92,6 +98,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise KVBoundError(f"{name} must be a positive integer, got {value!r}.")
+        if not self.position_lr_scale > 0:
+            raise KVBoundError(f"position_lr_scale must be > 0, got {self.position_lr_scale!r}.")
+        if self.position_lr_scale != 1.0 and not self.gate_positions:
+            raise KVBoundError("position_lr_scale needs gate_positions (there is no position "
+                               "input to scale).")
         if self.cap_variant not in ("paper", "official"):
             raise KVBoundError("cap_variant must be 'paper' or 'official'.")
         if self.quality_reduction not in ("sum", "mean"):
@@ -117,6 +128,20 @@ class TrainConfig:
         """The budget M of optimizer step ``step``: ``evict_budgets`` in turn, else memory_size."""
         return self.evict_budgets[step % len(self.evict_budgets)] if self.evict_budgets \
             else self.memory_size
+
+
+def parameter_groups(gates: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: the position inputs at ``lr * position_lr_scale``, the rest at ``lr`` (one
+    group when the scale is 1, as runs from before the setting have it)."""
+    if cfg.position_lr_scale == 1.0:
+        return [{"params": list(gates.parameters()), "lr": cfg.lr}]
+    position = [p for n, p in gates.named_parameters() if ".position." in f".{n}"]
+    ids = {id(p) for p in position}
+    rest = [p for p in gates.parameters() if id(p) not in ids]
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if position:
+        groups.append({"params": position, "lr": cfg.lr * cfg.position_lr_scale})
+    return groups
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -208,7 +233,7 @@ class Trainer:
             self.init_source = warm_start(self.gates, cfg.init_gates, model)
         self.gates.to(self.device)
         self.gates.train()
-        self.optimizer = torch.optim.AdamW(self.gates.parameters(), lr=cfg.lr,
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.gates, cfg), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         # rank 0 first: a selfgen source generates and caches its texts once, the others read them
