@@ -227,3 +227,22 @@ def test_evict_no_decay_trains_on_the_mask_alone(tmp_path):
                                                      g2.state_dict().values()))
     with pytest.raises(KVBoundError, match="positive integers"):
         _cfg(tmp_path, evict_aware=True, evict_budgets=[4, 0]).validate()
+
+
+def test_position_lr_scale_moves_the_position_input_faster(tmp_path):
+    """--position-lr-scale: the gates' position input gets lr x scale, the rest lr; one step of
+    AdamW moves each position weight by ~scale times more than at scale 1; saved and validated."""
+    def position_step(scale):
+        gates, _ = _train(_cfg(tmp_path / str(scale), steps=1, warmup_steps=0, gate_positions=True,
+                               position_lr_scale=scale, weight_decay=0.0, train_sinks=0))
+        return torch.cat([g.position.weight.abs().flatten() for g in gates.gates.values()]), gates
+
+    slow, _ = position_step(1.0)
+    fast, gates = position_step(10.0)
+    assert slow.max() > 0  # zero-initialised: anything non-zero is the first step's move
+    assert float(fast.max()) == pytest.approx(10 * float(slow.max()), rel=0.05)
+    assert gates.metadata.training["config"]["position_lr_scale"] == 10.0
+    with pytest.raises(KVBoundError, match="needs gate_positions"):
+        _cfg(tmp_path, position_lr_scale=2.0).validate()
+    with pytest.raises(KVBoundError, match="must be > 0"):
+        _cfg(tmp_path, gate_positions=True, position_lr_scale=0.0).validate()
