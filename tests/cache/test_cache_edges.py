@@ -170,3 +170,30 @@ def test_padding_does_not_count_as_positions_past_the_context(model):
         with torch.no_grad():
             model(ids, attention_mask=mask, cache=cache)
     assert not [w for w in caught if "max_position_embeddings" in str(w.message)]
+
+
+@pytest.mark.parametrize("method", ["streaming", "knorm", "tova"])
+def test_batch_repeat_then_decode_equals_a_batch_prefilled_whole(model, method):
+    """batch_repeat_interleave (contrastive search, the fit benchmark) keeps every row's positions:
+    a row prefilled alone and repeated decodes exactly as a batch of copies prefilled together."""
+    ids = _ids(20)
+    steps = [_ids(1, seed=10 + i).expand(3, 1) for i in range(7)]  # evicts (M 8, buffer 4)
+
+    def run(cache, prompt):
+        with torch.no_grad():
+            model(prompt, cache=cache)
+            if prompt.shape[0] == 1:
+                cache.batch_repeat_interleave(3)
+            logits = [model(s, cache=cache).logits for s in steps]
+        return torch.cat(logits, 1), cache.resident_positions(0)
+
+    rep, rep_pos = run(EvictionCache(model, method, budget=8, buffer=4), ids)
+    whole, whole_pos = run(EvictionCache(model, method, budget=8, buffer=4), ids.expand(3, -1))
+    torch.testing.assert_close(rep, whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rep_pos, whole_pos) and int(rep_pos.max()) == 20 + 7 - 1
+    cache = EvictionCache(model, method, budget=8, buffer=4)
+    run(cache, ids)
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    with torch.no_grad():
+        model(_ids(1).expand(2, 1), cache=cache)
+    assert int(cache.resident_positions(0).max()) == 20 + 7

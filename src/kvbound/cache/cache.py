@@ -254,6 +254,25 @@ class EvictionCache(Cache):
         for layer in self.eviction_layers:
             layer.frozen = frozen
 
+    # ---------------------------------------------------------------- batch reshaping
+    def _map_rows(self, fn) -> None:
+        """Apply a batch reshaping to the cache-level per-row counters too (the layers do their
+        own): without it a changed batch size would restart every row's positions at 0."""
+        if self._row_seen is not None:
+            self._row_seen = fn(self._row_seen)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_rows(lambda t: t[indices.to(t.device)])
+
     # ---------------------------------------------------------------- statistics
     def check_numerics(self) -> None:
         """Raise :class:`KVBoundError` if an eviction since the last check saw NaN scores. On CPU
