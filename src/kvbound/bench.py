@@ -35,6 +35,9 @@ def worker(args) -> dict:
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
     method, _, mode = args.method.partition("+")
     gates = args.gates
     if args.model_config:  # random weights of a real architecture: random tokens, random gates
@@ -42,17 +45,18 @@ def worker(args) -> dict:
         from kvbound.models.random_config import random_model
         from kvbound.policies import POLICIES
 
-        model = random_model(args.model_config, dtype=dtype, seed=0)
+        model = random_model(args.model_config, dtype=dtype, seed=0, device=device)
         ids = torch.randint(3, model.config.vocab_size, (1, args.length),
                             generator=torch.Generator().manual_seed(0))
         if gates is None and method in POLICIES and POLICIES[method].needs_gates:
             gates = RetentionGates.for_model(model, seed=0)
     else:
-        model, tok = load_model(args.model, dtype=dtype)
+        model, tok = load_model(args.model, dtype=dtype, device=device)
         text_ids = tok("\n\n".join(eval_text_pool()), add_special_tokens=False)["input_ids"]
         reps = args.length // len(text_ids) + 1
         ids = torch.tensor((text_ids * reps)[: args.length])[None]
-    ids = ids.expand(args.batch_size, -1).contiguous()
+    ids = ids.expand(args.batch_size, -1).contiguous().to(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     compiled = mode == "compile"
     cache, used, sinks = build_cache(model, method, budget=args.budget, buffer=args.buffer,
                                   gates=gates, static=compiled,
@@ -61,9 +65,11 @@ def worker(args) -> dict:
     bounded = isinstance(cache, EvictionCache)
     chunk = args.chunk if bounded else args.full_chunk
     with torch.no_grad():
+        sync()
         t0 = time.perf_counter()
         for s in range(0, ids.shape[1], chunk):
             logits = model(ids[:, s : s + chunk], cache=cache, logits_to_keep=1).logits
+        sync()
         prefill = time.perf_counter() - t0
         if bounded:
             for k in cache.timings:
@@ -74,6 +80,7 @@ def worker(args) -> dict:
             t = time.perf_counter()
             logits = step_fn(nxt, cache=cache).logits
             nxt = logits[:, -1:].argmax(-1)
+            sync()
             steps.append(time.perf_counter() - t)
     decode = sum(steps[args.warmup:])
     n = len(steps) - args.warmup
@@ -87,7 +94,8 @@ def worker(args) -> dict:
         "decode_tok_s": args.batch_size * n / decode, "step_ms_mean": 1000 * decode / n,
         "step_ms": [round(1000 * x, 2) for x in steps],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": str(device),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     if bounded:
@@ -142,6 +150,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per configuration (methods alternate); the median run is reported")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot-dir", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -163,7 +172,8 @@ def run_bench(args: argparse.Namespace) -> dict | None:
                    str(length), "--budget", str(args.budget), "--buffer", str(args.buffer),
                    "--chunk", str(args.chunk), "--full-chunk", str(args.full_chunk),
                    "--decode-tokens", str(args.decode_tokens), "--warmup", str(args.warmup),
-                   "--dtype", args.dtype, "--batch-size", str(args.batch_size)]
+                   "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+                   "--device", args.device]
             if args.model_config:
                 cmd += ["--model-config", args.model_config]
             if args.model:

@@ -236,6 +236,7 @@ def bench(
                                             "(llama-3.2-1b, qwen3-1.7b, qwen3-4b, qwen3-8b or a "
                                             "config.json): speed at real sizes, no download."),
     batch_size: int = typer.Option(1, min=1, help="Rows decoded together."),
+    device: str = typer.Option("cpu", help="cpu, or cuda / cuda:N on a GPU machine."),
     json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
     plot_dir: Path | None = typer.Option(None, help="Write plots here."),
 ):
@@ -250,6 +251,7 @@ def bench(
         arg.csv(lengths, "--lengths", int, minimum=1)
         arg.gates_source(gates, "--gates")
         arg.model_name(model, "--model")
+        arg.device(device, "--device")
         if model_config is not None:
             from kvbound.models.random_config import read_config
 
@@ -264,7 +266,8 @@ def bench(
         _fail(exc)
     argv = ["--methods", methods, "--lengths", lengths, "--budget", str(budget), "--buffer",
             str(buffer), "--chunk", str(chunk), "--decode-tokens", str(decode_tokens),
-            "--repeats", str(repeats), "--dtype", dtype, "--batch-size", str(batch_size)]
+            "--repeats", str(repeats), "--dtype", dtype, "--batch-size", str(batch_size),
+            "--device", device]
     for flag, value in (("--model", model), ("--gates", gates), ("--json", json_out),
                         ("--plot-dir", plot_dir), ("--model-config", model_config)):
         if value is not None:

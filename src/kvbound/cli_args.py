@@ -122,6 +122,21 @@ def model_name(value: str | None, option: str) -> str | None:
     return value
 
 
+def device(value: str, option: str) -> str:
+    """``cpu``, or ``cuda`` / ``cuda:N`` where such a GPU exists."""
+    import torch
+
+    kind, _, index = value.partition(":")
+    if kind == "cpu" and not index:
+        return value
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise OptionError(option, f"{value!r} is not a device: use cpu, cuda or cuda:N.")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(index or 0) >= count:
+        raise OptionError(option, f"no CUDA GPU {value!r} here ({count} visible); use cpu.")
+    return value
+
+
 def pair(value: str, option: str) -> tuple[int, int]:
     """``LAYER:HEAD``."""
     try:

@@ -52,6 +52,26 @@ def test_static_equals_dynamic(policy, buffer):
         assert sta.layers[idx].capacity == 8 + buffer + 1  # fixed while decoding
 
 
+def test_static_decode_tensors_keep_their_address_and_are_marked_static():
+    """CUDA graphs (reduce-overhead) replay reads the cache where it was recorded: through
+    evictions the decode tensors stay at one address, marked static for torch.compile."""
+    model = _model()
+    cache = EvictionCache(model, "trimkv", budget=8, buffer=2, static=True)
+    ids = torch.randint(1, 100, (2, 20), generator=torch.Generator().manual_seed(2))
+    layer = cache.layers[0]
+    addresses = set()
+    with torch.no_grad():
+        model(ids, cache=cache)
+        for i in range(9):  # evicts every 2 steps
+            model(ids[:, i:i + 1], cache=cache)
+            addresses.add((layer.keys.data_ptr(), layer.values.data_ptr(), layer._pos.data_ptr(),
+                           cache._static.mask.data_ptr()))
+    assert cache.stats().evictions >= 4 * len(cache.evicted)
+    assert len(addresses) == 1
+    for t in (layer.keys, layer.values, layer._pos, cache._static.mask, cache._static.slot):
+        assert getattr(t, "_dynamo_static_input_type", None) is not None
+
+
 def test_static_left_padded_batch_matches_dynamic():
     model = _model()
     ids = torch.randint(1, 100, (2, 24), generator=torch.Generator().manual_seed(1))

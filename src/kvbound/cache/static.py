@@ -70,6 +70,8 @@ class StaticDecode:
         b, cap, dtype = valid.shape[0], rep.capacity, rep.keys.dtype
         if self.mask is None or self.mask.shape != (b, 1, 1, cap) or self.mask.dtype != dtype:
             self.mask = torch.zeros(b, 1, 1, cap, dtype=dtype, device=device)
+            for t in (self.mask, self.slot, self.gate_slot, self.seen_before):
+                torch._dynamo.mark_static_address(t)
         allowed = torch.zeros(b, cap, dtype=torch.bool, device=device)
         allowed[:, :slot] = rep._pos[:, 0, :slot] >= 0  # padding slots are alike in all heads
         allowed[:, slot] = valid[:, 0]
@@ -103,6 +105,7 @@ class StaticEvictionLayer(EvictionLayer):
             self.evict(self.budget)
         if self.capacity != self.static_capacity:
             self._realloc(self.static_capacity)
+            self._mark_static()
         gate_slot = 0
         if hidden is not None:
             gate_slot = self.gates.reserve_row(self.keys.shape[0], hidden[0], hidden[1],
@@ -111,6 +114,14 @@ class StaticEvictionLayer(EvictionLayer):
         self._step_pos = pos
         self._advance(1, count, all_valid)
         return slot, gate_slot
+
+    def _mark_static(self) -> None:
+        """Tell torch.compile these tensors keep their address from step to step (eviction
+        compacts them in place): CUDA graphs (``mode="reduce-overhead"``) then read them where
+        they are instead of copying the whole cache into the graph's buffers every step."""
+        for t in (self.keys, self.values, self._pos, *self._state.values()):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.shared.active:
