@@ -200,12 +200,16 @@ def run_bench(args: argparse.Namespace) -> dict | None:
     return result
 
 
-def render(result: dict, command: str = "", machine: str = "") -> str:
+def render(result: dict, command: str = "", machine: str = "", title: str = "",
+           image: bool = True) -> str:
     recs = result["records"]
     a = result["args"]
     where = a.get("model_config") and f"random-weight {a['model_config']} config" or "embedded model"
+    device = a.get("device", "cpu")
+    gpu = any(r.get("peak_gpu_mb") for r in recs)
     lines = [
-        f"## Speed and memory ({where}, CPU, batch {a.get('batch_size', 1)})",
+        f"## {title or 'Speed and memory'} ({where}, {device.upper()}, batch "
+        f"{a.get('batch_size', 1)})",
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine}  ",
@@ -215,7 +219,8 @@ def render(result: dict, command: str = "", machine: str = "") -> str:
         f"{a.get('repeats', 1)} run(s) per configuration, methods alternating, median run shown.",
         "",
         "| method | prompt tokens | prefill tok/s | decode tok/s | decode vs full* | ideal** "
-        "| peak KV MB | peak RSS MB | gates/queries share | eviction+mask share |",
+        f"| peak KV MB | peak {'GPU' if gpu else 'RSS'} MB | gates/queries share "
+        "| eviction+mask share |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     full = {(r["length"], r.get("compiled", False)): r for r in recs
@@ -225,7 +230,8 @@ def render(result: dict, command: str = "", machine: str = "") -> str:
         ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else ""
         lines.append(
             f"| {r['method']} | {r['length']} | {r['prefill_tok_s']:.0f} | {_decode_cell(r)}"
-            f" | {ratio} | {_ideal(r)} | {r['peak_kv_bytes'] / 1e6:.2f} | {r['peak_rss_mb']:.0f} | "
+            f" | {ratio} | {_ideal(r)} | {r['peak_kv_bytes'] / 1e6:.2f} | "
+            f"{r['peak_gpu_mb'] if gpu else r['peak_rss_mb']:.0f} | "
             f"{100 * r['scoring_share']:.1f}% | {100 * r['bookkeeping_share']:.1f}% |")
     lines.append("")
     lines.append("\\* against the full cache in the same mode (eager, or +compile: torch.compile "
@@ -258,8 +264,9 @@ def render(result: dict, command: str = "", machine: str = "") -> str:
         kv = [tk[length]["peak_kv_bytes"] for length in sorted(tk)]
         lines.append(f"- TRIM-KV peak KV bytes over lengths {sorted(tk)}: "
                      f"{', '.join(f'{x / 1e6:.2f} MB' for x in kv)}")
-    lines.append("")
-    lines.append("![decode step latency vs position](img/speed_step_latency.png)")
+    if image:
+        lines.append("")
+        lines.append("![decode step latency vs position](img/speed_step_latency.png)")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ def tiny(monkeypatch):
 
     model = tiny_model("llama", seed=0)
     RetentionGates.for_model(model, bias_init=2.0, init_std=0.5, seed=0).attach(model)
-    monkeypatch.setattr(kvbound.models, "load_model", lambda name, dtype=None: (model, ByteTokenizer()))
+    monkeypatch.setattr(kvbound.models, "load_model", lambda name, dtype=None, device=None: (model, ByteTokenizer()))
 
     def eager_config(device):
         cfg = CompileConfig(backend="eager", mode=None, fullgraph=False, dynamic=False)

@@ -55,9 +55,12 @@ def random_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32
     except (ValueError, KeyError) as exc:
         raise KVBoundError(f"transformers cannot build a {cfg['model_type']!r} config: {exc}") from exc
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    # drawn where it will run: initialising a 4B model on the CPU first takes ~30 s per process
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked, device_type=device.type), device:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to(device).eval()
+    model.eval()
     model.kvbound_model_name = f"random:{Path(str(name_or_path)).stem}"
     return model
