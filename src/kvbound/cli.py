@@ -132,6 +132,9 @@ def train(
                                         help="Gates also see how early a token is."),
     position_lr_scale: float = typer.Option(1.0, min=0.0, help="With --gate-positions: learning-"
                                             "rate multiplier of the position input."),
+    train_position_only: bool = typer.Option(False, "--train-position-only",
+                                             help="With --gate-positions and --init-gates: train "
+                                             "only the position input (the rest frozen)."),
     init_gates: str | None = typer.Option(None, help="Start from these trained gates (a "
                                           "directory or shipped name) instead of a fresh init."),
     lambda_cap: float = typer.Option(1.0, min=0.0, help="Weight of the capacity loss."),
@@ -167,7 +170,7 @@ def train(
         data=data, seed=seed, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, intermediate_size=intermediate_size,
         bias_init=bias_init, gate_positions=gate_positions, position_lr_scale=position_lr_scale,
-        init_gates=init_gates,
+        train_position_only=train_position_only, init_gates=init_gates,
         lambda_cap=lambda_cap,
         cap_variant=cap_variant,
         quality_reduction=quality_reduction, train_sinks=train_sinks, evict_aware=evict_aware,
@@ -183,6 +186,9 @@ def train(
             raise arg.OptionError("--position-lr-scale", f"must be > 0, got {position_lr_scale}.")
         if position_lr_scale != 1.0 and not gate_positions:
             raise arg.OptionError("--position-lr-scale", "needs --gate-positions.")
+        if train_position_only and not (gate_positions and init_gates):
+            raise arg.OptionError("--train-position-only", "needs --gate-positions and "
+                                                           "--init-gates.")
         if evict_tau <= 0:
             raise arg.OptionError("--evict-tau", f"must be > 0, got {evict_tau}.")
         if not evict_decay and not evict_aware:

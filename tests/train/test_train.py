@@ -246,3 +246,18 @@ def test_position_lr_scale_moves_the_position_input_faster(tmp_path):
         _cfg(tmp_path, position_lr_scale=2.0).validate()
     with pytest.raises(KVBoundError, match="must be > 0"):
         _cfg(tmp_path, gate_positions=True, position_lr_scale=0.0).validate()
+
+
+def test_train_position_only_leaves_the_rest_of_the_gates_as_they_were(tmp_path):
+    """--train-position-only: from trained gates, only the position input moves."""
+    src, model = _train(_cfg(tmp_path / "src", steps=1))
+    src.save(tmp_path / "src_gates")
+    gates, _ = _train(_cfg(tmp_path / "pos", steps=2, warmup_steps=0, gate_positions=True,
+                           init_gates=str(tmp_path / "src_gates"), train_position_only=True,
+                           position_lr_scale=10.0, train_sinks=0), model=model)
+    before = src.state_dict()
+    moved = {k for k, v in gates.state_dict().items()
+             if k not in before or not torch.equal(v, before[k])}
+    assert moved and all(".position." in f".{k}" for k in moved), moved
+    with pytest.raises(KVBoundError, match="needs gate_positions and init_gates"):
+        _cfg(tmp_path, gate_positions=True, train_position_only=True).validate()

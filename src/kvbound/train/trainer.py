@@ -73,6 +73,10 @@ class TrainConfig:
     #: ~lr x I per step, far too slow to learn "keep the attention sink" (beta ~ 1 - 1e-6,
     #: logit ~ 14 from an init of 8) within a few hundred steps
     position_lr_scale: float = 1.0
+    #: train only the position input, every other gate weight frozen at ``init_gates``: teaches
+    #: trained gates to keep the first tokens (the attention sinks) without touching the ranking
+    #: they learned for the rest
+    train_position_only: bool = False
     init_gates: str | None = None
     lambda_cap: float = 1.0
     cap_variant: str = "paper"
@@ -103,6 +107,9 @@ class TrainConfig:
         if self.position_lr_scale != 1.0 and not self.gate_positions:
             raise KVBoundError("position_lr_scale needs gate_positions (there is no position "
                                "input to scale).")
+        if self.train_position_only and not (self.gate_positions and self.init_gates):
+            raise KVBoundError("train_position_only needs gate_positions and init_gates (it trains "
+                               "the position input of gates trained before).")
         if self.cap_variant not in ("paper", "official"):
             raise KVBoundError("cap_variant must be 'paper' or 'official'.")
         if self.quality_reduction not in ("sum", "mean"):
@@ -133,15 +140,19 @@ class TrainConfig:
 def parameter_groups(gates: nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: the position inputs at ``lr * position_lr_scale``, the rest at ``lr`` (one
     group when the scale is 1, as runs from before the setting have it)."""
+    trainable = [(n, p) for n, p in gates.named_parameters() if p.requires_grad]
     if cfg.position_lr_scale == 1.0:
-        return [{"params": list(gates.parameters()), "lr": cfg.lr}]
-    position = [p for n, p in gates.named_parameters() if ".position." in f".{n}"]
-    ids = {id(p) for p in position}
-    rest = [p for p in gates.parameters() if id(p) not in ids]
-    groups = [{"params": rest, "lr": cfg.lr}]
+        return [{"params": [p for _, p in trainable], "lr": cfg.lr}]
+    position = [p for n, p in trainable if _is_position(n)]
+    rest = [p for n, p in trainable if not _is_position(n)]
+    groups = [{"params": rest, "lr": cfg.lr}] if rest else []
     if position:
         groups.append({"params": position, "lr": cfg.lr * cfg.position_lr_scale})
     return groups
+
+
+def _is_position(name: str) -> bool:
+    return ".position." in f".{name}"
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -233,6 +244,9 @@ class Trainer:
             self.init_source = warm_start(self.gates, cfg.init_gates, model)
         self.gates.to(self.device)
         self.gates.train()
+        if cfg.train_position_only:
+            for name, p in self.gates.named_parameters():
+                p.requires_grad_(_is_position(name))
         self.optimizer = torch.optim.AdamW(parameter_groups(self.gates, cfg), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
