@@ -25,11 +25,14 @@ RUNS = ROOT / "docs" / "training_runs.json"
 DOC = ROOT / "docs" / "TRAINING.md"
 SWEEP = ROOT / "runs" / "fidelity_sweep.json"
 #: configuration fields that tell runs apart (the rest is in each run's command)
-LEVERS = ("init_gates", "train_sinks", "gate_positions", "evict_aware", "evict_tau",
+LEVERS = ("init_gates", "train_sinks", "gate_positions", "position_lr_scale",
+          "train_position_only", "evict_aware", "evict_tau",
           "evict_scale", "evict_budgets", "evict_decay",
           "memory_size", "seq_len", "intermediate_size", "data", "steps", "lr")
 #: levers whose default is True: named only when switched off
 SHOWN_WHEN_FALSE = ("evict_decay",)
+#: levers not named at their default value
+HIDDEN_AT = {"position_lr_scale": 1.0}
 
 
 def _run_record(directory: Path) -> dict:
@@ -108,7 +111,8 @@ def render(runs: dict) -> str:
         levers = ", ".join(f"{k}={cfg[k]}" for k in LEVERS if k in cfg and k != "steps"
                            and cfg[k] is not None and cfg[k] != []
                            and (cfg[k] is not False or k in SHOWN_WHEN_FALSE)
-                           and not (k in SHOWN_WHEN_FALSE and cfg[k] is True))
+                           and not (k in SHOWN_WHEN_FALSE and cfg[k] is True)
+                           and not (k in HIDDEN_AT and cfg[k] == HIDDEN_AT[k]))
         cells = []
         for s in ("0", "4"):
             for b in budgets:
