@@ -48,7 +48,12 @@ def main(run: str, name: str) -> None:
         f"bias init {cfg['bias_init']}, lr {cfg['lr']}, warmup {cfg['warmup_steps']}, "
         f"lambda_cap {cfg['lambda_cap']} ({cfg['cap_variant']} capacity loss), quality "
         f"{cfg['quality_reduction']}, train sinks {cfg['train_sinks']}, gate positions "
-        f"{cfg.get('gate_positions', False)}, eviction-aware {cfg.get('evict_aware', False)}"
+        f"{cfg.get('gate_positions', False)}"
+        + (f" (position input at {cfg.get('position_lr_scale', 1.0)} x lr"
+           + (", trained alone: every other weight frozen at the source gates"
+              if cfg.get("train_position_only") else "") + ")"
+           if cfg.get("gate_positions") else "")
+        + f", eviction-aware {cfg.get('evict_aware', False)}"
         + (f" (tau {cfg['evict_tau']}, {cfg.get('evict_scale', 'absolute')}; budgets "
            f"{cfg.get('evict_budgets') or [cfg['memory_size']]} in turn"
            + ("" if cfg.get("evict_decay", True) else "; eviction mask alone, no soft decay")
