@@ -72,3 +72,16 @@ def publish(res: dict, json_path, section: str, render, write_results: bool) -> 
     if write_results:
         write_section(section, md)
     return md
+
+
+def run_worker(cmd: list[str], what: str, cwd=None) -> dict:
+    """Run a benchmark worker process; its last stdout line is its JSON record. On failure, print
+    the end of its stderr and stop with ``worker failed: WHAT``."""
+    import json
+
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or RESULTS.parents[1])
+    if out.returncode:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"worker failed: {what}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+

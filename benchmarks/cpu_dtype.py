@@ -15,14 +15,12 @@ it bf16 matmuls are emulated and slower.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import command, machine, publish  # noqa: E402
+from _results import command, machine, publish, run_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
@@ -45,11 +43,7 @@ def speed(args) -> list[dict]:
                    str(args.buffer), "--chunk", "512", "--full-chunk", "4096",
                    "--decode-tokens", str(args.decode_tokens), "--warmup", str(args.warmup),
                    "--dtype", dtype]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if out.returncode:
-                print(out.stderr[-2000:], file=sys.stderr)
-                raise SystemExit(f"worker failed: {method} {dtype}")
-            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            rec = run_worker(cmd, f"{method} {dtype}")
             recs.append(rec)
             print(f"{method:16s} {dtype:9s} decode {rec['decode_tok_s']:6.1f} tok/s  prefill "
                   f"{rec['prefill_tok_s']:7.0f} tok/s", flush=True)

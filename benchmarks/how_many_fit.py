@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import command, machine, publish  # noqa: E402
+from _results import command, machine, publish, run_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1024**3
@@ -153,11 +152,7 @@ def run(args) -> dict:
             value = getattr(args, name)
             if value is not None:
                 cmd += [f"--{name.replace('_', '-')}", str(value)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            print(out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"worker failed: {method}")
-        rec = json.loads(out.stdout.strip().splitlines()[-1])
+        rec = run_worker(cmd, method)
         records.append(rec)
         print(f"{method:10s} fits {rec['fits']:5d} (decoded {rec['batch']})  "
               f"{rec['decode_tok_s']:8.1f} tok/s  KV {rec['kv_bytes'] / GB:6.2f} GB", flush=True)

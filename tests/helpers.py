@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from kvbound.testing import tiny_model
@@ -29,3 +30,13 @@ def tiny_model_dir(path: Path, data: Path, chat: bool = False) -> Path:
     model.save_pretrained(path)
     hf.save_pretrained(path)
     return path
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/NAME.py`` (benchmarks are scripts, not a package)."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+

@@ -3,18 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" /
-                                                  "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu_check")
 
 
 def _rec(method, length, batch, tok_s):
