@@ -1,0 +1,39 @@
+"""Reports of benchmarks whose runs are too long for the suite: rendering and decisions."""
+
+from __future__ import annotations
+
+from tests.helpers import load_benchmark
+
+
+def _dtype_res(bf16_speed, bf16_kl):
+    speed = [{"method": m, "dtype": d, "decode_tok_s": (bf16_speed if d == "bfloat16" else 10.0),
+              "prefill_tok_s": 100.0} for m in ("full", "trimkv") for d in ("float32", "bfloat16")]
+    ci = lambda x: {"mean": x, "lo": x, "hi": x}  # noqa: E731
+    rows = {"float32 full": {"kl": ci(0.0), "top1": ci(1.0)},
+            "bfloat16 full": {"kl": ci(0.001), "top1": ci(0.99)},
+            "float32 trimkv": {"kl": ci(0.2), "top1": ci(0.8)},
+            "bfloat16 trimkv": {"kl": ci(bf16_kl), "top1": ci(0.8)}}
+    return {"speed": speed, "hardware": {"avx512_bf16": False, "amx": False, "capability": "AVX2"},
+            "fidelity": {"rows": rows, "windows": 8, "seq_len": 1024, "budget": 64, "buffer": 16,
+                         "sinks": 4, "sources": ["pydoc-eval-half"]},
+            "args": {"length": 1024, "budget": 64, "buffer": 16, "decode_tokens": 48, "warmup": 4},
+            "command": "cmd", "machine": "m"}
+
+
+def test_cpu_dtype_changes_the_default_only_when_faster_at_equal_quality():
+    d = load_benchmark("cpu_dtype")
+    assert "should be the default" in d.verdict(_dtype_res(bf16_speed=20.0, bf16_kl=0.205))
+    assert "stays float32" in d.verdict(_dtype_res(bf16_speed=5.0, bf16_kl=0.2))
+    assert "more than 5%" in d.verdict(_dtype_res(bf16_speed=20.0, bf16_kl=0.3))
+    md = d.render(_dtype_res(bf16_speed=5.0, bf16_kl=0.2))
+    assert "| trimkv | 10.0 | 5.0 | 0.50x |" in md and "AMX no" in md
+
+
+def test_sink_probe_report_counts_the_sink_layers_that_keep_token_0():
+    p = load_benchmark("sink_probe")
+    res = {"tokens": 1024, "attention_on_first": [0.0, 0.5, 0.4],
+           "gates": {"a": {"ref": "a@1", "rank": [900, 1, 700], "one_minus_beta": [1e-2, 0, 1e-4]}},
+           "command": "cmd", "machine": "m"}
+    md = p.render(res)
+    assert "| 1 | 0.50 | 1 / 0e+00 |" in md
+    assert "token 0 within the top 32 in 1 of the 2 layers" in md
