@@ -25,13 +25,16 @@ def gate_log_betas(model, gates, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """log beta (H_kv, T) per gated layer for the tokens ``ids`` (1, T), full-cache forward."""
     captured: dict[int, torch.Tensor] = {}
     handles = []
+    # gates with a position input read each token's position (one unpadded row: 0..T-1)
+    positions = (torch.arange(ids.shape[-1], device=ids.device)[None]
+                 if getattr(gates, "uses_positions", False) else None)
     for idx, attn in enumerate(attention_modules(model)):
         if idx not in gates:
             continue
 
         def hook(module, args, kwargs, idx=idx):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            captured[idx] = gates(idx, hidden)[0].float().cpu()
+            captured[idx] = gates(idx, hidden, positions)[0].float().cpu()
 
         handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
     try:

@@ -249,3 +249,27 @@ def test_short_text_is_undetermined_with_warning(tmp_path):
     res = run_viz(model, tok, gates, text="short text", out=tmp_path, budget=64, buffer=16)
     assert res["roles"]["counts"]["undetermined"] == 4 and res["roles"]["warnings"]
     assert (tmp_path / "half_life.png").exists()
+
+
+def test_gate_log_betas_feeds_positions_to_gates_that_read_them():
+    """Gates with a position input (the shipped ones) get each token's position: the captured
+    log beta equals the gate run on the layer input with positions 0..T-1."""
+    model = tiny_model("llama", seed=0)
+    gates = RetentionGates.for_model(model, bias_init=2.0, init_std=0.5, seed=0,
+                                     position_input=True)
+    for gate in gates.gates.values():
+        torch.nn.init.normal_(gate.position.weight, std=2.0,
+                              generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(2))
+    got = gate_log_betas(model, gates, ids)
+    hidden = {}
+    hooks = [attn.register_forward_pre_hook(
+        lambda m, a, kw, i=i: hidden.__setitem__(i, kw["hidden_states"]), with_kwargs=True)
+        for i, attn in enumerate(layer.self_attn for layer in model.model.layers)]
+    with torch.no_grad():
+        model(ids)
+        want = {i: gates(i, h, torch.arange(12)[None])[0] for i, h in hidden.items()}
+    for h in hooks:
+        h.remove()
+    for i in want:
+        torch.testing.assert_close(got[i], want[i].float())
