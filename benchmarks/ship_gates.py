@@ -2,7 +2,7 @@
 
     python benchmarks/ship_gates.py runs/smollm2-gates smollm2-135m
 
-Writes src/kvbound/gates/<name>/: gates.safetensors (fp16), gates.json (config, training metadata,
+Writes src/kvbound/shipped_gates/<name>/: gates.safetensors (fp16), gates.json (config, training metadata,
 recommended sinks), train_log.jsonl, loss_curve.png, and README.md (command, config, data spec,
 wall time) generated from the run's own records.
 """
