@@ -51,6 +51,7 @@ STRING_BAD = {
     "--model": ["./no/such/model"],
     "--gates": ["no-such-gates"],
     "--model-config": ["no-such-config"],
+    "--device": ["tpu", "cuda:x", "cuda:7"],
     "--init-gates": ["no-such-gates"],
     "--method": ["nope"],
     "--methods": ["full,nope", ","],
