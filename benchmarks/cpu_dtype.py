@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import command, machine, publish, run_worker  # noqa: E402
 
+from kvbound.bench import worker_command  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
 
@@ -38,12 +40,10 @@ def speed(args) -> list[dict]:
     recs = []
     for dtype in DTYPES:
         for method in args.methods.split(","):
-            cmd = [sys.executable, "-m", "kvbound.bench", "--worker", "--method", method,
-                   "--length", str(args.length), "--budget", str(args.budget), "--buffer",
-                   str(args.buffer), "--chunk", "512", "--full-chunk", "4096",
-                   "--decode-tokens", str(args.decode_tokens), "--warmup", str(args.warmup),
-                   "--dtype", dtype]
-            rec = run_worker(cmd, f"{method} {dtype}")
+            settings = {"budget": args.budget, "buffer": args.buffer, "chunk": 512,
+                        "full_chunk": 4096, "decode_tokens": args.decode_tokens,
+                        "warmup": args.warmup, "dtype": dtype}
+            rec = run_worker(worker_command(settings, method, args.length), f"{method} {dtype}")
             recs.append(rec)
             print(f"{method:16s} {dtype:9s} decode {rec['decode_tok_s']:6.1f} tok/s  prefill "
                   f"{rec['prefill_tok_s']:7.0f} tok/s", flush=True)

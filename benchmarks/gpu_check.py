@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import command, machine, write_section  # noqa: E402
 
+from kvbound.bench import worker_command  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 REAL = {"model_config": "qwen3-4b", "dtype": "bfloat16", "device": "cuda", "budget": 1024,
@@ -74,11 +76,7 @@ def run_speed(p: dict, config: str, deadline: float) -> tuple[list[dict], list]:
         if time.perf_counter() > deadline:
             skipped.append([method, length, batch])
             continue
-        cmd = [sys.executable, "-m", "kvbound.bench", "--worker", "--method", method, "--length",
-               str(length), "--model-config", config, "--batch-size", str(batch)]
-        for name in ("budget", "buffer", "chunk", "full_chunk", "decode_tokens", "warmup",
-                     "dtype", "device"):
-            cmd += [f"--{name.replace('_', '-')}", str(p[name])]
+        cmd = worker_command(p | {"model_config": config, "batch_size": batch}, method, length)
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if res.returncode:
             print(f"{method} L={length} b={batch} FAILED:\n{res.stderr[-1500:]}", flush=True)

@@ -37,7 +37,6 @@ def worker(args) -> dict:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-
     method, _, mode = args.method.partition("+")
     gates = args.gates
     if args.model_config:  # random weights of a real architecture: random tokens, random gates
@@ -159,6 +158,22 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: settings every worker takes (``parser``'s defaults where a caller's dict lacks one)
+WORKER_SETTINGS = ("budget", "buffer", "chunk", "full_chunk", "decode_tokens", "warmup", "dtype",
+                   "batch_size", "device", "model_config", "model", "gates")
+
+
+def worker_command(settings: dict, method: str, length: int) -> list[str]:
+    """The command line of one worker process (one method at one prompt length); ``settings``
+    holds :data:`WORKER_SETTINGS` (missing or ``None``: the parser's default)."""
+    cmd = [sys.executable, "-m", "kvbound.bench", "--worker", "--method", method, "--length",
+           str(length)]
+    for name in WORKER_SETTINGS:
+        if settings.get(name) is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(settings[name])]
+    return cmd
+
+
 def run_bench(args: argparse.Namespace) -> dict | None:
     """Run the sweep described by ``args`` (see :func:`parser`); returns the result dict."""
     if args.worker:
@@ -168,19 +183,8 @@ def run_bench(args: argparse.Namespace) -> dict | None:
     for length in [int(x) for x in args.lengths.split(",")]:
         runs: dict[str, list] = {}
         for method in [m for _ in range(args.repeats) for m in args.methods.split(",")]:
-            cmd = [sys.executable, "-m", "kvbound.bench", "--worker", "--method", method, "--length",
-                   str(length), "--budget", str(args.budget), "--buffer", str(args.buffer),
-                   "--chunk", str(args.chunk), "--full-chunk", str(args.full_chunk),
-                   "--decode-tokens", str(args.decode_tokens), "--warmup", str(args.warmup),
-                   "--dtype", args.dtype, "--batch-size", str(args.batch_size),
-                   "--device", args.device]
-            if args.model_config:
-                cmd += ["--model-config", args.model_config]
-            if args.model:
-                cmd += ["--model", args.model]
-            if args.gates:
-                cmd += ["--gates", args.gates]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(worker_command(vars(args), method, length), capture_output=True,
+                                 text=True)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"worker failed: {method} L={length}")

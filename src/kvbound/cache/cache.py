@@ -278,14 +278,9 @@ class EvictionCache(Cache):
         """Raise :class:`KVBoundError` if an eviction since the last check saw NaN scores. On CPU
         that raises in the step itself; on accelerators the decode step never reads a device
         value on the host, so the check waits for this call (made by :meth:`stats`)."""
-        errors = []
-        for layer in self.eviction_layers:  # every flag consumed: reported once
-            try:
-                layer.check_numerics()
-            except KVBoundError as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+        bad = [layer for layer in self.eviction_layers if layer.take_nan_flag()]  # all cleared
+        if bad:
+            raise bad[0].nan_error()
 
     def stats(self) -> CacheStats:
         self.check_numerics()

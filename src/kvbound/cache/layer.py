@@ -30,7 +30,7 @@ TIE_RTOL = 1e-5
 
 def defer_host_checks(device: torch.device) -> bool:
     """Whether checks that read a device value on the host (NaN scores) wait until
-    :meth:`EvictionLayer.check_numerics` instead of running in the decode step: on accelerators,
+    :meth:`EvictionCache.check_numerics` instead of running in the decode step: on accelerators,
     where reading one would stall the stream and break CUDA-graph capture; on CPU the read is free."""
     return device.type != "cpu"
 
@@ -329,7 +329,7 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
             self._nan_seen = seen if self._nan_seen is None else self._nan_seen | seen
             scores = scores.masked_fill(nan, -math.inf)
         elif nan.any():
-            self._raise_nan()
+            raise self.nan_error()
         pos = self.positions
         scores = torch.where(pos >= 0, scores, torch.full_like(scores, -math.inf))
         if self.sinks:
@@ -352,15 +352,14 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         if self.capacity > 2 * target:
             self._realloc(target)
 
-    def check_numerics(self) -> None:
-        """Raise if an eviction saw NaN scores since the last check (a deferred check; one host
-        read)."""
+    def take_nan_flag(self) -> bool:
+        """Whether an eviction saw NaN scores since the last call (the deferred check of
+        accelerators; one host read); the flag is cleared."""
         seen, self._nan_seen = self._nan_seen, None
-        if seen is not None and bool(seen):
-            self._raise_nan()
+        return seen is not None and bool(seen)
 
-    def _raise_nan(self):
-        raise KVBoundError(
+    def nan_error(self) -> KVBoundError:
+        return KVBoundError(
             f"NaN eviction scores in layer {self.layer_idx} (policy {self.policy.name}): the "
             "gates or the model produced NaN/inf; check the gate checkpoint and the inputs."
         )
