@@ -35,65 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import command, machine, publish, run_worker  # noqa: E402
 
+from kvbound.bench import fill_bounded, fill_full, full_kv_bytes_per_row  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1024**3
-
-
-def full_kv_bytes_per_row(model, context: int, dtype) -> int:
-    """Bytes of every K/V the full cache holds for one sequence of ``context`` tokens."""
-    import torch
-
-    from kvbound.architectures import model_fingerprint
-
-    fp = model_fingerprint(model)
-    layers = model.config.get_text_config().num_hidden_layers
-    per_token = 2 * fp["num_kv_heads"] * fp["head_dim"] * torch.empty(0, dtype=dtype).element_size()
-    return layers * per_token * context
-
-
-def fill_full(model, batch: int, context: int, dtype, device):
-    """A DynamicCache holding ``context`` random keys/values per layer and row."""
-    import torch
-    from transformers import DynamicCache
-
-    from kvbound.architectures import model_fingerprint
-
-    fp = model_fingerprint(model)
-    cache = DynamicCache(config=model.config)
-    g = torch.Generator(device=device).manual_seed(0)
-    shape = (batch, fp["num_kv_heads"], context, fp["head_dim"])
-    for layer in range(model.config.get_text_config().num_hidden_layers):
-        k = torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-        v = torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-        cache.update(k, v, layer)
-    return cache
-
-
-def fill_bounded(model, method: str, args, device):
-    """One row prefilled through the real bounded cache until it has evicted, then its cache."""
-    import torch
-
-    from kvbound.gates import RetentionGates
-    from kvbound.generation import build_cache
-    from kvbound.policies import POLICIES
-
-    gates = RetentionGates.for_model(model, seed=0).to(device) \
-        if POLICIES[method].needs_gates else None
-    cache, _, _ = build_cache(model, method, budget=args.budget, buffer=args.buffer, gates=gates)
-    n = min(args.context, args.budget + args.buffer + args.chunk)
-    ids = torch.randint(3, model.config.get_text_config().vocab_size, (1, n),
-                        generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.no_grad():
-        for s in range(0, n, args.chunk):
-            model(ids[:, s:s + args.chunk], cache=cache, logits_to_keep=1)
-    return cache
 
 
 def worker(args) -> dict:
     import torch
 
     from kvbound.cache import EvictionCache, stored_kv_bytes
+    from kvbound.gates import RetentionGates
     from kvbound.models.random_config import random_model
+    from kvbound.policies import POLICIES
 
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     model = random_model(args.model_config, dtype=dtype, seed=0, device=device)
@@ -105,7 +59,10 @@ def worker(args) -> dict:
         batch = min(fits, args.max_batch or fits)
         cache = fill_full(model, batch, args.context, dtype, device) if batch else None
     else:
-        cache = fill_bounded(model, args.method, args, device)
+        gates = RetentionGates.for_model(model, seed=0).to(device) \
+            if POLICIES[args.method].needs_gates else None
+        cache, _, _ = fill_bounded(model, args.method, budget=args.budget, buffer=args.buffer,
+                                   chunk=args.chunk, context=args.context, gates=gates)
         per_row = stored_kv_bytes(cache)  # allocated, one row
         fits = limit // per_row
         batch = min(fits, args.max_batch or fits)

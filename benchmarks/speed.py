@@ -1,6 +1,9 @@
-"""Speed and memory sweep on the embedded model; writes the "speed" section of docs/RESULTS.md.
+"""Speed and memory sweep (``kvbound bench``); writes a section of docs/RESULTS.md ("speed" by
+default: the embedded model; ``--section`` names another, e.g. for a random-weight config).
 
     python benchmarks/speed.py --lengths 1024,4096,16384 --write-results
+    python benchmarks/speed.py --model-config llama-3.2-1b --fill random --section speed-llama-1b \
+        --title "Decode speed at 1B" --write-results
 """
 
 from __future__ import annotations
@@ -17,11 +20,16 @@ from kvbound.bench import parser, render, run_bench  # noqa: E402
 if __name__ == "__main__":
     ap = parser()
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--section", default="speed", help="the docs/RESULTS.md section written")
+    ap.add_argument("--title", default="", help="the section's heading")
     args = ap.parse_args()
+    if args.section != "speed" and args.plot_name == ap.get_default("plot_name"):
+        args.plot_name = f"{args.section}_step_latency.png"
     if args.write_results and not args.plot_dir:
         args.plot_dir = str(Path(__file__).resolve().parents[1] / "docs" / "img")
     result = run_bench(args)
-    md = render(result, command(), machine())
+    md = render(result, command(), machine(), title=args.title,
+                image=args.plot_name if args.plot_dir else None)
     print(md)
     if args.write_results:
-        write_section("speed", md)
+        write_section(args.section, md)

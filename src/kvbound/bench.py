@@ -57,23 +57,37 @@ def worker(args) -> dict:
     ids = ids.expand(args.batch_size, -1).contiguous().to(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     compiled = mode == "compile"
-    cache, used, sinks = build_cache(model, method, budget=args.budget, buffer=args.buffer,
-                                  gates=gates, static=compiled,
-                                  max_cache_len=args.length + args.decode_tokens)
+    random_fill = args.fill == "random"
+    if random_fill and compiled:
+        raise SystemExit("--fill random measures eager decoding: drop '+compile' from --methods")
+    sync()
+    t0 = time.perf_counter()
+    if random_fill and method == "full":
+        cache, used, sinks = fill_full(model, args.batch_size, args.length, dtype, device), None, 0
+    elif random_fill:
+        cache, used, sinks = fill_bounded(model, method, budget=args.budget, buffer=args.buffer,
+                                          chunk=args.chunk, context=args.length, gates=gates)
+        if args.batch_size > 1:
+            cache.batch_repeat_interleave(args.batch_size)
+    else:
+        cache, used, sinks = build_cache(model, method, budget=args.budget, buffer=args.buffer,
+                                         gates=gates, static=compiled,
+                                         max_cache_len=args.length + args.decode_tokens)
     step_fn = model.get_compiled_call(compile_config(model.device)) if compiled else model
     bounded = isinstance(cache, EvictionCache)
     chunk = args.chunk if bounded else args.full_chunk
     with torch.no_grad():
-        sync()
-        t0 = time.perf_counter()
-        for s in range(0, ids.shape[1], chunk):
-            logits = model(ids[:, s : s + chunk], cache=cache, logits_to_keep=1).logits
+        if random_fill:
+            nxt = torch.full((args.batch_size, 1), 5, dtype=torch.long, device=device)
+        else:
+            for s in range(0, ids.shape[1], chunk):
+                logits = model(ids[:, s : s + chunk], cache=cache, logits_to_keep=1).logits
+            nxt = logits[:, -1:].argmax(-1)
         sync()
         prefill = time.perf_counter() - t0
         if bounded:
             for k in cache.timings:
                 cache.timings[k] = 0.0
-        nxt = logits[:, -1:].argmax(-1)
         steps = []
         for _ in range(args.decode_tokens):
             t = time.perf_counter()
@@ -88,7 +102,8 @@ def worker(args) -> dict:
         "buffer": args.buffer if bounded else None, "sinks": sinks, "dtype": args.dtype,
         "batch_size": args.batch_size, "model": args.model_config or args.model,
         "random_weights": bool(args.model_config),
-        "prefill_tok_s": args.batch_size * args.length / prefill, "prefill_seconds": prefill,
+        "fill": args.fill, "prefill_seconds": prefill,
+        "prefill_tok_s": None if random_fill else args.batch_size * args.length / prefill,
         "compiled": compiled, "compile_seconds": steps[0] if compiled else None,
         "decode_tok_s": args.batch_size * n / decode, "step_ms_mean": 1000 * decode / n,
         "step_ms": [round(1000 * x, 2) for x in steps],
@@ -105,6 +120,9 @@ def worker(args) -> dict:
                    scoring_share=cache.timings["scoring_inputs"] / sum(steps),
                    bookkeeping_share=cache.timings["cache_bookkeeping"] / sum(steps),
                    evict_share=cache.timings["evict"] / sum(steps))
+        if random_fill:  # it saw fewer tokens than the context it stands for
+            seen = args.length + args.decode_tokens
+            rec["full_kv_bytes"] = args.batch_size * full_kv_bytes_per_row(model, seen, dtype)
     else:
         kv = stored_kv_bytes(cache)
         rec.update(peak_kv_bytes=kv, peak_tokens_per_head=int(cache.get_seq_length()),
@@ -112,6 +130,56 @@ def worker(args) -> dict:
                    evict_share=0.0)
     rec["ideal_speedup"] = ideal_speedup(rec)
     return rec
+
+
+def full_kv_bytes_per_row(model, context: int, dtype) -> int:
+    """Bytes of every K/V the full cache holds for one sequence of ``context`` tokens."""
+    import torch
+
+    from kvbound.architectures import model_fingerprint
+
+    fp = model_fingerprint(model)
+    layers = model.config.get_text_config().num_hidden_layers
+    per_token = 2 * fp["num_kv_heads"] * fp["head_dim"] * torch.empty(0, dtype=dtype).element_size()
+    return layers * per_token * context
+
+
+def fill_full(model, batch: int, context: int, dtype, device):
+    """A DynamicCache holding ``context`` random keys/values per layer and row."""
+    import torch
+    from transformers import DynamicCache
+
+    from kvbound.architectures import model_fingerprint
+
+    fp = model_fingerprint(model)
+    cache = DynamicCache(config=model.config)
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, fp["num_kv_heads"], context, fp["head_dim"])
+    for layer in range(model.config.get_text_config().num_hidden_layers):
+        k = torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+        v = torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+        cache.update(k, v, layer)
+    return cache
+
+
+def fill_bounded(model, method: str, *, budget: int, buffer: int, chunk: int, context: int,
+                 gates=None):
+    """One row of random tokens prefilled through the real bounded cache in chunks until it is
+    full and has taken one more whole chunk (or ``context`` tokens if fewer): its resident tokens,
+    peak, layout and policy state are those of any longer context. ``gates`` as for
+    ``build_cache``. Returns ``(cache, gates used, sinks)``."""
+    import torch
+
+    from kvbound.generation import build_cache
+
+    cache, used, sinks = build_cache(model, method, budget=budget, buffer=buffer, gates=gates)
+    n = min(context, (-(-(budget + buffer) // chunk) + 1) * chunk)
+    ids = torch.randint(3, model.config.get_text_config().vocab_size, (1, n),
+                        generator=torch.Generator().manual_seed(0)).to(model.device)
+    with torch.no_grad():
+        for s in range(0, n, chunk):
+            model(ids[:, s:s + chunk], cache=cache, logits_to_keep=1)
+    return cache, used, sinks
 
 
 def ideal_speedup(rec: dict) -> float:
@@ -150,8 +218,15 @@ def parser() -> argparse.ArgumentParser:
                     help="runs per configuration (methods alternate); the median run is reported")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    ap.add_argument("--fill", choices=("prefill", "random"), default="prefill",
+                    help="how the cache reaches the prompt length: 'prefill' runs the prompt "
+                         "through the model; 'random' (decode speed at large sizes) gives the "
+                         "full cache random K/V of that length and prefills a bounded cache only "
+                         "until it has evicted, then repeats it to the batch")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot-dir", default=None)
+    ap.add_argument("--plot-name", default="speed_step_latency.png",
+                    help="file name of the step-latency plot under --plot-dir")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
@@ -160,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
 
 #: settings every worker takes (``parser``'s defaults where a caller's dict lacks one)
 WORKER_SETTINGS = ("budget", "buffer", "chunk", "full_chunk", "decode_tokens", "warmup", "dtype",
-                   "batch_size", "device", "model_config", "model", "gates")
+                   "batch_size", "device", "model_config", "model", "gates", "fill")
 
 
 def worker_command(settings: dict, method: str, length: int) -> list[str]:
@@ -190,7 +265,7 @@ def run_bench(args: argparse.Namespace) -> dict | None:
                 raise SystemExit(f"worker failed: {method} L={length}")
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             runs.setdefault(method, []).append(rec)
-            print(f"{method:10s} L={length:6d} prefill {rec['prefill_tok_s']:8.1f} tok/s  decode "
+            print(f"{method:10s} L={length:6d} prefill {_prefill_cell(rec):>8s} tok/s  decode "
                   f"{rec['decode_tok_s']:6.1f} tok/s  KV {rec['peak_kv_bytes'] / 1e6:7.2f} MB  "
                   f"RSS {rec['peak_rss_mb']:7.0f} MB", flush=True)
         records.extend(median_run(recs) for recs in runs.values())
@@ -198,14 +273,14 @@ def run_bench(args: argparse.Namespace) -> dict | None:
                                            if k not in ("worker", "method", "length")}}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    
     if args.plot_dir:
-        plot(result, Path(args.plot_dir))
+        plot(result, Path(args.plot_dir) / args.plot_name)
     return result
 
 
 def render(result: dict, command: str = "", machine: str = "", title: str = "",
-           image: bool = True) -> str:
+           image: str | None = "speed_step_latency.png") -> str:
+    """The results section; ``image``: the step-latency plot's file under docs/img (or none)."""
     recs = result["records"]
     a = result["args"]
     where = a.get("model_config") and f"random-weight {a['model_config']} config" or "embedded model"
@@ -218,7 +293,12 @@ def render(result: dict, command: str = "", machine: str = "", title: str = "",
         f"Command: `{command}`  ",
         f"Machine: {machine}  ",
         f"Bounded methods: M={a['budget']}, buffer {a['buffer']}, prefill chunk {a['chunk']}; "
-        f"full cache prefilled in chunks of {a['full_chunk']}; {a['decode_tokens']} decode steps "
+        + (f"full cache prefilled in chunks of {a['full_chunk']}; " if a.get("fill") != "random"
+           else "caches filled without a full prefill (`--fill random`: the full cache holds "
+                "random K/V of the prompt length; a bounded cache is prefilled with random tokens "
+                "until it has evicted, then repeated to the batch; its decode reads the same "
+                "resident tokens as after the whole prompt; prefill speed not measured); ")
+        + f"{a['decode_tokens']} decode steps "
         f"({a['warmup']} warm-up steps excluded); dtype {a['dtype']}; "
         f"{a.get('repeats', 1)} run(s) per configuration, methods alternating, median run shown.",
         "",
@@ -233,7 +313,7 @@ def render(result: dict, command: str = "", machine: str = "", title: str = "",
         ref = full.get((r["length"], r.get("compiled", False)))
         ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else ""
         lines.append(
-            f"| {r['method']} | {r['length']} | {r['prefill_tok_s']:.0f} | {_decode_cell(r)}"
+            f"| {r['method']} | {r['length']} | {_prefill_cell(r)} | {_decode_cell(r)}"
             f" | {ratio} | {_ideal(r)} | {r['peak_kv_bytes'] / 1e6:.2f} | "
             f"{r['peak_gpu_mb'] if gpu else r['peak_rss_mb']:.0f} | "
             f"{100 * r['scoring_share']:.1f}% | {100 * r['bookkeeping_share']:.1f}% |")
@@ -264,14 +344,24 @@ def render(result: dict, command: str = "", machine: str = "", title: str = "",
                     f"- L={length}: TRIM-KV step {tk[length]['step_ms_mean']:.1f} ms vs "
                     f"StreamingLLM {st[length]['step_ms_mean']:.1f} ms "
                     f"({100 * (tk[length]['step_ms_mean'] / st[length]['step_ms_mean'] - 1):+.1f}%)"
-                    + (f"; vs full {full[length]['step_ms_mean']:.1f} ms" if length in full else ""))
+                    + (f"; vs full {full[length]['step_ms_mean']:.1f} ms" if length in full else "")
+                    + _of_ideal(tk[length], full.get(length)))
         kv = [tk[length]["peak_kv_bytes"] for length in sorted(tk)]
         lines.append(f"- TRIM-KV peak KV bytes over lengths {sorted(tk)}: "
                      f"{', '.join(f'{x / 1e6:.2f} MB' for x in kv)}")
     if image:
         lines.append("")
-        lines.append("![decode step latency vs position](img/speed_step_latency.png)")
+        lines.append(f"![decode step latency vs position](img/{image})")
     return "\n".join(lines)
+
+
+def _of_ideal(r: dict, full: dict | None) -> str:
+    """``; speed-up 2.1x = 0.91 of its ideal 2.3x`` (empty without a full-cache run)."""
+    if full is None or "ideal_speedup" not in r:
+        return ""
+    got = r["decode_tok_s"] / full["decode_tok_s"]
+    ideal = r["ideal_speedup"]
+    return f"; speed-up {got:.2f}x = {got / ideal:.2f} of its ideal {ideal:.2f}x"
 
 
 def _ideal(r: dict) -> str:
@@ -280,20 +370,25 @@ def _ideal(r: dict) -> str:
     return f"{r['ideal_speedup']:.2f}x"
 
 
+def _prefill_cell(r: dict) -> str:
+    return "-" if r.get("prefill_tok_s") is None else f"{r['prefill_tok_s']:.0f}"
+
+
 def _decode_cell(r: dict) -> str:
     runs = r.get("decode_tok_s_runs") or []
     spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
     return f"{r['decode_tok_s']:.1f}{spread}"
 
 
-def plot(result: dict, img: Path) -> None:
+def plot(result: dict, path: Path) -> None:
+    """Decode step latency and peak KV bytes against the prompt length, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = result["records"]
-    img.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(r["method"] for r in recs):
         rs = sorted((r for r in recs if r["method"] == method), key=lambda r: r["length"])
@@ -309,7 +404,7 @@ def plot(result: dict, img: Path) -> None:
         ax.legend(fontsize=8)
     axes[1].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(img / "speed_step_latency.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -243,6 +243,10 @@ def bench(
                                             "config.json): speed at real sizes, no download."),
     batch_size: int = typer.Option(1, min=1, help="Rows decoded together."),
     device: str = typer.Option("cpu", help="cpu, or cuda / cuda:N on a GPU machine."),
+    fill: Literal["prefill", "random"] = typer.Option(
+        "prefill", help="prefill: run the prompt through the model. random: decode speed at "
+        "sizes too slow to prefill (full cache: random K/V of the prompt length; bounded: "
+        "prefilled until it evicts, then repeated to the batch)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write results JSON here."),
     plot_dir: Path | None = typer.Option(None, help="Write plots here."),
 ):
@@ -258,6 +262,9 @@ def bench(
         arg.gates_source(gates, "--gates")
         arg.model_name(model, "--model")
         arg.device(device, "--device")
+        if fill == "random" and "+compile" in methods:
+            raise arg.OptionError("--fill", "random fill measures eager decoding: drop '+compile' "
+                                  "from --methods, or use --fill prefill.")
         if model_config is not None:
             from kvbound.models.random_config import read_config
 
@@ -273,7 +280,7 @@ def bench(
     argv = ["--methods", methods, "--lengths", lengths, "--budget", str(budget), "--buffer",
             str(buffer), "--chunk", str(chunk), "--decode-tokens", str(decode_tokens),
             "--repeats", str(repeats), "--dtype", dtype, "--batch-size", str(batch_size),
-            "--device", device]
+            "--device", device, "--fill", fill]
     for flag, value in (("--model", model), ("--gates", gates), ("--json", json_out),
                         ("--plot-dir", plot_dir), ("--model-config", model_config)):
         if value is not None:

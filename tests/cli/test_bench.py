@@ -105,3 +105,36 @@ def test_shipped_configs_build_their_architectures():
     assert small.config.rope_scaling["rope_type"] == "llama3"
     assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(),
                                                  again.state_dict().values(), strict=True))
+
+
+def test_random_fill_decodes_the_same_resident_cache(tmp_path):
+    """--fill random (decode speed at sizes too slow to prefill): the full cache holds the whole
+    context of random K/V; a bounded cache reaches the same resident size and peak as a real
+    prefill, is repeated to the batch, and its ideal ratio counts the whole context."""
+    import json
+
+    cfg = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+           "max_position_embeddings": 1024}
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+
+    def run(method, fill, batch):
+        return bench.worker(bench.parser().parse_args(
+            ["--worker", "--method", method, "--length", "400", "--budget", "16", "--buffer", "4",
+             "--chunk", "32", "--decode-tokens", "6", "--warmup", "2", "--batch-size", str(batch),
+             "--model-config", str(tmp_path / "tiny.json"), "--fill", fill]))
+
+    full = run("full", "random", 2)
+    assert full["peak_tokens_per_head"] == 400 + 6 and full["prefill_tok_s"] is None
+    real = run("full", "prefill", 2)
+    assert full["peak_kv_bytes"] == real["peak_kv_bytes"]
+    fast, slow = run("trimkv", "random", 2), run("trimkv", "prefill", 2)
+    assert fast["peak_tokens_per_head"] == slow["peak_tokens_per_head"] <= 16 + 4 + 32
+    assert fast["peak_kv_bytes"] == slow["peak_kv_bytes"]
+    assert fast["full_kv_bytes"] == slow["full_kv_bytes"] == full["peak_kv_bytes"]  # whole context
+    assert fast["ideal_speedup"] == pytest.approx(slow["ideal_speedup"])
+    table = bench.render({"records": [full, fast], "args": vars(bench.parser().parse_args(
+        ["--fill", "random", "--model-config", "x"]))})
+    assert "| trimkv | 400 | - |" in table and "--fill random" in table
+    with pytest.raises(SystemExit, match="drop '\\+compile'"):
+        run("trimkv+compile", "random", 1)
