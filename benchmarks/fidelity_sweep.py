@@ -4,17 +4,20 @@
     python benchmarks/fidelity_sweep.py --from-json --write-results     # re-render a saved run
 
 Each (regime, method) is saved to ``runs/fidelity_sweep.partial.json`` when done; run the same
-command again after a stop and it continues where it was (``--fresh`` starts over).
+command again after a stop and it continues where it was (``--fresh`` starts over). The finished
+run, every window's values included, is kept in the repository (``docs/data/fidelity_sweep.json``)
+so that any clone can re-render, check or extend it.
 
 Text: windows of ``--seq-len`` tokens from three domains training never used (docs/TRAINING.md):
 the held-out half of the pydoc topics, libpng's manual (``/usr/share/doc/libpng16-16``) and text
-the model writes itself from evaluation-only prompts (generated once, cached in ``runs/``).
+the model writes itself from evaluation-only prompts (generated once and kept in
+``benchmarks/data/``: sampling differs between CPU kernels, so every machine reads the same text).
 Every method runs in each regime with the same protected sinks (0 for all, then 4 for all),
 buffer, positions and budget accounting (checked); decode protocol. Per method and budget: mean
 KL(full || method) with a 95% bootstrap CI over windows, top-1 agreement and perplexity ratio;
 per budget: TRIM-KV minus the best other method window by window (mean, CI, wins) at the same
 budget and at twice the budget. Writes the ``fidelity-sweep-<protocol>`` section of
-docs/RESULTS.md, docs/img/fidelity_*.png and ``runs/fidelity_sweep.json``.
+docs/RESULTS.md, docs/img/fidelity_*.png and ``docs/data/fidelity_sweep.json``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def domain_texts(model, tok, args) -> list[tuple[str, str]]:
     if LIBPNG.exists():
         texts.append(("libpng-manual", gzip.decompress(LIBPNG.read_bytes()).decode("utf-8",
                                                                                    "replace")))
-    cache = ROOT / "runs" / f"eval_selfgen_{args.seq_len}.json"
+    cache = ROOT / "benchmarks" / "data" / f"eval_selfgen_{args.seq_len}.json"
     saved = json.loads(cache.read_text()) if cache.exists() else []
     if len(saved) < args.selfgen:
         saved = self_generated_eval_texts(model, tok, args.selfgen, args.seq_len, seed=0)
@@ -96,7 +99,9 @@ def main() -> None:
                     help="the entry compared with the best other method (a method or LABEL)")
     ap.add_argument("--protocol", default="decode")
     ap.add_argument("--text-file", action="append", default=[])
-    ap.add_argument("--json", type=Path, default=ROOT / "runs" / "fidelity_sweep.json")
+    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "data" / "fidelity_sweep.json")
+    ap.add_argument("--store", type=Path, default=ROOT / "runs" / "fidelity_sweep.partial.json",
+                    help="where finished (regime, method) results wait for the rest of the run")
     ap.add_argument("--from-json", action="store_true")
     ap.add_argument("--fresh", action="store_true",
                     help="forget the (regime, method) results saved by a stopped run")
@@ -122,7 +127,7 @@ def main() -> None:
         strong = STRONG + tuple(variants)
         fewer = ({m: args.weak_windows for m in methods if m not in strong + ("full",)}
                  if args.weak_windows else {})
-        store = args.json.with_suffix(".partial.json")
+        store = args.store
         if args.fresh and store.exists():
             store.unlink()
         res = fidelity_sweep(model, tok, windows, methods=methods, store=store,

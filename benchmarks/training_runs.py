@@ -5,7 +5,7 @@
 
 ``--add LABEL=DIR`` reads the run's recorded command, configuration, wall time and training
 losses (gates.json / train_log.jsonl in DIR, or its newest checkpoint) and, when the fidelity
-sweep (runs/fidelity_sweep.json or its partial store) has rows for the run's gates (matched by
+sweep (docs/data/fidelity_sweep.json or the partial store in runs/) has rows for the run's gates (matched by
 their digest: the shipped gates, or ``--variant LABEL=DIR``), their mean KL per budget and sink
 regime. Rows are kept in docs/training_runs.json (written by this script only, so runs
 stay listed after their directories are gone) and rendered between the ``training-runs`` markers
@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "docs" / "training_runs.json"
 DOC = ROOT / "docs" / "TRAINING.md"
-SWEEP = ROOT / "runs" / "fidelity_sweep.json"
+SWEEP = ROOT / "docs" / "data" / "fidelity_sweep.json"
+PARTIAL = ROOT / "runs" / "fidelity_sweep.partial.json"
 #: configuration fields that tell runs apart (the rest is in each run's command)
 LEVERS = ("init_gates", "train_sinks", "gate_positions", "position_lr_scale",
           "train_position_only", "evict_aware", "evict_tau",
@@ -66,18 +67,22 @@ def _run_record(directory: Path) -> dict:
     }
 
 
-def _sweep_rows(ref: str) -> dict:
+def _sweep_rows(ref: str, extra: tuple[Path, ...] = ()) -> dict:
     """{sinks: {budget: (kl_mean, windows)}} of the rows run with gates ``ref``, in the finished
-    or the partial sweep (whichever has more windows)."""
+    sweep, the ``extra`` finished sweeps (e.g. a run of fewer budgets) or the partial sweep
+    (whichever has more windows)."""
     out: dict = {}
-    if SWEEP.exists():
-        res = json.loads(SWEEP.read_text())
+    for path in (SWEEP, *extra):
+        if not path.exists():
+            continue
+        res = json.loads(path.read_text())
         for sinks, regime in res.get("regimes", {}).items():
             for r in regime["results"]:
-                if r.get("gates") == ref:
-                    out.setdefault(str(sinks), {})[str(r["budget"])] = [r["kl_mean"],
-                                                                         r["windows"]]
-    partial = SWEEP.with_suffix(".partial.json")
+                cell = out.setdefault(str(sinks), {})
+                if r.get("gates") == ref and r["windows"] >= cell.get(str(r["budget"]), [0, 0])[1]:
+                    cell[str(r["budget"])] = [r["kl_mean"], r["windows"]]
+    out = {sinks: cells for sinks, cells in out.items() if cells}
+    partial = PARTIAL
     if partial.exists():  # groups finished since the last render: windows add up
         from kvbound.eval.fidelity import merge_results
 
@@ -137,6 +142,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--add", action="append", default=[], metavar="LABEL=DIR")
     ap.add_argument("--note", action="append", default=[], metavar="LABEL=TEXT")
+    ap.add_argument("--sweep", action="append", default=[], type=Path, metavar="JSON",
+                    help="another finished fidelity sweep to read rows from (repeatable)")
     args = ap.parse_args()
     runs = json.loads(RUNS.read_text()) if RUNS.exists() else {}
     for item in args.add:
@@ -145,7 +152,7 @@ def main() -> None:
         record["note"] = runs.get(label, {}).get("note", "")
         runs[label] = record
     for r in runs.values():
-        found = _sweep_rows(r["ref"])
+        found = _sweep_rows(r["ref"], tuple(args.sweep))
         if found:
             r["sweep"] = found
     for item in args.note:
