@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=GATES",
                     help="also run TRIM-KV with these gates (a directory or shipped name) under "
                          "LABEL, on every window; repeatable")
+    ap.add_argument("--set", action="append", default=[], metavar="LABEL.KEY=VALUE",
+                    help="a policy setting of a variant, e.g. la8.lookahead=8; repeatable")
     ap.add_argument("--focus", default="trimkv",
                     help="the entry compared with the best other method (a method or LABEL)")
     ap.add_argument("--protocol", default="decode")
@@ -123,6 +125,15 @@ def main() -> None:
             if not sep or not label or not gates:
                 ap.error(f"--variant takes LABEL=GATES, got {v!r}")
             variants[label] = {"method": "trimkv", "gates": gates}
+        for item in args.set:
+            target, sep, value = item.partition("=")
+            label, dot, key = target.partition(".")
+            if not sep or not dot or label not in variants or not key:
+                ap.error(f"--set takes LABEL.KEY=VALUE for a --variant LABEL, got {item!r}")
+            try:
+                variants[label][key] = json.loads(value)
+            except json.JSONDecodeError:
+                variants[label][key] = value
         methods = args.methods.split(",") + list(variants)
         strong = STRONG + tuple(variants)
         fewer = ({m: args.weak_windows for m in methods if m not in strong + ("full",)}

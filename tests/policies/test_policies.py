@@ -491,6 +491,41 @@ def test_trimkv_score_is_the_papers_log_retention():
     assert torch.allclose(RetentionPolicy().score(layer), expected)
 
 
+def test_trimkv_lookahead_scores_retention_over_the_next_n_queries():
+    """lookahead=n (the official code's lookahead_steps): log of sum_{k<n} beta^(t - i + k),
+    against a direct sum; it can keep a slowly decaying token over a fast one that the one-step
+    score ranks first, and n=1 is the paper's score."""
+    from types import SimpleNamespace
+
+    from kvbound.cache import TrimKVCache
+    from kvbound.policies.retention import RetentionPolicy, lookahead_bonus
+
+    pos = torch.tensor([[[0, 3, 5, 9]]])
+    log_beta = -torch.tensor([[[0.001, 0.3, 0.2, 1.0]]])
+    layer = SimpleNamespace(positions=pos, log_beta=log_beta, row_seen=torch.tensor([10]))
+    age = (10 - pos).double()
+    for n in (1, 4, 32):
+        direct = torch.log(sum(torch.exp((age + k) * log_beta.double()) for k in range(n)))
+        assert torch.allclose(RetentionPolicy(lookahead=n).score(layer).double(), direct,
+                              rtol=1e-5, atol=1e-5), n
+    assert torch.equal(RetentionPolicy(lookahead=1).score(layer), RetentionPolicy().score(layer))
+    # beta = 1 exactly (a saturated gate) and beta -> 0 are finite: log n and ~0
+    bonus = lookahead_bonus(torch.tensor([0.0, -1e-9, -30.0]), 8)
+    assert torch.allclose(bonus, torch.tensor([math.log(8), math.log(8), 0.0]), atol=1e-5)
+    # same score now (age 1 at log beta -1.0 vs age 10 at -0.1), the slow one wins with lookahead
+    two = SimpleNamespace(positions=torch.tensor([[[0, 9]]]), row_seen=torch.tensor([10]),
+                          log_beta=torch.tensor([[[-0.1, -1.0]]]))
+    plain, ahead = RetentionPolicy().score(two)[0, 0], RetentionPolicy(lookahead=16).score(two)[0, 0]
+    assert torch.isclose(plain[0], plain[1]) and ahead[0] > ahead[1] + 1.0
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(KVBoundError, match="lookahead"):
+            RetentionPolicy(lookahead=bad)
+    model = tiny_model("llama", seed=0)
+    RetentionGates.for_model(model, seed=0).attach(model)
+    cache = TrimKVCache(model, budget=8, buffer=2, lookahead=4)
+    assert cache.settings()["policy"] == {"policy": "trimkv", "lookahead": 4}
+
+
 def test_policy_settings_accept_their_smallest_values_and_refuse_below():
     for cls in (SnapKVPolicy, PyramidKVPolicy, RKVPolicy):
         cls(window=1, kernel=1)  # no pooling, a one-query window: valid

@@ -343,9 +343,10 @@ class TrimKVCache(EvictionCache):
     to the model)."""
 
     def __init__(self, model: nn.Module, *, budget: int = 256, buffer: int = 32,
-                 sinks: int | None = None, static: bool = False, positions: str = "auto") -> None:
+                 sinks: int | None = None, static: bool = False, positions: str = "auto",
+                 lookahead: int = 1) -> None:
         super().__init__(model, "trimkv", budget=budget, buffer=buffer, sinks=sinks,
-                         static=static, positions=positions)
+                         static=static, positions=positions, lookahead=lookahead)
 
 
 def _incoming_validity(attention_mask, batch: int, q_len: int, device):
