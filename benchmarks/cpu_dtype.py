@@ -79,6 +79,7 @@ def fidelity(args) -> dict:
             gates.detach(model)
             per[f"{dtype} trimkv"].append(compare(ref, ours, w.ids, start))
         print(f"window {len(per['float32 full'])}/{len(windows)}", flush=True)
+
     def mean_ci(values):
         lo, hi = bootstrap_mean_ci(values)
         return {"mean": sum(values) / len(values), "lo": lo, "hi": hi}
