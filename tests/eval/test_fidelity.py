@@ -246,3 +246,20 @@ def test_sweep_variants_are_labelled_compared_with_heuristics_and_tied_to_their_
     with pytest.raises(KVBoundError, match="other gates"):
         sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2),
                              variants={"new": {"method": "trimkv", "gates": other}}, **kw)
+
+
+def test_sweep_variant_with_a_policy_setting_runs_under_it():
+    """A variant may set policy options (fidelity_sweep.py --set LABEL.lookahead=8): its rows run
+    and record them, the plain entry keeps the defaults, both under the same rules."""
+    from kvbound.eval import sweep
+
+    model = tiny_model("llama", seed=1)
+    gates = RetentionGates.for_model(model, bias_init=2.0, init_std=0.5).attach(model)
+    res = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2), budgets=[8], buffer=4,
+                               methods=["trimkv", "streaming", "la"], regimes=(0,), focus="la",
+                               variants={"la": {"method": "trimkv", "gates": gates,
+                                                "lookahead": 8}}, progress=False)
+    rows = {r["label"]: r for r in res["regimes"]["0"]["results"]}
+    assert rows["la"]["settings"]["policy"] == {"policy": "trimkv", "lookahead": 8}
+    assert rows["trimkv"]["settings"]["policy"] == {"policy": "trimkv", "lookahead": 1}
+    assert rows["la"]["gates"] == rows["trimkv"]["gates"] == gates.ref()
