@@ -175,3 +175,9 @@ def test_unexpected_exceptions_are_one_line_and_debug_shows_the_traceback(monkey
     assert "Traceback" not in out and "second line" not in out
     with pytest.raises(RuntimeError, match="disk on fire"):
         main(["--debug", "generate", "--prompt", "hi"])
+
+
+def test_bench_random_fill_refuses_compiled_methods(capsys):
+    code, out = _run(["bench", "--fill", "random", "--methods", "full,trimkv+compile"], capsys)
+    assert code != 0 and "Traceback" not in out
+    assert "--fill" in out and "+compile" in out
