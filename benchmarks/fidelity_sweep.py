@@ -150,13 +150,13 @@ def main() -> None:
                    protocol=args.protocol, seq_len=args.seq_len)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1))
-    img = ROOT / "docs" / "img"
-    img.mkdir(parents=True, exist_ok=True)
-    for sinks, r in res["regimes"].items():
-        fidelity_plots(r, img / f"fidelity_{res['protocol']}_sinks{sinks}")
     md = render(res)
     print(md)
-    if args.write_results:
+    if args.write_results:  # the plots belong to the section: written with it, never alone
+        img = ROOT / "docs" / "img"
+        img.mkdir(parents=True, exist_ok=True)
+        for sinks, r in res["regimes"].items():
+            fidelity_plots(r, img / f"fidelity_{res['protocol']}_sinks{sinks}")
         write_section(f"fidelity-sweep-{res['protocol']}", md)
 
 
