@@ -101,7 +101,9 @@ def main() -> None:
                     help="the entry compared with the best other method (a method or LABEL)")
     ap.add_argument("--protocol", default="decode")
     ap.add_argument("--text-file", action="append", default=[])
-    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "data" / "fidelity_sweep.json")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="the run's JSON (default: docs/data/fidelity_sweep.json with "
+                         "--write-results or --from-json, else runs/fidelity_sweep.json)")
     ap.add_argument("--store", type=Path, default=ROOT / "runs" / "fidelity_sweep.partial.json",
                     help="where finished (regime, method) results wait for the rest of the run")
     ap.add_argument("--from-json", action="store_true")
@@ -109,6 +111,9 @@ def main() -> None:
                     help="forget the (regime, method) results saved by a stopped run")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
+    if args.json is None:
+        args.json = (ROOT / "docs" / "data" if args.write_results or args.from_json
+                     else ROOT / "runs") / "fidelity_sweep.json"
     if args.from_json:
         res = json.loads(args.json.read_text())
     else:
