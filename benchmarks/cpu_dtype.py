@@ -55,13 +55,14 @@ def fidelity(args) -> dict:
 
     from kvbound.eval.fidelity import bounded_logprobs, compare, full_logprobs, make_windows
     from kvbound.eval.stats import bootstrap_mean_ci
-    from kvbound.eval.textpool import eval_text_pool_with_topics
+    from kvbound.eval.textpool import eval_text_pool
     from kvbound.generation import build_cache
     from kvbound.models import load_model
 
     ref_model, tok = load_model(None, dtype=torch.float32)
-    windows = make_windows(tok, eval_text_pool_with_topics(), args.seq_len,
-                           max_windows=args.windows)
+    # the pool's paragraphs are short: windows run across them, as in the fidelity sweep
+    windows = make_windows(tok, [("pydoc-eval-half", "\n\n".join(eval_text_pool()))],
+                           args.seq_len, max_windows=args.windows)
     models = {"float32": ref_model, "bfloat16": load_model(None, dtype=torch.bfloat16)[0]}
     start = args.budget + args.buffer
     per = {f"{d} {m}": [] for d in DTYPES for m in ("full", "trimkv")}
@@ -155,7 +156,8 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "runs" / "cpu_dtype.json"))
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
-    res = {"hardware": hardware(), "speed": speed(args), "fidelity": fidelity(args),
+    fid = fidelity(args)  # first: a failure there does not waste the speed runs
+    res = {"hardware": hardware(), "speed": speed(args), "fidelity": fid,
            "args": vars(args), "command": command(), "machine": machine()}
     publish(res, args.json, "cpu-dtype", render, args.write_results)
 
