@@ -27,7 +27,7 @@ SWEEP = ROOT / "docs" / "data" / "fidelity_sweep.json"
 PARTIAL = ROOT / "runs" / "fidelity_sweep.partial.json"
 #: configuration fields that tell runs apart (the rest is in each run's command)
 LEVERS = ("init_gates", "train_sinks", "gate_positions", "position_lr_scale",
-          "train_position_only", "evict_aware", "evict_tau",
+          "train_position_only", "freeze_positions", "evict_aware", "evict_tau",
           "evict_scale", "evict_budgets", "evict_decay",
           "memory_size", "seq_len", "intermediate_size", "data", "steps", "lr")
 #: levers whose default is True: named only when switched off

@@ -135,6 +135,9 @@ def train(
     train_position_only: bool = typer.Option(False, "--train-position-only",
                                              help="With --gate-positions and --init-gates: train "
                                              "only the position input (the rest frozen)."),
+    freeze_positions: bool = typer.Option(False, "--freeze-positions",
+                                          help="With --gate-positions and --init-gates: keep "
+                                          "their position input, train the rest."),
     init_gates: str | None = typer.Option(None, help="Start from these trained gates (a "
                                           "directory or shipped name) instead of a fresh init."),
     lambda_cap: float = typer.Option(1.0, min=0.0, help="Weight of the capacity loss."),
@@ -170,7 +173,8 @@ def train(
         data=data, seed=seed, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, intermediate_size=intermediate_size,
         bias_init=bias_init, gate_positions=gate_positions, position_lr_scale=position_lr_scale,
-        train_position_only=train_position_only, init_gates=init_gates,
+        train_position_only=train_position_only, freeze_positions=freeze_positions,
+        init_gates=init_gates,
         lambda_cap=lambda_cap,
         cap_variant=cap_variant,
         quality_reduction=quality_reduction, train_sinks=train_sinks, evict_aware=evict_aware,
@@ -189,6 +193,12 @@ def train(
         if train_position_only and not (gate_positions and init_gates):
             raise arg.OptionError("--train-position-only", "needs --gate-positions and "
                                                            "--init-gates.")
+        if freeze_positions and not (gate_positions and init_gates):
+            raise arg.OptionError("--freeze-positions", "needs --gate-positions and "
+                                                        "--init-gates.")
+        if freeze_positions and train_position_only:
+            raise arg.OptionError("--freeze-positions", "give it or --train-position-only, "
+                                                        "not both.")
         if evict_tau <= 0:
             raise arg.OptionError("--evict-tau", f"must be > 0, got {evict_tau}.")
         if not evict_decay and not evict_aware:

@@ -261,3 +261,23 @@ def test_train_position_only_leaves_the_rest_of_the_gates_as_they_were(tmp_path)
     assert moved and all(".position." in f".{k}" for k in moved), moved
     with pytest.raises(KVBoundError, match="needs gate_positions and init_gates"):
         _cfg(tmp_path, gate_positions=True, train_position_only=True).validate()
+
+
+def test_freeze_positions_trains_everything_but_the_position_input(tmp_path):
+    """--freeze-positions: from trained gates with a position input, that input stays as it was
+    and the rest of the gate trains."""
+    src, model = _train(_cfg(tmp_path / "src", steps=1, gate_positions=True,
+                             position_lr_scale=10.0, train_sinks=0))
+    src.save(tmp_path / "src_gates")
+    gates, _ = _train(_cfg(tmp_path / "rest", steps=2, warmup_steps=0, gate_positions=True,
+                           init_gates=str(tmp_path / "src_gates"), freeze_positions=True,
+                           train_sinks=0), model=model)
+    before = src.state_dict()
+    moved = {k for k, v in gates.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and not any(".position." in f".{k}" for k in moved), moved
+    assert any(".position." in f".{k}" and before[k].abs().max() > 0 for k in before)
+    with pytest.raises(KVBoundError, match="needs gate_positions and init_gates"):
+        _cfg(tmp_path, gate_positions=True, freeze_positions=True).validate()
+    with pytest.raises(KVBoundError, match="exclude each other"):
+        _cfg(tmp_path, gate_positions=True, init_gates="x", freeze_positions=True,
+             train_position_only=True).validate()

@@ -77,6 +77,9 @@ class TrainConfig:
     #: trained gates to keep the first tokens (the attention sinks) without touching the ranking
     #: they learned for the rest
     train_position_only: bool = False
+    #: the opposite: keep the position input of ``init_gates`` as it is and train the rest (the
+    #: learned sinks stay while the ranking of the other tokens is retrained)
+    freeze_positions: bool = False
     init_gates: str | None = None
     lambda_cap: float = 1.0
     cap_variant: str = "paper"
@@ -110,6 +113,12 @@ class TrainConfig:
         if self.train_position_only and not (self.gate_positions and self.init_gates):
             raise KVBoundError("train_position_only needs gate_positions and init_gates (it trains "
                                "the position input of gates trained before).")
+        if self.freeze_positions and not (self.gate_positions and self.init_gates):
+            raise KVBoundError("freeze_positions needs gate_positions and init_gates (it keeps "
+                               "the position input of gates trained before).")
+        if self.freeze_positions and self.train_position_only:
+            raise KVBoundError("freeze_positions and train_position_only exclude each other "
+                               "(nothing would train).")
         if self.cap_variant not in ("paper", "official"):
             raise KVBoundError("cap_variant must be 'paper' or 'official'.")
         if self.quality_reduction not in ("sum", "mean"):
@@ -247,6 +256,9 @@ class Trainer:
         if cfg.train_position_only:
             for name, p in self.gates.named_parameters():
                 p.requires_grad_(_is_position(name))
+        if cfg.freeze_positions:
+            for name, p in self.gates.named_parameters():
+                p.requires_grad_(not _is_position(name))
         self.optimizer = torch.optim.AdamW(parameter_groups(self.gates, cfg), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
