@@ -15,6 +15,7 @@ it bf16 matmuls are emulated and slower.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -126,21 +127,35 @@ def render(res: dict) -> str:
 
 
 def verdict(res: dict) -> str:
-    """The rule for the CPU default: bf16 only if faster (eager decode, both methods) and its
-    TRIM-KV KL is within 5% of fp32's."""
+    """The rule for the CPU default: bf16 only if it decodes faster (eager, both methods),
+    prefills no slower, and its TRIM-KV KL is within 5% of fp32's. Without native bf16 the
+    prefill's matmuls are emulated: decoding (memory-bound) gains, the prompt (compute-bound)
+    loses, so which is faster depends on the workload and the default stays float32."""
     by = {(r["method"], r["dtype"]): r for r in res["speed"]}
     eager = [m for m in ("full", "trimkv") if (m, "float32") in by]
-    faster = all(by[(m, "bfloat16")]["decode_tok_s"] > by[(m, "float32")]["decode_tok_s"]
-                 for m in eager)
+
+    def ratio(key, m):
+        return by[(m, "bfloat16")][key] / by[(m, "float32")][key]
+
+    decode = min(ratio("decode_tok_s", m) for m in eager)
+    prefill = min(ratio("prefill_tok_s", m) for m in eager)
     rows = res["fidelity"]["rows"]
     same = rows["bfloat16 trimkv"]["kl"]["mean"] <= 1.05 * rows["float32 trimkv"]["kl"]["mean"]
-    if faster and same:
-        return ("Verdict: bf16 decodes faster here at equal quality; on CPUs like this one it "
-                "should be the default.")
+    quality = f"TRIM-KV KL {'within' if same else 'more than'} 5% of fp32's"
+    if decode > 1 and prefill >= 1 and same:
+        return (f"Verdict: bf16 decodes faster ({decode:.2f}x or more) and prefills no slower "
+                f"here at equal quality ({quality}); on CPUs like this one it should be the "
+                "default.")
+    if decode > 1 and same:
+        return (f"Verdict: the CPU default stays float32 here: bf16 decodes faster "
+                f"({decode:.2f}x or more) at equal quality ({quality}) but prefills at "
+                f"{prefill:.2f}x fp32's speed (no native bf16 matmuls), so it wins only when "
+                "many tokens are generated per prompt token; pass `--dtype bfloat16` for long "
+                "generations from short prompts. Re-run on a CPU with AMX before changing the "
+                "default there.")
     return (f"Verdict: the CPU default stays float32 here (bf16 eager decode "
-            f"{'faster' if faster else 'slower'}, TRIM-KV KL "
-            f"{'within' if same else 'more than'} 5% of fp32's). Re-run on a CPU with AMX, where "
-            "bf16 matmuls are native, before changing it there.")
+            f"{'faster' if decode > 1 else 'slower'}, {quality}). Re-run on a CPU with AMX, "
+            "where bf16 matmuls are native, before changing it there.")
 
 
 def main() -> None:
@@ -155,7 +170,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--json", default=str(ROOT / "runs" / "cpu_dtype.json"))
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--from-json", action="store_true", help="re-render the saved --json run")
     args = ap.parse_args()
+    if args.from_json:
+        publish(json.loads(Path(args.json).read_text()), args.json, "cpu-dtype", render,
+                args.write_results)
+        return
     fid = fidelity(args)  # first: a failure there does not waste the speed runs
     res = {"hardware": hardware(), "speed": speed(args), "fidelity": fid,
            "args": vars(args), "command": command(), "machine": machine()}

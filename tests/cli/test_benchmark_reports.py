@@ -5,9 +5,9 @@ from __future__ import annotations
 from tests.helpers import load_benchmark
 
 
-def _dtype_res(bf16_speed, bf16_kl):
+def _dtype_res(bf16_speed, bf16_kl, bf16_prefill=100.0):
     speed = [{"method": m, "dtype": d, "decode_tok_s": (bf16_speed if d == "bfloat16" else 10.0),
-              "prefill_tok_s": 100.0} for m in ("full", "trimkv") for d in ("float32", "bfloat16")]
+              "prefill_tok_s": (bf16_prefill if d == "bfloat16" else 100.0)} for m in ("full", "trimkv") for d in ("float32", "bfloat16")]
     ci = lambda x: {"mean": x, "lo": x, "hi": x}  # noqa: E731
     rows = {"float32 full": {"kl": ci(0.0), "top1": ci(1.0)},
             "bfloat16 full": {"kl": ci(0.001), "top1": ci(0.99)},
@@ -25,6 +25,8 @@ def test_cpu_dtype_changes_the_default_only_when_faster_at_equal_quality():
     assert "should be the default" in d.verdict(_dtype_res(bf16_speed=20.0, bf16_kl=0.205))
     assert "stays float32" in d.verdict(_dtype_res(bf16_speed=5.0, bf16_kl=0.2))
     assert "more than 5%" in d.verdict(_dtype_res(bf16_speed=20.0, bf16_kl=0.3))
+    slow_prompt = d.verdict(_dtype_res(bf16_speed=20.0, bf16_kl=0.2, bf16_prefill=25.0))
+    assert "stays float32" in slow_prompt and "prefills at 0.25x" in slow_prompt
     md = d.render(_dtype_res(bf16_speed=5.0, bf16_kl=0.2))
     assert "| trimkv | 10.0 | 5.0 | 0.50x |" in md and "AMX no" in md
 
