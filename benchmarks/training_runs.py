@@ -5,9 +5,9 @@
 
 ``--add LABEL=DIR`` reads the run's recorded command, configuration, wall time and training
 losses (gates.json / train_log.jsonl in DIR, or its newest checkpoint) and, when the fidelity
-sweep (docs/data/fidelity_sweep.json or the partial store in runs/) has rows for the run's gates (matched by
-their digest: the shipped gates, or ``--variant LABEL=DIR``), their mean KL per budget and sink
-regime. Rows are kept in docs/training_runs.json (written by this script only, so runs
+sweep (docs/data/fidelity_sweep.json, ``--sweep`` files or the partial store in runs/) has rows
+for the run's gates (matched by their digest: the shipped gates, or ``--variant LABEL=DIR``),
+their mean KL per budget and sink regime. Rows are kept in docs/training_runs.json (written by this script only, so runs
 stay listed after their directories are gone) and rendered between the ``training-runs`` markers
 of docs/TRAINING.md.
 """
@@ -78,15 +78,15 @@ def _sweep_rows(ref: str, extra: tuple[Path, ...] = ()) -> dict:
         res = json.loads(path.read_text())
         for sinks, regime in res.get("regimes", {}).items():
             for r in regime["results"]:
+                if r.get("gates") != ref:
+                    continue
                 cell = out.setdefault(str(sinks), {})
-                if r.get("gates") == ref and r["windows"] >= cell.get(str(r["budget"]), [0, 0])[1]:
+                if r["windows"] >= cell.get(str(r["budget"]), [0, 0])[1]:
                     cell[str(r["budget"])] = [r["kl_mean"], r["windows"]]
-    out = {sinks: cells for sinks, cells in out.items() if cells}
-    partial = PARTIAL
-    if partial.exists():  # groups finished since the last render: windows add up
+    if PARTIAL.exists():  # groups finished since the last render: windows add up
         from kvbound.eval.fidelity import merge_results
 
-        done = json.loads(partial.read_text()).get("done", {})
+        done = json.loads(PARTIAL.read_text()).get("done", {})
         by_regime: dict = {}
         for key, part in done.items():
             _, group, sinks, _ = key.split("/", 3)

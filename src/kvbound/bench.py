@@ -63,7 +63,7 @@ def worker(args) -> dict:
     sync()
     t0 = time.perf_counter()
     if random_fill and method == "full":
-        cache, used, sinks = fill_full(model, args.batch_size, args.length, dtype, device), None, 0
+        cache, used, sinks = fill_full(model, args.batch_size, args.length, dtype, device), None, None
     elif random_fill:
         cache, used, sinks = fill_bounded(model, method, budget=args.budget, buffer=args.buffer,
                                           chunk=args.chunk, context=args.length, gates=gates)

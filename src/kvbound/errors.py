@@ -19,3 +19,11 @@ class ModelNotFoundError(KVBoundError):
 
 class UnsupportedArchitectureError(KVBoundError):
     """A model whose architecture kvbound does not support; the message lists the supported ones."""
+
+
+def check_int(name: str, value, *, minimum: int) -> None:
+    """Raise :class:`KVBoundError` unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KVBoundError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise KVBoundError(f"{name} must be >= {minimum}, got {value}.")

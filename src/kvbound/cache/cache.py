@@ -29,7 +29,7 @@ from kvbound.cache.layer import EvictionLayer
 from kvbound.cache.positions import RollingPositions, check_mode, check_rolling_support
 from kvbound.cache.static import StaticDecode, StaticEvictionLayer, check_static_support
 from kvbound.cache.stats import CacheStats, kv_bytes, new_timings
-from kvbound.errors import KVBoundError
+from kvbound.errors import KVBoundError, check_int
 from kvbound.policies import Policy, get_policy
 from kvbound.policies.base import DEFAULT_SINKS
 
@@ -365,9 +365,3 @@ def _incoming_validity(attention_mask, batch: int, q_len: int, device):
         return valid, False
     return valid, bool(valid.all())
 
-
-def check_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise KVBoundError(f"{name} must be an integer, got {value!r}.")
-    if value < minimum:
-        raise KVBoundError(f"{name} must be >= {minimum}, got {value}.")

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from kvbound.errors import KVBoundError
+from kvbound.errors import check_int
 from kvbound.policies.base import Policy
 
 
@@ -31,9 +31,7 @@ class RetentionPolicy(Policy):
     lookahead: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) \
-                or self.lookahead < 1:
-            raise KVBoundError(f"lookahead must be an integer >= 1, got {self.lookahead!r}.")
+        check_int("lookahead", self.lookahead, minimum=1)
 
     def init_layer(self, layer) -> None:
         layer.add_state("log_beta")
