@@ -349,10 +349,45 @@ def render(result: dict, command: str = "", machine: str = "", title: str = "",
         kv = [tk[length]["peak_kv_bytes"] for length in sorted(tk)]
         lines.append(f"- TRIM-KV peak KV bytes over lengths {sorted(tk)}: "
                      f"{', '.join(f'{x / 1e6:.2f} MB' for x in kv)}")
+    cost = _kv_cost_line(list(full.values()))
+    if cost:
+        lines.append(cost)
     if image:
         lines.append("")
         lines.append(f"![decode step latency vs position](img/{image})")
     return "\n".join(lines)
+
+
+def _kv_cost_line(fulls: list[dict]) -> str:
+    """What 1K cached tokens cost a full-cache decode step, against reading their K/V.
+
+    A straight line through the shortest and longest full-cache runs splits a step into a fixed
+    part (weights and the rest) and a part per cached token. Reading the K/V of those tokens at
+    the rate the fixed part reads the weights is what the ideal column assumes; when the measured
+    cost per token is far above it, attention is compute-bound on this machine and a bounded cache
+    saves more than that ideal (empty with fewer than two lengths).
+    """
+    fulls = sorted(fulls, key=lambda r: r["length"])
+    if len(fulls) < 2 or fulls[-1]["length"] == fulls[0]["length"]:
+        return ""
+    a, b = fulls[0], fulls[-1]
+    tokens = b["peak_tokens_per_head"] - a["peak_tokens_per_head"]
+    per_1k = 1000 * (b["step_ms_mean"] - a["step_ms_mean"]) / tokens
+    fixed_ms = a["step_ms_mean"] - per_1k * a["peak_tokens_per_head"] / 1000
+    if per_1k <= 0 or fixed_ms <= 0:
+        return (f"- Full cache: step {a['step_ms_mean']:.1f} ms at L={a['length']}, "
+                f"{b['step_ms_mean']:.1f} ms at L={b['length']} (no per-token cost to fit)")
+    rate = a["weight_bytes"] / (fixed_ms / 1000)  # bytes/s the fixed part reads weights at
+    kv_1k = 1000 * (b["peak_kv_bytes"] - a["peak_kv_bytes"]) / tokens
+    read_ms = 1000 * kv_1k / rate
+    ratio = per_1k / read_ms
+    verdict = ("attention is compute-bound here, so shrinking the cache saves more than the "
+               "bandwidth ideal" if ratio > 2 else
+               "attention is close to memory-bound, as the ideal column assumes")
+    return (f"- Full cache: each 1K cached tokens adds {per_1k:.1f} ms to a step (line through "
+            f"L={a['length']} and L={b['length']}; fixed part {fixed_ms:.0f} ms), {ratio:.1f}x "
+            f"the {read_ms:.1f} ms that reading their {kv_1k / 1e6:.1f} MB of K/V takes at the "
+            f"rate the fixed part reads the weights ({rate / 1e9:.1f} GB/s): {verdict}")
 
 
 def _of_ideal(r: dict, full: dict | None) -> str:

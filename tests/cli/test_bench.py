@@ -138,3 +138,17 @@ def test_random_fill_decodes_the_same_resident_cache(tmp_path):
     assert "| trimkv | 400 | - |" in table and "--fill random" in table
     with pytest.raises(SystemExit, match="drop '\\+compile'"):
         run("trimkv+compile", "random", 1)
+
+
+def test_the_kv_cost_line_fits_the_per_token_cost_and_names_a_compute_bound_attention():
+    def rec(length, ms):  # 1 GB of weights, 1 MB of K/V per cached token
+        return {"length": length, "peak_tokens_per_head": length, "step_ms_mean": ms,
+                "weight_bytes": 10**9, "peak_kv_bytes": length * 10**6}
+
+    # fixed part 100 ms -> weights read at 10 GB/s -> 1K tokens' 1 GB of K/V: 100 ms
+    line = bench._kv_cost_line([rec(4000, 500.0), rec(1000, 200.0)])
+    assert "adds 100.0 ms" in line and "fixed part 100 ms" in line and "1.0x the 100.0 ms" in line
+    assert "close to memory-bound" in line
+    slow = bench._kv_cost_line([rec(1000, 1100.0), rec(4000, 4100.0)])  # 1000 ms per 1K tokens
+    assert "10.0x" in slow and "compute-bound" in slow
+    assert bench._kv_cost_line([rec(1000, 200.0)]) == ""
