@@ -47,7 +47,8 @@ if __name__ == "__main__":
             Path(args.json).write_text(json.dumps(result | {"command": cmd, "machine": where},
                                                   indent=2))
     md = render(result, cmd, where, title=args.title,
-                image=args.plot_name if args.plot_dir else None)
+                image=args.plot_name if args.plot_dir else None,
+                rendered_by=command() if args.from_json else "")
     print(md)
     if args.write_results:
         write_section(args.section, md)

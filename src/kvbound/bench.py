@@ -279,8 +279,9 @@ def run_bench(args: argparse.Namespace) -> dict | None:
 
 
 def render(result: dict, command: str = "", machine: str = "", title: str = "",
-           image: str | None = "speed_step_latency.png") -> str:
-    """The results section; ``image``: the step-latency plot's file under docs/img (or none)."""
+           image: str | None = "speed_step_latency.png", rendered_by: str = "") -> str:
+    """The results section; ``image``: the step-latency plot's file under docs/img (or none);
+    ``rendered_by``: the command that re-rendered a saved run, named beside the one that ran it."""
     recs = result["records"]
     a = result["args"]
     where = a.get("model_config") and f"random-weight {a['model_config']} config" or "embedded model"
@@ -290,7 +291,8 @@ def render(result: dict, command: str = "", machine: str = "", title: str = "",
         f"## {title or 'Speed and memory'} ({where}, {device.upper()}, batch "
         f"{a.get('batch_size', 1)})",
         "",
-        f"Command: `{command}`  ",
+        f"Command: `{command}`"
+        + (f" (rendered from its JSON by `{rendered_by}`)" if rendered_by else "") + "  ",
         f"Machine: {machine}  ",
         f"Bounded methods: M={a['budget']}, buffer {a['buffer']}, prefill chunk {a['chunk']}; "
         + (f"full cache prefilled in chunks of {a['full_chunk']}; " if a.get("fill") != "random"
