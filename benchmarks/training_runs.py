@@ -34,6 +34,8 @@ LEVERS = ("init_gates", "train_sinks", "gate_positions", "position_lr_scale",
 SHOWN_WHEN_FALSE = ("evict_decay",)
 #: levers not named at their default value
 HIDDEN_AT = {"position_lr_scale": 1.0}
+#: levers that only mean something with the eviction-aware objective
+EVICT_ONLY = ("evict_tau", "evict_scale", "evict_budgets", "evict_decay")
 
 
 def _run_record(directory: Path) -> dict:
@@ -117,7 +119,8 @@ def render(runs: dict) -> str:
                            and cfg[k] is not None and cfg[k] != []
                            and (cfg[k] is not False or k in SHOWN_WHEN_FALSE)
                            and not (k in SHOWN_WHEN_FALSE and cfg[k] is True)
-                           and not (k in HIDDEN_AT and cfg[k] == HIDDEN_AT[k]))
+                           and not (k in HIDDEN_AT and cfg[k] == HIDDEN_AT[k])
+                           and not (k in EVICT_ONLY and not cfg.get("evict_aware")))
         cells = []
         for s in ("0", "4"):
             for b in budgets:
