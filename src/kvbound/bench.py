@@ -249,8 +249,9 @@ def worker_command(settings: dict, method: str, length: int) -> list[str]:
     return cmd
 
 
-def run_bench(args: argparse.Namespace) -> dict | None:
-    """Run the sweep described by ``args`` (see :func:`parser`); returns the result dict."""
+def run_bench(args: argparse.Namespace, meta: dict | None = None) -> dict | None:
+    """Run the sweep described by ``args`` (see :func:`parser`); returns the result dict, with
+    ``meta`` (e.g. the command and machine that produced it) merged in before it is saved."""
     if args.worker:
         print(json.dumps(worker(args)))
         return None
@@ -271,6 +272,7 @@ def run_bench(args: argparse.Namespace) -> dict | None:
         records.extend(median_run(recs) for recs in runs.values())
     result = {"records": records, "args": {k: v for k, v in vars(args).items()
                                            if k not in ("worker", "method", "length")}}
+    result |= meta or {}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.plot_dir:

@@ -152,3 +152,34 @@ def test_the_kv_cost_line_fits_the_per_token_cost_and_names_a_compute_bound_atte
     slow = bench._kv_cost_line([rec(1000, 1100.0), rec(4000, 4100.0)])  # 1000 ms per 1K tokens
     assert "10.0x" in slow and "compute-bound" in slow
     assert bench._kv_cost_line([rec(1000, 200.0)]) == ""
+
+
+def test_speed_from_json_re_renders_a_saved_run_and_names_both_commands(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
+    args = vars(bench.parser().parse_args(["--fill", "random", "--model-config", "x"]))
+    rec = {"method": "full", "length": 400, "compiled": False, "prefill_tok_s": None,
+           "decode_tok_s": 5.0, "step_ms_mean": 200.0, "peak_kv_bytes": 4 * 10**6,
+           "peak_rss_mb": 100.0, "scoring_share": 0.0, "bookkeeping_share": 0.0}
+    saved = tmp_path / "speed.json"
+    saved.write_text(json.dumps({"records": [rec], "args": args | {"title": "Saved title"},
+                                 "command": "python the-original-run", "machine": "M1"}))
+
+    def speed(*argv):
+        return subprocess.run([sys.executable, str(script), *argv], capture_output=True,
+                              text=True)
+
+    out = speed("--json", str(saved), "--from-json")
+    assert out.returncode == 0, out.stderr
+    assert "## Saved title" in out.stdout and "Machine: M1" in out.stdout
+    assert "Command: `python the-original-run` (rendered from its JSON by `python " in out.stdout
+    assert "| full | 400 | - | 5.0 |" in out.stdout
+    for argv, message in ((["--from-json"], "name it with --json PATH"),
+                          (["--json", str(tmp_path / "none.json"), "--from-json"],
+                           "no saved run at")):
+        bad = speed(*argv)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
