@@ -152,6 +152,8 @@ def test_the_kv_cost_line_fits_the_per_token_cost_and_names_a_compute_bound_atte
     slow = bench._kv_cost_line([rec(1000, 1100.0), rec(4000, 4100.0)])  # 1000 ms per 1K tokens
     assert "10.0x" in slow and "compute-bound" in slow
     assert bench._kv_cost_line([rec(1000, 200.0)]) == ""
+    noisy = bench._kv_cost_line([rec(1000, 300.0), rec(4000, 200.0)])  # slower at the short one
+    assert noisy.endswith("(no per-token cost to fit)") and "compute-bound" not in noisy
 
 
 def test_speed_from_json_re_renders_a_saved_run_and_names_both_commands(tmp_path):
