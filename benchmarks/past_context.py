@@ -13,7 +13,9 @@ positions=P)`` (sampled, T=0.7, top-p 0.9, seed 0, ``--repetition-penalty``, the
 both P). Per 1K-token block of the generated text: its perplexity scored by the same model with a
 fresh full cache over the preceding 2K tokens + the block (positions restarted at 0), and the
 share of repeated 4-grams in the block.
-``--part2-only`` keeps part 1 from the saved JSON and runs the generation alone.
+``--part2-only`` keeps part 1 from the saved JSON and runs the generation alone; ``--jobs 2``
+runs the configurations in two one-thread processes (twice as fast on 2 cores). The JSON of a
+``--write-results`` run, every block's value included, is kept in ``docs/data/past_context.json``.
 """
 
 from __future__ import annotations
@@ -86,44 +88,81 @@ def scored_blocks(model, ids: list[int], prompt_ids: list[int], block: int,
     return ppl, rep
 
 
-def part1(model, gates, text: str, args) -> dict:
+PART1 = ("full", "trimkv/absolute", "trimkv/rolling", "streaming/absolute", "streaming/rolling")
+PART2 = ("absolute", "rolling")
+
+
+def part1_run(model, name: str, args) -> list[float]:
+    """Per-block perplexity of the teacher-forced text for one configuration of part 1."""
     tok = args.tok
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][: args.tokens]])
-    res = {"tokens": ids.shape[1]}
-    t0 = time.perf_counter()
-    res["full"] = per_block(teacher_forced(model, ids, None, 1024), args.block)
-    print(f"full: {time.perf_counter() - t0:.0f}s", flush=True)
-    for method in ("trimkv", "streaming"):
-        for positions in ("absolute", "rolling"):
-            t0 = time.perf_counter()
-            cache = EvictionCache(model, method, budget=args.budget, buffer=args.buffer, sinks=4,
-                                  positions=positions)
-            nll = teacher_forced(model, ids, cache, args.buffer)
-            res[f"{method}/{positions}"] = per_block(nll, args.block)
-            print(f"{method}/{positions}: {time.perf_counter() - t0:.0f}s", flush=True)
-    return res
+    ids = torch.tensor([tok(_read(args.text_file), add_special_tokens=False)["input_ids"]
+                        [: args.tokens]])
+    if name == "full":
+        return per_block(teacher_forced(model, ids, None, 1024), args.block)
+    method, positions = name.split("/")
+    cache = EvictionCache(model, method, budget=args.budget, buffer=args.buffer, sinks=4,
+                          positions=positions)
+    return per_block(teacher_forced(model, ids, cache, args.buffer), args.block)
 
 
-def part2(model, tok, args, save) -> dict:
-    res = {}
+def part2_run(model, positions: str, args) -> dict:
+    """Generate ``args.new`` tokens with one position mode; score each block (part 2)."""
+    tok = args.tok
     prompt_ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}],
                                          add_generation_prompt=True, tokenize=True)
     if not isinstance(prompt_ids, list):  # transformers 5 returns a BatchEncoding
         prompt_ids = prompt_ids["input_ids"]
-    for positions in ("absolute", "rolling"):
-        t0 = time.perf_counter()
-        r = generate(model, tok, PROMPT, method="trimkv", budget=args.budget, buffer=args.buffer,
-                     max_new_tokens=args.new, min_new_tokens=args.new, sample=True, seed=0,
-                     positions=positions, repetition_penalty=args.repetition_penalty)
-        ppl, rep = scored_blocks(model, r.token_ids, list(prompt_ids), args.block, args.lookback)
-        res[positions] = {"ppl": ppl, "repeated_4grams": rep, "new_tokens": r.new_tokens,
-                          "peak_tokens_per_head": r.peak_tokens_per_head,
-                          "positions": r.positions,
-                          "decode_tok_s": round(r.decode_tokens_per_second, 2),
-                          "sample": r.text[-300:], "seconds": round(time.perf_counter() - t0)}
-        print(f"generate/{positions}: {time.perf_counter() - t0:.0f}s", flush=True)
-        save(res)
-    return res
+    r = generate(model, tok, PROMPT, method="trimkv", budget=args.budget, buffer=args.buffer,
+                 max_new_tokens=args.new, min_new_tokens=args.new, sample=True, seed=0,
+                 positions=positions, repetition_penalty=args.repetition_penalty)
+    ppl, rep = scored_blocks(model, r.token_ids, list(prompt_ids), args.block, args.lookback)
+    return {"ppl": ppl, "repeated_4grams": rep, "new_tokens": r.new_tokens,
+            "peak_tokens_per_head": r.peak_tokens_per_head, "positions": r.positions,
+            "decode_tok_s": round(r.decode_tokens_per_second, 2), "sample": r.text[-300:]}
+
+
+_WORKER: dict = {}
+
+
+def _load(args):
+    torch.manual_seed(0)
+    model, tok = load_model()
+    args.tok = tok
+    gates = resolve_gates(model, None)
+    gates.attach(model)
+    return model, gates
+
+
+def _worker_init(args) -> None:
+    torch.set_num_threads(1)  # one job per core: two 1-thread jobs run at full speed here
+    _WORKER["model"], _ = _load(args)
+    _WORKER["args"] = args
+
+
+def _worker_task(task: tuple[str, str]):
+    part, name = task
+    t0 = time.perf_counter()
+    fn = part1_run if part == "part1" else part2_run
+    out = fn(_WORKER["model"], name, _WORKER["args"])
+    return part, name, out, round(time.perf_counter() - t0)
+
+
+def run_tasks(tasks: list, args, model, done) -> None:
+    """Run (part, name) tasks in this process, or in ``args.jobs`` one-thread workers; call
+    ``done(part, name, result, seconds)`` as each finishes (results are saved as they come)."""
+    if args.jobs <= 1:
+        _WORKER.update(model=model, args=args)
+        for task in tasks:
+            done(*_worker_task(task))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    args.tok = None  # reloaded in each worker
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(args,)) as pool:
+        for fut in as_completed([pool.submit(_worker_task, t) for t in tasks]):
+            done(*fut.result())
 
 
 def _plot(result: dict, path: Path, context: int) -> None:
@@ -218,11 +257,18 @@ def main() -> None:
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--part2-only", action="store_true",
                     help="keep part 1 from the saved --json, run the generation")
-    ap.add_argument("--json", type=Path, default=ROOT / "runs" / "past_context.json")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the configurations in this many one-thread processes (2 on 2 cores)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="the run's JSON (default: docs/data/past_context.json with "
+                         "--write-results, --from-json or --part2-only, else runs/)")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--from-json", action="store_true",
                     help="render the saved --json (no model runs), e.g. after a stopped run")
     args = ap.parse_args()
+    if args.json is None:
+        kept = args.write_results or args.from_json or args.part2_only
+        args.json = (ROOT / "docs" / "data" if kept else ROOT / "runs") / "past_context.json"
     if args.from_json:
         result = json.loads(args.json.read_text())
         context = result["context"]
@@ -249,32 +295,41 @@ def main() -> None:
 
 
 def run(args) -> tuple[dict, int]:
-    torch.manual_seed(0)
-    model, tok = load_model()
-    args.tok = tok
-    gates = resolve_gates(model, None)
-    gates.attach(model)
+    model, gates = _load(args)
     context = model.config.max_position_embeddings
     result = {"text": args.text_file.name, "block": args.block, "budget": args.budget,
               "buffer": args.buffer, "context": context, "gates": gates.digest(),
               "machine": machine(), "command": command()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     if args.part2_only:
+        if not args.json.is_file():
+            sys.exit(f"--part2-only keeps part 1 from {args.json}, which does not exist: run "
+                     "without --part2-only (or pass the saved --json).")
         saved = json.loads(args.json.read_text())
         args.block = result["block"] = saved["block"]  # part 2's blocks match part 1's
         result["part1"], result["command_part1"] = saved["part1"], saved.get("command")
     else:
-        result["part1"] = part1(model, gates, _read(args.text_file), args)
-        args.json.write_text(json.dumps(result, indent=1))
+        result["part1"] = {"tokens": min(args.tokens, len(args.tok(
+            _read(args.text_file), add_special_tokens=False)["input_ids"]))}
+    tasks = [] if args.part2_only else [("part1", n) for n in PART1]
     if not args.skip_generation:
         result["lookback"] = args.lookback
         result["repetition_penalty"] = args.repetition_penalty
+        result["part2"] = {}
+        tasks = [("part2", n) for n in PART2] + tasks  # the long ones first
 
-        def save(part):
-            result["part2"] = part
-            args.json.write_text(json.dumps(result, indent=1))
+    def done(part, name, out, seconds):
+        if part == "part2":
+            out["seconds"] = seconds
+        result[part][name] = out
+        print(f"{part} {name}: {seconds}s", flush=True)
+        args.json.write_text(json.dumps(result, indent=1))
 
-        part2(model, tok, args, save)
+    run_tasks(tasks, args, model, done)
+    result["part1"] = {k: result["part1"][k] for k in ("tokens", *PART1) if k in result["part1"]}
+    if "part2" in result:
+        result["part2"] = {k: result["part2"][k] for k in PART2 if k in result["part2"]}
+    args.json.write_text(json.dumps(result, indent=1))
     return result, context
 
 
