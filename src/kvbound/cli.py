@@ -159,13 +159,21 @@ def train(
     evict_decay: bool = typer.Option(True, "--evict-decay/--evict-no-decay",
                                      help="With --evict-aware: keep the paper's soft decay in the "
                                      "student beside the eviction mask, or the mask alone."),
+    objective: Literal["distill", "attention-rank"] = typer.Option(
+        "distill", help="distill (the paper: teacher + student passes) or attention-rank (the "
+        "gate's eviction ranking fitted to the model's future attention, one pass a step)."),
+    rank_horizon: int = typer.Option(256, min=1, help="attention-rank: queries summed into a "
+                                     "key's future attention."),
+    rank_stride: int = typer.Option(16, min=1, help="attention-rank: tokens between decision "
+                                    "times."),
     bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
                               "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
     save_every: int = typer.Option(50, min=1, help="Checkpoint every N steps."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
-    """Train retention gates (distillation + capacity loss); only the gates change."""
+    """Train retention gates (distillation or attention-rank, + capacity loss); only the gates
+    change."""
     from kvbound.train.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(
@@ -179,7 +187,8 @@ def train(
         cap_variant=cap_variant,
         quality_reduction=quality_reduction, train_sinks=train_sinks, evict_aware=evict_aware,
         evict_tau=evict_tau, evict_scale=evict_scale, bf16=bf16,
-        evict_budgets=[], evict_decay=evict_decay,
+        evict_budgets=[], evict_decay=evict_decay, objective=objective,
+        rank_horizon=rank_horizon, rank_stride=rank_stride,
         grad_checkpointing=grad_checkpointing, save_every=save_every,
         extra={"resume": resume},
     )
@@ -203,6 +212,9 @@ def train(
             raise arg.OptionError("--evict-tau", f"must be > 0, got {evict_tau}.")
         if not evict_decay and not evict_aware:
             raise arg.OptionError("--evict-no-decay", "needs --evict-aware.")
+        if objective == "attention-rank" and evict_aware:
+            raise arg.OptionError("--evict-aware", "shapes the student's attention, which "
+                                                   "--objective attention-rank does not run.")
         if evict_budgets is not None:
             cfg.evict_budgets = arg.csv(evict_budgets, "--evict-budgets", int, minimum=1)
             if not evict_aware:

@@ -34,11 +34,14 @@ LOG_BETA_ATTR = gating.LOG_BETA_ATTR
 class HookState:
     gates: nn.Module | None = None
     #: "inference"; "student" (training: hand log beta to the attention function);
-    #: "teacher" (training: plain attention, no gate)
+    #: "teacher" (training: plain attention, no gate); "rank" (training: plain attention, the
+    #: gate's ranking scored against it, :mod:`kvbound.train.rank_loss`)
     mode: str = "inference"
     #: in training, protect the first N tokens from decay (beta = 1), matching sink protection
     train_sinks: int = 0
     train_evict: dict | None = None
+    #: "rank" mode (training): the attention-rank objective's settings
+    train_rank: dict | None = None
     handles: list = field(default_factory=list)
 
 
@@ -146,7 +149,7 @@ def _attention_pre_hook(state: HookState):
         gates = state.gates
         if state.mode != "inference":
             gating.hand_off(module, state.mode, gates, hidden, state.train_sinks,
-                            state.train_evict)
+                            state.train_evict, state.train_rank)
             return None
         has_gate = gates is not None and layer_idx in gates
         cache = _cache_of(kwargs)

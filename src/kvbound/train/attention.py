@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kvbound.errors import KVBoundError
-from kvbound.train.gating import evict_of, log_beta_of
+from kvbound.train.gating import RANK_LOSS_ATTR, evict_of, log_beta_of, rank_of
 
 __all__ = [
     "ATTENTION_NAME",
@@ -676,6 +676,12 @@ def kvbound_attention_forward(
     Returns ``(attn_output (B, Tq, Hq, d), None)`` like every transformers attention function.
     """
     log_beta = log_beta_of(module)
+    rank = rank_of(module)
+    if rank is not None:  # attention-rank objective: score the gate against this attention
+        from kvbound.train.rank_loss import attention_rank_loss
+
+        module.__dict__[RANK_LOSS_ATTR] = attention_rank_loss(
+            query.detach(), key.detach(), rank[0], scaling, attention_mask, **rank[1])
     if log_beta is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

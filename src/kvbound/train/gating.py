@@ -15,16 +15,24 @@ from torch import nn
 LOG_BETA_ATTR = "_kvbound_log_beta"
 #: the eviction-aware training knobs of this forward (``retention_attention`` keyword arguments)
 EVICT_ATTR = "_kvbound_evict"
+#: the attention-rank objective's settings of this forward (:mod:`kvbound.train.rank_loss`)
+RANK_ATTR = "_kvbound_rank"
+#: where the attention function leaves the layer's attention-rank loss
+RANK_LOSS_ATTR = "_kvbound_rank_loss"
 
 
 def hand_off(module: nn.Module, mode: str, gates: nn.Module | None, hidden: torch.Tensor,
-             train_sinks: int = 0, evict: dict | None = None) -> None:
+             train_sinks: int = 0, evict: dict | None = None, rank: dict | None = None) -> None:
     """Leave this forward's log beta (B, H_kv, T) on ``module``: the gate's in ``"student"``
-    mode (the first ``train_sinks`` tokens protected: log beta 0), ``None`` in ``"teacher"``;
-    ``evict`` (``{"evict_budget": M, "evict_tau": tau}``) turns on eviction-aware attention."""
+    and ``"rank"`` modes (the first ``train_sinks`` tokens protected: log beta 0), ``None`` in
+    ``"teacher"``; ``evict`` (``{"evict_budget": M, "evict_tau": tau}``) turns on eviction-aware
+    attention; in ``"rank"`` mode the model attends as the teacher and the attention function
+    scores the gate's ranking against it (``rank``: the keyword arguments of
+    :func:`kvbound.train.rank_loss.attention_rank_loss`)."""
     log_beta = None
     layer_idx = module.layer_idx
-    if mode == "student" and gates is not None and layer_idx in gates:
+    module.__dict__.pop(RANK_LOSS_ATTR, None)
+    if mode in ("student", "rank") and gates is not None and layer_idx in gates:
         positions = None
         if getattr(gates, "uses_positions", False):  # right-padded batches: 0..T-1 per row
             positions = torch.arange(hidden.shape[1], device=hidden.device).expand(
@@ -33,6 +41,12 @@ def hand_off(module: nn.Module, mode: str, gates: nn.Module | None, hidden: torc
         if train_sinks:
             log_beta = log_beta.clone()
             log_beta[..., :train_sinks] = 0.0
+    if mode == "rank":
+        module.__dict__[LOG_BETA_ATTR] = None  # the model attends as the frozen teacher
+        module.__dict__[RANK_ATTR] = (log_beta, dict(rank or {})) if log_beta is not None else None
+        module.__dict__[EVICT_ATTR] = {}
+        return
+    module.__dict__[RANK_ATTR] = None
     module.__dict__[LOG_BETA_ATTR] = log_beta
     module.__dict__[EVICT_ATTR] = dict(evict or {}) if log_beta is not None else {}
 
@@ -47,6 +61,16 @@ def evict_of(module: nn.Module) -> dict:
     return module.__dict__.get(EVICT_ATTR) or {}
 
 
+def rank_of(module: nn.Module) -> tuple[torch.Tensor, dict] | None:
+    """``(log_beta, settings)`` when this forward scores the gate's ranking (``"rank"`` mode)."""
+    return module.__dict__.get(RANK_ATTR)
+
+
+def rank_loss_of(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """The attention-rank ``(loss, listwise_kl)`` the attention function left for this forward."""
+    return module.__dict__.get(RANK_LOSS_ATTR)
+
+
 def clear(module: nn.Module) -> None:
-    module.__dict__.pop(LOG_BETA_ATTR, None)
-    module.__dict__.pop(EVICT_ATTR, None)
+    for attr in (LOG_BETA_ATTR, EVICT_ATTR, RANK_ATTR, RANK_LOSS_ATTR):
+        module.__dict__.pop(attr, None)

@@ -94,6 +94,13 @@ class TrainConfig:
     #: keep the paper's soft decay in the student beside the eviction mask (False: mask alone,
     #: as the cache attends)
     evict_decay: bool = True
+    #: "distill": the paper's distillation (teacher and student passes); "attention-rank": the
+    #: gate's eviction ranking fitted to the frozen model's future attention
+    #: (:mod:`kvbound.train.rank_loss`; one forward pass a step, no student)
+    objective: str = "distill"
+    #: attention-rank: queries summed into a key's future attention, and decision times' spacing
+    rank_horizon: int = 256
+    rank_stride: int = 16
     bf16: bool = True
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -101,7 +108,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("memory_size", "seq_len", "steps", "batch_size", "grad_accum", "save_every",
-                     "intermediate_size"):
+                     "intermediate_size", "rank_horizon", "rank_stride"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise KVBoundError(f"{name} must be a positive integer, got {value!r}.")
@@ -119,6 +126,15 @@ class TrainConfig:
         if self.freeze_positions and self.train_position_only:
             raise KVBoundError("freeze_positions and train_position_only exclude each other "
                                "(nothing would train).")
+        if self.objective not in ("distill", "attention-rank"):
+            raise KVBoundError(f"objective must be 'distill' or 'attention-rank', got "
+                               f"{self.objective!r}.")
+        if self.objective == "attention-rank" and self.seq_len <= 16:
+            raise KVBoundError(f"seq_len must be > 16 for the attention-rank objective (its first "
+                               f"decision time is token 16), got {self.seq_len}.")
+        if self.objective == "attention-rank" and self.evict_aware:
+            raise KVBoundError("evict_aware shapes the student's attention, which the "
+                               "attention-rank objective does not run; drop one of them.")
         if self.cap_variant not in ("paper", "official"):
             raise KVBoundError("cap_variant must be 'paper' or 'official'.")
         if self.quality_reduction not in ("sum", "mean"):
@@ -288,6 +304,8 @@ class Trainer:
                                  "evict_tau": self.cfg.evict_tau,
                                  "evict_scale": self.cfg.evict_scale,
                                  "evict_decay": self.cfg.evict_decay}
+        if self.cfg.objective == "attention-rank":
+            state.train_rank = {"horizon": self.cfg.rank_horizon, "stride": self.cfg.rank_stride}
         name = register_retention_attention()
         # transformers documents no public getter (5.24); set_attn_implementation is the setter
         self._prev_impl = model.config._attn_implementation
@@ -401,6 +419,8 @@ class Trainer:
         batch = {k: v.to(self.device) for k, v in self.data.batch(indices).items()}
         ids, att, tgt = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+        if cfg.objective == "attention-rank":
+            return self._rank_step(ids, att, budget, autocast, state)
         with autocast:
             state.mode = "teacher"
             with torch.no_grad():
@@ -424,6 +444,28 @@ class Trainer:
             "tokens": int(att.sum()),
             **gate_summary(self.gates, log_betas),
         }
+
+    def _rank_step(self, ids, att, budget: int, autocast, state) -> dict:
+        """One micro-step of the attention-rank objective: the frozen model runs once (its
+        decoder only: the output head is not needed), each gated layer scores its gate's ranking
+        against its own attention (:mod:`kvbound.train.rank_loss`)."""
+        from kvbound.train.gating import rank_loss_of, rank_of
+        from kvbound.train.losses import capacity_loss
+
+        with autocast:
+            state.mode = "rank"
+            self.model.base_model(input_ids=ids, attention_mask=att)
+        log_betas = [rank_of(m)[0] for m in self.gated]
+        parts = [rank_loss_of(m) for m in self.gated]
+        rank = torch.stack([p[0] for p in parts]).mean()
+        valid = att.bool()
+        cap = torch.stack([capacity_loss(lb, budget, variant=self.cfg.cap_variant,
+                                         valid_mask=valid) for lb in log_betas]).mean()
+        loss = rank + self.cfg.lambda_cap * cap
+        (loss / self.cfg.grad_accum).backward()
+        return {"loss": float(loss.detach()), "kl": sum(p[1] for p in parts) / len(parts),
+                "rank": float(rank.detach()), "cap": float(cap.detach()),
+                "tokens": int(att.sum()), **gate_summary(self.gates, log_betas)}
 
     def _broadcast_gates(self) -> None:
         """Make rank 0's gate weights everyone's (they are seeded alike; this guarantees it)."""
@@ -506,7 +548,8 @@ class Trainer:
                     if self.accelerator.is_main_process:
                         _append_jsonl(self.out / LOG_FILE, rec)
                     progress.update(task, advance=1, info=(
-                        f"loss {rec['loss']:.3f} kl {rec['kl']:.3f} ntp {rec['ntp']:.3f} "
+                        f"loss {rec['loss']:.3f} kl {rec['kl']:.3f} "
+                        + (f"ntp {rec['ntp']:.3f} " if "ntp" in rec else "") +
                         f"cap {rec['cap']:.3f} t½ {rec['half_life_median']:.0f} "
                         f"{rec['tokens'] / seconds:.0f} tok/s"))
                     if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:

@@ -1,0 +1,97 @@
+"""Attention-rank objective for retention gates (a kvbound extension, issue 17).
+
+The paper (TRIM-KV, section 3.3) trains the gates by distillation through a soft decay
+``beta_i^(t - i)``, while the cache evicts hard: at each step it keeps the top-M retention scores
+``s_t(i) = (t - i) log beta_i``. This objective fits that ranking directly to what the frozen
+model's own attention says later queries use. For a KV head, a decision time ``t`` (the cache
+chooses among the keys ``i < t``) and a horizon ``W``, the future attention mass of key ``i`` is
+
+    F_t(i) = sum_{t' = t}^{t + W - 1} mean_{query heads h of the KV head} A_h[t', i]
+
+(``A`` the model's attention probabilities, no gradient). The loss is the listwise cross-entropy
+of ListNet (Cao et al., ICML 2007) between ``F_t / sum_i F_t(i)`` and ``softmax_i s_t(i)``,
+averaged over decision times every ``stride`` tokens, KV heads and rows: evicting a key costs in
+proportion to the attention it would have received, which is what a hard top-M cache loses. The
+value reported is the listwise KL (the cross-entropy minus the target's entropy, 0 = a perfect
+fit). One forward pass of the frozen model per step; the gradient reaches only the gates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbound.errors import KVBoundError
+
+
+def _keep_mask(attention_mask: torch.Tensor | None, b: int, t: int,
+               device: torch.device) -> torch.Tensor:
+    """(B, 1, T, T) boolean: causal and, where given, transformers' keep-mask (padding)."""
+    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    if attention_mask is None:
+        return causal.expand(b, 1, t, t)
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask > -1e4  # additive float mask: 0 keeps, -inf/-large drops
+    return attention_mask[..., -t:, -t:] & causal
+
+
+def future_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, keep: torch.Tensor,
+                     times: torch.Tensor, horizon: int) -> torch.Tensor:
+    """F_t(i) of the module docstring, (B, H_kv, len(times), T), fp32, no gradient."""
+    b, hq, t, _ = query.shape
+    hkv = key.shape[1]
+    with torch.no_grad():
+        k = key.float().repeat_interleave(hq // hkv, dim=1)
+        logits = (query.float() @ k.transpose(-1, -2)) * scaling
+        logits.masked_fill_(~keep, float("-inf"))
+        probs = torch.nan_to_num(logits.softmax(-1))  # a row with no admissible key: zeros
+        rows = keep.diagonal(dim1=-2, dim2=-1)[..., None]  # padding queries use nothing
+        probs = (probs * rows).view(b, hkv, hq // hkv, t, t).mean(2)
+        cum = probs.cumsum(dim=-2)
+        end = (times + horizon - 1).clamp(max=t - 1)
+        return cum[..., end, :] - cum[..., times - 1, :]
+
+
+def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.Tensor,
+                        scaling: float | None = None, attention_mask: torch.Tensor | None = None,
+                        *, horizon: int = 256, stride: int = 16,
+                        start: int = 16) -> tuple[torch.Tensor, float]:
+    """ListNet loss of the retention ranking against the model's future attention.
+
+    Parameters
+    ----------
+    query : Tensor (B, Hq, T, d) and key : Tensor (B, Hkv, T, d)
+        The layer's post-RoPE queries and keys (no gradient is taken through them).
+    log_beta : Tensor (B, Hkv, T)
+        The gate's per-token log retention (with gradient).
+    attention_mask : Tensor (B, 1, T, T), optional
+        transformers' keep-mask (boolean or additive); causal is applied on top.
+    horizon, stride, start : int
+        ``W`` of the module docstring; decision times ``start, start + stride, ... < T``.
+
+    Returns ``(loss, listwise_kl)``: the mean cross-entropy (with gradient to ``log_beta``) and
+    the mean KL to the target distribution (a float, 0 when the ranking fits exactly).
+    """
+    if min(horizon, stride, start) < 1:
+        raise KVBoundError(f"horizon, stride and start must be >= 1, got {horizon}, {stride}, "
+                           f"{start}.")
+    b, _, t, d = query.shape
+    scaling = d ** -0.5 if scaling is None else float(scaling)
+    if start >= t:
+        raise KVBoundError(f"sequence of {t} tokens is too short for the first decision time "
+                           f"{start}.")
+    times = torch.arange(start, t, stride, device=query.device)
+    keep = _keep_mask(attention_mask, b, t, query.device)
+    flow = future_attention(query, key, scaling, keep, times, horizon)
+    cand = keep[:, :, times, :] & (torch.arange(t, device=query.device) < times[:, None])
+    mass = (flow * cand).sum(-1, keepdim=True)
+    weight = (keep.diagonal(dim1=-2, dim2=-1)[:, :, times] & (mass[..., 0] > 0)).float()
+    target = torch.where(cand, flow, 0.0) / mass.clamp_min(1e-30)
+    age = (times[:, None] - torch.arange(t, device=query.device)).clamp(min=0).float()
+    scores = (age * log_beta.float()[:, :, None, :]).masked_fill(~cand, float("-inf"))
+    logp = scores.log_softmax(-1).masked_fill(~cand, 0.0)
+    ce = -(target * logp).sum(-1)
+    entropy = -(target * torch.where(target > 0, target.log(), 0.0)).sum(-1)
+    norm = weight.sum().clamp_min(1.0)
+    loss = (ce * weight).sum() / norm
+    kl = float(((ce - entropy).detach() * weight).sum() / norm)
+    return loss, kl

@@ -1,0 +1,137 @@
+"""The attention-rank objective (kvbound.train.rank_loss) and its trainer mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvbound.errors import KVBoundError
+from kvbound.gates import RetentionGates
+from kvbound.hooks import get_state
+from kvbound.testing import ByteTokenizer, tiny_model
+from kvbound.train.rank_loss import attention_rank_loss, future_attention
+from kvbound.train.trainer import TrainConfig, Trainer
+from tests.rng import gen
+
+
+def _qk(b=2, hq=4, hkv=2, t=14, d=8, seed=0):
+    g = gen(seed)
+    return torch.randn(b, hq, t, d, generator=g), torch.randn(b, hkv, t, d, generator=g)
+
+
+def test_future_attention_is_the_sum_of_later_queries_attention():
+    """F_t(i) = sum over queries t..t+W-1 of the group-mean attention to key i (loop reference),
+    padding keys and padding queries excluded."""
+    q, k = _qk()
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    keep = torch.ones(t, t, dtype=torch.bool).tril().expand(b, 1, t, t).clone()
+    keep[1, :, :, :3] = False  # row 1: three left-padding keys
+    keep[1, :, :3, :] = False  # ... whose queries attend nowhere
+    times, horizon = torch.tensor([4, 7, 12]), 5
+    got = future_attention(q, k, 0.3, keep, times, horizon)
+    ref = torch.zeros_like(got)
+    for bi in range(b):
+        for h in range(hkv):
+            for ti, t0 in enumerate(times.tolist()):
+                for tq in range(t0, min(t0 + horizon, t)):
+                    row = keep[bi, 0, tq]
+                    if not row.any():
+                        continue
+                    for hh in range(h * hq // hkv, (h + 1) * hq // hkv):
+                        s = (q[bi, hh, tq] @ k[bi, h].T) * 0.3
+                        p = torch.where(row, s, float("-inf")).softmax(-1)
+                        ref[bi, h, ti] += p / (hq // hkv)
+    torch.testing.assert_close(got, ref)
+    assert torch.all(got[1, :, :, :3] == 0)
+
+
+def test_rank_loss_fits_the_ranking_and_ignores_padding():
+    """Fitting a free log beta lowers the loss and its listwise KL (>= 0); padding keys get no
+    gradient and do not change the loss."""
+    q, k = _qk(t=24)
+    keep = torch.ones(24, 24, dtype=torch.bool).tril().expand(2, 1, 24, 24).clone()
+    keep[1, :, :, :4] = False
+    raw = torch.zeros(2, 2, 24, requires_grad=True)
+    opt = torch.optim.Adam([raw], lr=0.1)
+    first = None
+    for _ in range(60):
+        log_beta = -torch.nn.functional.softplus(raw) - 1e-3
+        loss, kl = attention_rank_loss(q, k, log_beta, 0.3, keep, horizon=6, stride=3, start=3)
+        first = (float(loss.detach()), kl) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert kl >= -1e-5
+    assert float(loss.detach()) < first[0] - 0.05 and kl < first[1] * 0.8
+    assert torch.all(raw.grad[1, :, :4] == 0) and raw.grad[1, :, 4:].abs().sum() > 0
+    lb = -torch.rand(2, 2, 24, generator=gen(3))
+    other = lb.clone()
+    other[1, :, :4] = -5.0
+    a = attention_rank_loss(q, k, lb, 0.3, keep, horizon=6, stride=3, start=3)
+    c = attention_rank_loss(q, k, other, 0.3, keep, horizon=6, stride=3, start=3)
+    assert torch.equal(a[0], c[0])
+
+
+def test_rank_loss_prefers_the_ranking_of_the_model_attention():
+    """A log beta that keeps the key every later query attends to scores a lower loss than one
+    that ranks it last (the decision the cache makes)."""
+    t, d = 20, 4
+    k = torch.zeros(1, 1, t, d)
+    q = torch.zeros(1, 1, t, d)
+    k[0, 0, 5, 0] = 10.0  # key 5 is the one every query looks at
+    q[0, 0, :, 0] = 1.0
+    keeps = torch.full((1, 1, t), -0.5)
+    keeps[..., 5] = -1e-4
+    drops = torch.full((1, 1, t), -1e-4)
+    drops[..., 5] = -0.5
+    good = attention_rank_loss(q, k, keeps, 1.0, horizon=4, stride=2, start=6)
+    bad = attention_rank_loss(q, k, drops, 1.0, horizon=4, stride=2, start=6)
+    assert good[0] < bad[0] and good[1] < bad[1]
+    with pytest.raises(KVBoundError, match="horizon, stride and start"):
+        attention_rank_loss(q, k, keeps, horizon=0)
+    with pytest.raises(KVBoundError, match="too short"):
+        attention_rank_loss(q, k, keeps, start=40)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), memory_size=8, seq_len=48, steps=3, data="prose",
+                seed=0, lr=1e-2, warmup_steps=1, intermediate_size=8, bias_init=3.0,
+                save_every=2, bf16=False, objective="attention-rank", rank_horizon=8,
+                rank_stride=4, train_sinks=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_attention_rank_trains_only_the_gates(tmp_path):
+    """--objective attention-rank: one decoder pass a step, the gates move, the model is
+    restored bit for bit, the log carries the listwise KL and the rank loss, resume is exact."""
+    model = tiny_model("llama", seed=0)
+    before = {n: v.clone() for n, v in model.state_dict().items()}
+    gates = Trainer(_cfg(tmp_path), model, ByteTokenizer(), progress=False).run()
+    for n, v in model.state_dict().items():
+        assert torch.equal(v, before[n]), n
+    assert get_state(model) is None and model.config._attn_implementation == "sdpa"
+    fresh = RetentionGates.for_model(model, intermediate_size=8, bias_init=3.0, seed=0)
+    assert all(not torch.equal(a, b) for a, b in zip(gates.parameters(), fresh.parameters()))
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2]
+    assert all(r["rank"] > 0 and r["kl"] >= 0 and "ntp" not in r for r in log)
+    saved = RetentionGates.load(tmp_path / "run", model)
+    assert saved.metadata.training["config"]["objective"] == "attention-rank"
+    part = tmp_path / "part"
+    Trainer(_cfg(part), model, ByteTokenizer(), progress=False).run(stop_after=2)
+    resumed = Trainer(_cfg(part, extra={"resume": True}), model, ByteTokenizer(),
+                      progress=False).run()
+    assert resumed.digest() == gates.digest()
+
+
+def test_attention_rank_config_is_checked(tmp_path):
+    with pytest.raises(KVBoundError, match="objective must be"):
+        _cfg(tmp_path, objective="nope").validate()
+    with pytest.raises(KVBoundError, match="attention-rank objective does not run"):
+        _cfg(tmp_path, evict_aware=True).validate()
+    with pytest.raises(KVBoundError, match="rank_horizon"):
+        _cfg(tmp_path, rank_horizon=0).validate()
