@@ -274,7 +274,7 @@ def main() -> None:
         context = result["context"]
     else:
         result, context = run(args)
-    img = ROOT / "docs" / "img" / "past_context.png"
+    img = (ROOT / "docs" / "img" if args.write_results else args.json.parent) / "past_context.png"
     _plot(result, img, context)
     part2_note = "" if "part2" in result else (
         " Part 2 (generation past the context) was not run for these numbers.")
