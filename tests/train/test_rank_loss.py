@@ -25,27 +25,36 @@ def test_future_attention_is_the_sum_of_later_queries_attention():
     """F_t(i) = sum over queries t..t+W-1 of the group-mean attention to key i (loop reference),
     padding keys and padding queries excluded."""
     q, k = _qk()
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
+    b, _, t, _ = q.shape
     keep = torch.ones(t, t, dtype=torch.bool).tril().expand(b, 1, t, t).clone()
     keep[1, :, :, :3] = False  # row 1: three left-padding keys
     keep[1, :, :3, :] = False  # ... whose queries attend nowhere
     times, horizon = torch.tensor([4, 7, 12]), 5
     got = future_attention(q, k, 0.3, keep, times, horizon)
-    ref = torch.zeros_like(got)
+    torch.testing.assert_close(got, _loop_reference(q, k, keep, times, horizon, 1))
+    assert torch.all(got[1, :, :, :3] == 0)
+    every2 = future_attention(q, k, 0.3, keep, times, horizon, query_step=2)
+    torch.testing.assert_close(every2, _loop_reference(q, k, keep, times, horizon, 2))
+
+
+def _loop_reference(q, k, keep, times, horizon, step):
+    b, hq, t, _ = q.shape
+    hkv = k.shape[1]
+    ref = torch.zeros(b, hkv, len(times), t)
     for bi in range(b):
         for h in range(hkv):
             for ti, t0 in enumerate(times.tolist()):
                 for tq in range(t0, min(t0 + horizon, t)):
+                    if tq % step:
+                        continue
                     row = keep[bi, 0, tq]
                     if not row.any():
                         continue
                     for hh in range(h * hq // hkv, (h + 1) * hq // hkv):
                         s = (q[bi, hh, tq] @ k[bi, h].T) * 0.3
                         p = torch.where(row, s, float("-inf")).softmax(-1)
-                        ref[bi, h, ti] += p / (hq // hkv)
-    torch.testing.assert_close(got, ref)
-    assert torch.all(got[1, :, :, :3] == 0)
+                        ref[bi, h, ti] += p * step / (hq // hkv)
+    return ref
 
 
 def test_rank_loss_fits_the_ranking_and_ignores_padding():
@@ -90,7 +99,7 @@ def test_rank_loss_prefers_the_ranking_of_the_model_attention():
     good = attention_rank_loss(q, k, keeps, 1.0, horizon=4, stride=2, start=6)
     bad = attention_rank_loss(q, k, drops, 1.0, horizon=4, stride=2, start=6)
     assert good[0] < bad[0] and good[1] < bad[1]
-    with pytest.raises(KVBoundError, match="horizon, stride and start"):
+    with pytest.raises(KVBoundError, match="horizon, stride, start and query_step"):
         attention_rank_loss(q, k, keeps, horizon=0)
     with pytest.raises(KVBoundError, match="too short"):
         attention_rank_loss(q, k, keeps, start=40)

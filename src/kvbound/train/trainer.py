@@ -101,6 +101,8 @@ class TrainConfig:
     #: attention-rank: queries summed into a key's future attention, and decision times' spacing
     rank_horizon: int = 256
     rank_stride: int = 16
+    #: attention-rank: the future attention is summed over every N-th query (x N), 1/N the cost
+    rank_query_step: int = 4
     bf16: bool = True
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -108,7 +110,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("memory_size", "seq_len", "steps", "batch_size", "grad_accum", "save_every",
-                     "intermediate_size", "rank_horizon", "rank_stride"):
+                     "intermediate_size", "rank_horizon", "rank_stride", "rank_query_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise KVBoundError(f"{name} must be a positive integer, got {value!r}.")
@@ -305,7 +307,8 @@ class Trainer:
                                  "evict_scale": self.cfg.evict_scale,
                                  "evict_decay": self.cfg.evict_decay}
         if self.cfg.objective == "attention-rank":
-            state.train_rank = {"horizon": self.cfg.rank_horizon, "stride": self.cfg.rank_stride}
+            state.train_rank = {"horizon": self.cfg.rank_horizon, "stride": self.cfg.rank_stride,
+                                "query_step": self.cfg.rank_query_step}
         name = register_retention_attention()
         # transformers documents no public getter (5.24); set_attn_implementation is the setter
         self._prev_impl = model.config._attn_implementation
