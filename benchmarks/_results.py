@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,8 @@ def machine() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join(sys.argv)
+    """The command line that ran, quoted so that it can be pasted into a shell."""
+    return "python " + shlex.join(sys.argv)
 
 
 def write_section(name: str, body: str) -> Path:
