@@ -28,14 +28,17 @@ PARTIAL = ROOT / "runs" / "fidelity_sweep.partial.json"
 #: configuration fields that tell runs apart (the rest is in each run's command)
 LEVERS = ("init_gates", "train_sinks", "gate_positions", "position_lr_scale",
           "train_position_only", "freeze_positions", "evict_aware", "evict_tau",
-          "evict_scale", "evict_budgets", "evict_decay",
+          "evict_scale", "evict_budgets", "evict_decay", "objective", "rank_horizon",
+          "rank_stride", "rank_query_step", "lambda_cap",
           "memory_size", "seq_len", "intermediate_size", "data", "steps", "lr")
 #: levers whose default is True: named only when switched off
 SHOWN_WHEN_FALSE = ("evict_decay",)
 #: levers not named at their default value
-HIDDEN_AT = {"position_lr_scale": 1.0}
+HIDDEN_AT = {"position_lr_scale": 1.0, "objective": "distill", "lambda_cap": 1.0}
 #: levers that only mean something with the eviction-aware objective
 EVICT_ONLY = ("evict_tau", "evict_scale", "evict_budgets", "evict_decay")
+#: levers that only mean something with the attention-rank objective
+RANK_ONLY = ("rank_horizon", "rank_stride", "rank_query_step")
 
 
 def _run_record(directory: Path) -> dict:
@@ -120,7 +123,8 @@ def render(runs: dict) -> str:
                            and (cfg[k] is not False or k in SHOWN_WHEN_FALSE)
                            and not (k in SHOWN_WHEN_FALSE and cfg[k] is True)
                            and not (k in HIDDEN_AT and cfg[k] == HIDDEN_AT[k])
-                           and not (k in EVICT_ONLY and not cfg.get("evict_aware")))
+                           and not (k in EVICT_ONLY and not cfg.get("evict_aware"))
+                           and not (k in RANK_ONLY and cfg.get("objective") != "attention-rank"))
         cells = []
         for s in ("0", "4"):
             for b in budgets:
