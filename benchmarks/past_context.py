@@ -92,11 +92,14 @@ PART1 = ("full", "trimkv/absolute", "trimkv/rolling", "streaming/absolute", "str
 PART2 = ("absolute", "rolling")
 
 
+def _text_ids(args) -> list[int]:
+    """The first ``args.tokens`` token ids of part 1's text."""
+    return args.tok(_read(args.text_file), add_special_tokens=False)["input_ids"][: args.tokens]
+
+
 def part1_run(model, name: str, args) -> list[float]:
     """Per-block perplexity of the teacher-forced text for one configuration of part 1."""
-    tok = args.tok
-    ids = torch.tensor([tok(_read(args.text_file), add_special_tokens=False)["input_ids"]
-                        [: args.tokens]])
+    ids = torch.tensor([_text_ids(args)])
     if name == "full":
         return per_block(teacher_forced(model, ids, None, 1024), args.block)
     method, positions = name.split("/")
@@ -309,8 +312,7 @@ def run(args) -> tuple[dict, int]:
         args.block = result["block"] = saved["block"]  # part 2's blocks match part 1's
         result["part1"], result["command_part1"] = saved["part1"], saved.get("command")
     else:
-        result["part1"] = {"tokens": min(args.tokens, len(args.tok(
-            _read(args.text_file), add_special_tokens=False)["input_ids"]))}
+        result["part1"] = {"tokens": len(_text_ids(args))}
     tasks = [] if args.part2_only else [("part1", n) for n in PART1]
     if not args.skip_generation:
         result["lookback"] = args.lookback

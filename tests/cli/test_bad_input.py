@@ -152,6 +152,8 @@ def test_bad_values_fail_cleanly_and_name_the_option(path, param, files, capsys)
     ["eval", "tasks", "--data", "gsm8k=/no/such.jsonl"],
     ["train", "--out", "{tmp}/empty", "--data", "file:{text}", "--resume"],
     ["train", "--out", "{tmp}/run", "--lr", "0"],
+    ["train", "--out", "{tmp}/run", "--objective", "attention-rank", "--evict-aware"],
+    ["train", "--out", "{tmp}/run", "--objective", "attention-rank", "--seq-len", "16"],
     ["chat", "--session", "{tmp}/s", "--message", "hi", "--method", "full"],
     ["chat", "--session", "{tmp}/s", "--message", "hi", "--sample", "--temperature", "0"],
     ["chat", "--session", "{tmp}/s", "--message", "hi", "--budget", "8", "--sinks", "8"],

@@ -144,3 +144,5 @@ def test_attention_rank_config_is_checked(tmp_path):
         _cfg(tmp_path, evict_aware=True).validate()
     with pytest.raises(KVBoundError, match="rank_horizon"):
         _cfg(tmp_path, rank_horizon=0).validate()
+    with pytest.raises(KVBoundError, match="seq_len must be > 16"):
+        _cfg(tmp_path, seq_len=16).validate()

@@ -414,7 +414,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------- loop
     def _micro_step(self, indices: list[int], state, budget: int) -> dict:
-        from kvbound.train.losses import capacity_loss, distillation_loss
+        from kvbound.train.losses import distillation_loss
 
         cfg = self.cfg
         if state.train_evict is not None:
@@ -434,9 +434,7 @@ class Trainer:
         labels = torch.roll(ids, -1, dims=1)
         quality = distillation_loss(student, teacher, tgt, labels,
                                     reduction_mode=cfg.quality_reduction)
-        valid = att.bool()
-        cap = torch.stack([capacity_loss(lb, budget, variant=cfg.cap_variant,
-                                         valid_mask=valid) for lb in log_betas]).mean()
+        cap = self._capacity_loss(log_betas, att, budget)
         loss = quality["total"] + cfg.lambda_cap * cap
         (loss / cfg.grad_accum).backward()
         return {
@@ -448,12 +446,20 @@ class Trainer:
             **gate_summary(self.gates, log_betas),
         }
 
+    def _capacity_loss(self, log_betas: list[torch.Tensor], att: torch.Tensor,
+                       budget: int) -> torch.Tensor:
+        """The capacity loss at memory ``budget``, averaged over the gated layers."""
+        from kvbound.train.losses import capacity_loss
+
+        valid = att.bool()
+        return torch.stack([capacity_loss(lb, budget, variant=self.cfg.cap_variant,
+                                          valid_mask=valid) for lb in log_betas]).mean()
+
     def _rank_step(self, ids, att, budget: int, autocast, state) -> dict:
         """One micro-step of the attention-rank objective: the frozen model runs once (its
         decoder only: the output head is not needed), each gated layer scores its gate's ranking
         against its own attention (:mod:`kvbound.train.rank_loss`)."""
         from kvbound.train.gating import rank_loss_of, rank_of
-        from kvbound.train.losses import capacity_loss
 
         with autocast:
             state.mode = "rank"
@@ -461,9 +467,7 @@ class Trainer:
         log_betas = [rank_of(m)[0] for m in self.gated]
         parts = [rank_loss_of(m) for m in self.gated]
         rank = torch.stack([p[0] for p in parts]).mean()
-        valid = att.bool()
-        cap = torch.stack([capacity_loss(lb, budget, variant=self.cfg.cap_variant,
-                                         valid_mask=valid) for lb in log_betas]).mean()
+        cap = self._capacity_loss(log_betas, att, budget)
         loss = rank + self.cfg.lambda_cap * cap
         (loss / self.cfg.grad_accum).backward()
         return {"loss": float(loss.detach()), "kl": sum(p[1] for p in parts) / len(parts),
