@@ -137,6 +137,30 @@ def test_attention_rank_trains_only_the_gates(tmp_path):
     assert resumed.digest() == gates.digest()
 
 
+def test_rank_loss_is_fp32_under_bf16_autocast(tmp_path, monkeypatch):
+    """On a CPU with native bf16 the trainer runs under bf16 autocast: the objective must still
+    compute in fp32 (a bf16 matmul cannot hold the finite mask fill) and give the fp32 value; a
+    trainer step with bf16 on runs."""
+    q, k = _qk(t=20)
+    log_beta = torch.full((2, 2, 20), -0.05, requires_grad=True)
+    ref = attention_rank_loss(q, k, log_beta, horizon=6, stride=3, start=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention_rank_loss(q.bfloat16(), k.bfloat16(), log_beta, horizon=6, stride=3,
+                                  start=4)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], ref[0], atol=2e-2, rtol=2e-2)
+    got[0].backward()
+    assert log_beta.grad is not None and torch.isfinite(log_beta.grad).all()
+    import kvbound.train.trainer as trainer_mod
+    monkeypatch.setattr(trainer_mod, "_bf16_ok", lambda device: True)
+    trainer = Trainer(_cfg(tmp_path, steps=1, bf16=True), tiny_model("llama", seed=0),
+                      ByteTokenizer(), progress=False)
+    assert trainer.use_bf16
+    trainer.run()
+    log = json.loads((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[0])
+    assert log["rank"] > 0 and log["kl"] >= 0
+
+
 def test_attention_rank_config_is_checked(tmp_path):
     with pytest.raises(KVBoundError, match="objective must be"):
         _cfg(tmp_path, objective="nope").validate()

@@ -43,7 +43,7 @@ def future_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, kee
     times s (an estimate at 1/s of the cost: the (T x T) attention is the objective's cost)."""
     b, hq, t, _ = query.shape
     hkv = key.shape[1]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
         rows = torch.arange(0, t, query_step, device=query.device)
         k = key.float().repeat_interleave(hq // hkv, dim=1)
         logits = (query.float()[:, :, rows] @ k.transpose(-1, -2)) * scaling
@@ -87,6 +87,13 @@ def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.
     if start >= t:
         raise KVBoundError(f"sequence of {t} tokens is too short for the first decision time "
                            f"{start}.")
+    with torch.autocast(query.device.type, enabled=False):  # fp32 throughout, bf16 run or not
+        return _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, start,
+                        query_step)
+
+
+def _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, start, query_step):
+    b, _, t, _ = query.shape
     times = torch.arange(start, t, stride, device=query.device)
     keep = _keep_mask(attention_mask, b, t, query.device)
     flow = future_attention(query, key, scaling, keep, times, horizon, query_step)
