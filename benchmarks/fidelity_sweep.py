@@ -4,7 +4,9 @@
     python benchmarks/fidelity_sweep.py --from-json --write-results     # re-render a saved run
 
 Each (regime, method) is saved to ``runs/fidelity_sweep.partial.json`` when done; run the same
-command again after a stop and it continues where it was (``--fresh`` starts over). The finished
+command again after a stop and it continues where it was (``--fresh`` starts over). On 2 cores,
+run the regimes in two one-thread processes, each with its own ``--store`` and ``--regimes``, then
+the whole command with ``--merge-store A --merge-store B``: it takes their finished results. The finished
 run, every window's values included, is kept in the repository (``docs/data/fidelity_sweep.json``)
 so that any clone can re-render, check or extend it.
 
@@ -106,6 +108,9 @@ def main() -> None:
                          "--write-results or --from-json, else runs/fidelity_sweep.json)")
     ap.add_argument("--store", type=Path, default=ROOT / "runs" / "fidelity_sweep.partial.json",
                     help="where finished (regime, method) results wait for the rest of the run")
+    ap.add_argument("--merge-store", action="append", default=[], type=Path, metavar="FILE",
+                    help="add the finished results of another --store (same windows and "
+                         "settings) to this run's store first; repeatable")
     ap.add_argument("--from-json", action="store_true")
     ap.add_argument("--fresh", action="store_true",
                     help="forget the (regime, method) results saved by a stopped run")
@@ -146,6 +151,8 @@ def main() -> None:
         store = args.store
         if args.fresh and store.exists():
             store.unlink()
+        if args.merge_store:
+            merge_stores(store, args.merge_store)
         res = fidelity_sweep(model, tok, windows, methods=methods, store=store,
                              budgets=[int(b) for b in args.budgets.split(",")],
                              buffer=args.buffer, fewer_windows=fewer, protocol=args.protocol,
@@ -163,6 +170,26 @@ def main() -> None:
         for sinks, r in res["regimes"].items():
             fidelity_plots(r, img / f"fidelity_{res['protocol']}_sinks{sinks}")
         write_section(f"fidelity-sweep-{res['protocol']}", md)
+
+
+def merge_stores(store: Path, others: list[Path]) -> None:
+    """Add the finished (group, regime, method) results of ``others`` to ``store``; all must hold
+    the same windows and settings (the sweep checks the fingerprint when it loads ``store``)."""
+    from kvbound.io import atomic_write_json
+
+    merged = json.loads(store.read_text()) if store.exists() else None
+    for path in others:
+        if not path.is_file():
+            sys.exit(f"--merge-store {path}: no such file.")
+        saved = json.loads(path.read_text())
+        if merged is None:
+            merged = {"fingerprint": saved["fingerprint"], "done": {}}
+        if saved["fingerprint"] != merged["fingerprint"]:
+            sys.exit(f"--merge-store {path} holds a sweep of other windows or settings than "
+                     f"{store}.")
+        merged["done"].update(saved["done"])
+    store.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(store, merged)
 
 
 def _ci(x: float, ci: list[float], fmt: str = ".4f") -> str:

@@ -10,10 +10,13 @@ eviction throughout) with absolute and with rolling positions.
 
 Part 2, generation: ``kvbound.generate(..., method="trimkv", budget=256, max_new_tokens=N,
 positions=P)`` (sampled, T=0.7, top-p 0.9, seed 0, ``--repetition-penalty``, the same for
-both P). Per 1K-token block of the generated text: its perplexity scored by the same model with a
+both P), and the full cache with the same sampling up to the model's context (mode ``full``:
+what the unbounded model itself writes, the reference for both). Per 1K-token block of the generated text: its perplexity scored by the same model with a
 fresh full cache over the preceding 2K tokens + the block (positions restarted at 0), and the
 share of repeated 4-grams in the block.
-``--part2-only`` keeps part 1 from the saved JSON and runs the generation alone; ``--jobs 2``
+``--part2-only`` keeps part 1 from the saved JSON and runs the generation alone;
+``--part2-modes full`` runs only those modes of part 2 and keeps the saved ones (same sampling
+settings) beside them; ``--jobs 2``
 runs the configurations in two one-thread processes (twice as fast on 2 cores). The JSON of a
 ``--write-results`` run, every block's value included, is kept in ``docs/data/past_context.json``.
 """
@@ -89,7 +92,7 @@ def scored_blocks(model, ids: list[int], prompt_ids: list[int], block: int,
 
 
 PART1 = ("full", "trimkv/absolute", "trimkv/rolling", "streaming/absolute", "streaming/rolling")
-PART2 = ("absolute", "rolling")
+PART2 = ("full", "absolute", "rolling")  # full: the unbounded cache, up to the model's context
 
 
 def _text_ids(args) -> list[int]:
@@ -108,16 +111,22 @@ def part1_run(model, name: str, args) -> list[float]:
     return per_block(teacher_forced(model, ids, cache, args.buffer), args.block)
 
 
-def part2_run(model, positions: str, args) -> dict:
-    """Generate ``args.new`` tokens with one position mode; score each block (part 2)."""
+def part2_run(model, mode: str, args) -> dict:
+    """Generate with one mode of part 2 (``full``, or TRIM-KV with ``absolute``/``rolling``
+    positions); score each block."""
     tok = args.tok
     prompt_ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}],
                                          add_generation_prompt=True, tokenize=True)
     if not isinstance(prompt_ids, list):  # transformers 5 returns a BatchEncoding
         prompt_ids = prompt_ids["input_ids"]
-    r = generate(model, tok, PROMPT, method="trimkv", budget=args.budget, buffer=args.buffer,
-                 max_new_tokens=args.new, min_new_tokens=args.new, sample=True, seed=0,
-                 positions=positions, repetition_penalty=args.repetition_penalty)
+    if mode == "full":  # the unbounded model, as far as its context goes
+        new = min(args.new, model.config.max_position_embeddings - len(prompt_ids))
+        how = dict(method="full")
+    else:
+        new, how = args.new, dict(method="trimkv", budget=args.budget, buffer=args.buffer,
+                                  positions=mode)
+    r = generate(model, tok, PROMPT, max_new_tokens=new, min_new_tokens=new, sample=True, seed=0,
+                 repetition_penalty=args.repetition_penalty, **how)
     ppl, rep = scored_blocks(model, r.token_ids, list(prompt_ids), args.block, args.lookback)
     return {"ppl": ppl, "repeated_4grams": rep, "new_tokens": r.new_tokens,
             "peak_tokens_per_head": r.peak_tokens_per_head, "positions": r.positions,
@@ -186,7 +195,7 @@ def _plot(result: dict, path: Path, context: int) -> None:
                 ylabel="perplexity per 1K block", yscale="log")
     for name, r in result.get("part2", {}).items():
         xs = [(i + 1) * block for i in range(len(r["ppl"]))]
-        axes[1].plot(xs, r["ppl"], "-o", ms=3, label=f"trimkv/{name}")
+        axes[1].plot(xs, r["ppl"], "-o", ms=3, label=_label(name))
     if two:
         axes[1].set(title="generated text, scored with a fresh full cache",
                     xlabel="generated tokens", ylabel="perplexity per 1K block", yscale="log")
@@ -195,6 +204,10 @@ def _plot(result: dict, path: Path, context: int) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _label(mode: str) -> str:
+    return "full cache" if mode == "full" else f"trimkv/{mode}"
 
 
 def _table(result: dict) -> str:
@@ -207,20 +220,21 @@ def _table(result: dict) -> str:
     out = "\n".join(lines)
     if "part2" in result:
         p2 = result["part2"]
-        rows = ["| block (generated tokens) | ppl absolute | ppl rolling | repeated 4-grams "
-                "absolute | repeated 4-grams rolling |", "|---|---|---|---|---|"]
-        empty = {"ppl": [], "repeated_4grams": []}
-        a, r = p2.get("absolute", empty), p2.get("rolling", empty)
+        modes = list(p2)
+        rows = ["| block (generated tokens) | " + " | ".join(f"ppl {_label(m)}" for m in modes)
+                + " | " + " | ".join(f"repeated 4-grams {_label(m)}" for m in modes) + " |",
+                "|---" * (2 * len(modes) + 1) + "|"]
 
         def cell(xs, i, fmt):
-            return format(xs[i], fmt) if i < len(xs) else "not run"
+            return format(xs[i], fmt) if i < len(xs) else "-"
 
-        for i in range(max(len(a["ppl"]), len(r["ppl"]))):
-            rows.append(f"| {i * block}-{(i + 1) * block} | {cell(a['ppl'], i, '.2f')} | "
-                        f"{cell(r['ppl'], i, '.2f')} | {cell(a['repeated_4grams'], i, '.3f')} | "
-                        f"{cell(r['repeated_4grams'], i, '.3f')} |")
-        runs = "; ".join(f"{k}: {v['new_tokens']} tokens, {v['decode_tok_s']} tok/s, peak "
-                         f"{v['peak_tokens_per_head']} tokens/head"
+        for i in range(max(len(v["ppl"]) for v in p2.values())):
+            rows.append(f"| {i * block}-{(i + 1) * block} | "
+                        + " | ".join(cell(p2[m]["ppl"], i, ".2f") for m in modes) + " | "
+                        + " | ".join(cell(p2[m]["repeated_4grams"], i, ".3f") for m in modes)
+                        + " |")
+        runs = "; ".join(f"{_label(k)}: {v['new_tokens']} tokens, {v['decode_tok_s']} tok/s, "
+                         f"peak {v['peak_tokens_per_head']} tokens/head"
                          for k, v in p2.items())
         ctx = result["context"]
         summary = []
@@ -231,12 +245,16 @@ def _table(result: dict) -> str:
             def mean(xs, idx):
                 return sum(xs[i] for i in idx) / len(idx) if idx else float("nan")
 
-            summary.append(f"{k}: mean block perplexity {mean(v['ppl'], before):.2f} inside the "
-                           f"context vs {mean(v['ppl'], after):.2f} past it, repeated 4-grams "
-                           f"{mean(v['repeated_4grams'], before):.2f} vs "
-                           f"{mean(v['repeated_4grams'], after):.2f}")
+            line = (f"{_label(k)}: mean block perplexity {mean(v['ppl'], before):.2f} inside "
+                    f"the context")
+            reps = f"repeated 4-grams {mean(v['repeated_4grams'], before):.2f}"
+            if after:
+                line += f" vs {mean(v['ppl'], after):.2f} past it"
+                reps += f" vs {mean(v['repeated_4grams'], after):.2f}"
+            summary.append(f"{line}, {reps}")
         penalty = result.get("repetition_penalty", 1.0)
-        out += (f"\n\nGeneration (TRIM-KV, M={result['budget']}, sampled T=0.7 top-p 0.9 seed 0"
+        out += (f"\n\nGeneration (TRIM-KV at M={result['budget']}, and the full cache up to the "
+                f"context where run; sampled T=0.7 top-p 0.9 seed 0"
                 + (f", repetition penalty {penalty}" if penalty != 1.0 else "") + "; "
                 f"each block scored with a fresh full cache over the {result.get('lookback')} "
                 f"tokens before it, positions restarted): {runs}. Summary: "
@@ -260,6 +278,9 @@ def main() -> None:
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--part2-only", action="store_true",
                     help="keep part 1 from the saved --json, run the generation")
+    ap.add_argument("--part2-modes", default=",".join(PART2),
+                    help=f"comma-separated modes of part 2 to run, of {', '.join(PART2)}; with "
+                         "--part2-only the saved modes not run again are kept")
     ap.add_argument("--jobs", type=int, default=1,
                     help="run the configurations in this many one-thread processes (2 on 2 cores)")
     ap.add_argument("--json", type=Path, default=None,
@@ -269,6 +290,10 @@ def main() -> None:
     ap.add_argument("--from-json", action="store_true",
                     help="render the saved --json (no model runs), e.g. after a stopped run")
     args = ap.parse_args()
+    args.part2_modes = [m.strip() for m in args.part2_modes.split(",") if m.strip()]
+    bad = [m for m in args.part2_modes if m not in PART2]
+    if bad or not args.part2_modes:
+        ap.error(f"--part2-modes takes modes of {', '.join(PART2)}; got {bad or 'none'}.")
     if args.json is None:
         kept = args.write_results or args.from_json or args.part2_only
         args.json = (ROOT / "docs" / "data" if kept else ROOT / "runs") / "past_context.json"
@@ -284,6 +309,9 @@ def main() -> None:
     body = "\n".join([
         "## Past the model's context: absolute vs rolling positions", "",
         (f"Part 1 command: `{result['command_part1']}`  " if result.get("command_part1") else ""),
+        *(f"Part 2 {_label(k)} command: `{v['command']}`  "
+          for k, v in result.get("part2", {}).items()
+          if v.get("command") not in (None, result.get("command"))),
         f"Command: `{result.get('command') or command()}`"
         + (f" (rendered from its JSON by `{command()}`)  " if args.from_json else "  "),
         f"Machine: {result.get('machine') or machine()}", "",
@@ -304,25 +332,34 @@ def run(args) -> tuple[dict, int]:
               "buffer": args.buffer, "context": context, "gates": gates.digest(),
               "machine": machine(), "command": command()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    kept = {}
     if args.part2_only:
         if not args.json.is_file():
             sys.exit(f"--part2-only keeps part 1 from {args.json}, which does not exist: run "
                      "without --part2-only (or pass the saved --json).")
         saved = json.loads(args.json.read_text())
         args.block = result["block"] = saved["block"]  # part 2's blocks match part 1's
-        result["part1"], result["command_part1"] = saved["part1"], saved.get("command")
+        result["part1"] = saved["part1"]
+        result["command_part1"] = saved.get("command_part1") or saved.get("command")
+        same = all(saved.get(k) == v for k, v in (
+            ("repetition_penalty", args.repetition_penalty), ("lookback", args.lookback),
+            ("gates", result["gates"]), ("budget", args.budget)))
+        kept = {k: v for k, v in saved.get("part2", {}).items()
+                if k not in args.part2_modes} if same else {}
+        for v in kept.values():  # each generation keeps the command that produced it
+            v.setdefault("command", saved.get("command"))
     else:
         result["part1"] = {"tokens": len(_text_ids(args))}
     tasks = [] if args.part2_only else [("part1", n) for n in PART1]
     if not args.skip_generation:
         result["lookback"] = args.lookback
         result["repetition_penalty"] = args.repetition_penalty
-        result["part2"] = {}
-        tasks = [("part2", n) for n in PART2] + tasks  # the long ones first
+        result["part2"] = kept if args.part2_only else {}
+        tasks = [("part2", n) for n in args.part2_modes] + tasks  # the long ones first
 
     def done(part, name, out, seconds):
         if part == "part2":
-            out["seconds"] = seconds
+            out["seconds"], out["command"] = seconds, result["command"]
         result[part][name] = out
         print(f"{part} {name}: {seconds}s", flush=True)
         args.json.write_text(json.dumps(result, indent=1))

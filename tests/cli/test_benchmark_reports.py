@@ -39,3 +39,23 @@ def test_sink_probe_report_counts_the_sink_layers_that_keep_token_0():
     md = p.render(res)
     assert "| 1 | 0.50 | 1 / 0e+00 |" in md
     assert "token 0 within the top 32 in 1 of the 2 layers" in md
+
+
+def test_past_context_report_shows_the_full_cache_generation_beside_trimkv():
+    """past_context.py part 2 with the full cache (up to the context) beside TRIM-KV's two position
+    modes: one column per mode, blocks a mode did not reach marked, the full cache summarised
+    inside the context only."""
+    p = load_benchmark("past_context")
+    gen = lambda ppl, rep: {"ppl": ppl, "repeated_4grams": rep, "new_tokens": 1024 * len(ppl),  # noqa: E731
+                            "decode_tok_s": 5.0, "peak_tokens_per_head": 272}
+    res = {"block": 1024, "budget": 256, "context": 2048, "lookback": 2048,
+           "repetition_penalty": 1.1, "part1": {"tokens": 2048, "full": [8.0, 9.0]},
+           "part2": {"full": gen([4.0, 2.0], [0.1, 0.5]),
+                     "absolute": gen([4.5, 2.5, 30.0], [0.1, 0.4, 0.2]),
+                     "rolling": gen([4.4, 2.4, 1.0], [0.1, 0.4, 1.0])}}
+    md = p._table(res)
+    assert ("| block (generated tokens) | ppl full cache | ppl trimkv/absolute | ppl trimkv/rolling"
+            " | repeated 4-grams full cache |") in md
+    assert "| 2048-3072 | - | 30.00 | 1.00 | - | 0.200 | 1.000 |" in md
+    assert "full cache: mean block perplexity 3.00 inside the context, repeated 4-grams 0.30;" in md
+    assert "trimkv/absolute: mean block perplexity 3.50 inside the context vs 30.00 past it" in md

@@ -151,6 +151,40 @@ def test_sweep_store_resumes_without_rerunning_and_refuses_other_settings(model,
         sweep.fidelity_sweep(model, ByteTokenizer(), _windows(3), store=store, **kw)
 
 
+def test_regimes_run_in_separate_stores_merge_into_one_sweep(model, tmp_path, monkeypatch):
+    """fidelity_sweep.py --merge-store: regimes run in two processes, each with its own store,
+    then merged; the whole sweep reruns nothing and equals one run of both regimes. A store of
+    other windows is refused."""
+    from kvbound.eval import sweep
+    from tests.helpers import load_benchmark
+
+    bench = load_benchmark("fidelity_sweep")
+    kw = dict(budgets=[8], buffer=4, methods=["trimkv", "streaming"], progress=False)
+    whole = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2), regimes=(0, 4), **kw)
+    for sinks in (0, 4):
+        sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2), regimes=(sinks,),
+                             store=tmp_path / f"s{sinks}.json", **kw)
+    store = tmp_path / "merged.json"
+    bench.merge_stores(store, [tmp_path / "s0.json", tmp_path / "s4.json"])
+
+    def refuse(*a, **k):
+        raise AssertionError("a merged (regime, method) ran again")
+
+    monkeypatch.setattr(sweep, "run_fidelity", refuse)
+    merged = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2), regimes=(0, 4),
+                                  store=store, **kw)
+    for sinks in ("0", "4"):
+        assert merged["regimes"][sinks]["comparisons"] == whole["regimes"][sinks]["comparisons"]
+    assert merged["across"] == whole["across"]
+    monkeypatch.undo()
+    sweep.fidelity_sweep(model, ByteTokenizer(), _windows(3), regimes=(0,),
+                         store=tmp_path / "other.json", **kw)
+    with pytest.raises(SystemExit, match="other windows or settings"):
+        bench.merge_stores(store, [tmp_path / "other.json"])
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.merge_stores(store, [tmp_path / "missing.json"])
+
+
 def test_deferred_output_head_gives_the_logits_of_the_plain_path(model):
     """One output projection over the collected hidden states = the logits chunk by chunk."""
     from kvbound.eval import fidelity
