@@ -42,8 +42,16 @@ def main(run: str, name: str) -> None:
         f"```\n{t.get('command')}\n```",
         "",
         f"- steps: {t['steps_done']}, tokens: {t['tokens']}, wall time (sum of step times): "
-        f"{t['wall_seconds'] / 60:.1f} min on {torch.get_num_threads()} CPU threads",
+        f"{t['wall_seconds'] / 60:.1f} min"
+        + (f" on {t['threads']} CPU thread(s)" if t.get("threads") else "")
+        + (", bf16 autocast" if t.get("bf16_autocast") else ", fp32"),
         f"- data spec: `{cfg['data']}` (seed {cfg['seed']}), sequence length {cfg['seq_len']}",
+        "- objective: " + ("attention-rank (the gates' eviction ranking fitted to the frozen "
+                           f"model's future attention: horizon {cfg['rank_horizon']}, decision "
+                           f"every {cfg['rank_stride']} tokens, every {cfg['rank_query_step']}th "
+                           "query; kvbound.train.rank_loss)"
+                           if cfg.get("objective") == "attention-rank" else
+                           "distillation through the soft decay (the paper's)"),
         f"- training memory M = {cfg['memory_size']}, gate width I = {cfg['intermediate_size']}, "
         f"bias init {cfg['bias_init']}, lr {cfg['lr']}, warmup {cfg['warmup_steps']}, "
         f"lambda_cap {cfg['lambda_cap']} ({cfg['cap_variant']} capacity loss), quality "
@@ -91,10 +99,11 @@ def plot(log, path: Path) -> None:
 
     steps = [r["step"] for r in log]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, key in zip(axes, ("kl", "ntp", "cap")):
+    rank = "rank" in log[0]  # --objective attention-rank: listwise KL and ListNet loss, no NTP
+    for ax, key in zip(axes, ("kl", "rank" if rank else "ntp", "cap")):
         ax.plot(steps, [r[key] for r in log], alpha=0.3)
         ax.plot(steps, smooth([r[key] for r in log]), linewidth=2)
-        ax.set_title(key)
+        ax.set_title("listwise KL" if rank and key == "kl" else key)
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -59,3 +59,14 @@ def test_past_context_report_shows_the_full_cache_generation_beside_trimkv():
     assert "| 2048-3072 | - | 30.00 | 1.00 | - | 0.200 | 1.000 |" in md
     assert "full cache: mean block perplexity 3.00 inside the context, repeated 4-grams 0.30;" in md
     assert "trimkv/absolute: mean block perplexity 3.50 inside the context vs 30.00 past it" in md
+
+
+def test_ship_gates_plots_the_curves_of_either_objective(tmp_path):
+    """ship_gates.py's loss curve: distillation logs (kl, ntp, cap) and attention-rank logs (kl,
+    rank, cap; no ntp) both plot."""
+    s = load_benchmark("ship_gates")
+    distill = [{"step": i, "kl": 1.0 / (i + 1), "ntp": 2.0, "cap": 0.1} for i in range(3)]
+    rank = [{"step": i, "kl": 2.0 / (i + 1), "rank": 4.0, "cap": 0.1} for i in range(3)]
+    for name, log in (("d.png", distill), ("r.png", rank)):
+        s.plot(log, tmp_path / name)
+        assert (tmp_path / name).stat().st_size > 1000
