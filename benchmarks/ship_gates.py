@@ -72,7 +72,8 @@ def main(run: str, name: str) -> None:
            "this directory)"] if t.get("init_gates") else []),
         f"- final losses (last step): {json.dumps(t['final'])}",
         f"- recommended at inference: {json.dumps(gates.metadata.recommended)}",
-        f"- weights digest: {gates.digest()} (stored as fp16)",
+        f"- weights digest: {RetentionGates.load(dest, model).digest()} (of the fp16 weights "
+        f"stored here, as results report it; {gates.digest()} in the run's fp32)",
         "",
         "![loss curve](loss_curve.png)",
         "",
