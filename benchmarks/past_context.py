@@ -206,6 +206,15 @@ def _plot(result: dict, path: Path, context: int) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _other_commands(result: dict) -> list[str]:
+    """Lines naming the commands of part 2's modes kept from an earlier run (grouped)."""
+    by: dict[str, list[str]] = {}
+    for k, v in result.get("part2", {}).items():
+        if v.get("command") not in (None, result.get("command")):
+            by.setdefault(v["command"], []).append(_label(k))
+    return [f"Part 2 {', '.join(modes)} command: `{cmd}`  " for cmd, modes in by.items()]
+
+
 def _label(mode: str) -> str:
     return "full cache" if mode == "full" else f"trimkv/{mode}"
 
@@ -309,9 +318,7 @@ def main() -> None:
     body = "\n".join([
         "## Past the model's context: absolute vs rolling positions", "",
         (f"Part 1 command: `{result['command_part1']}`  " if result.get("command_part1") else ""),
-        *(f"Part 2 {_label(k)} command: `{v['command']}`  "
-          for k, v in result.get("part2", {}).items()
-          if v.get("command") not in (None, result.get("command"))),
+        *_other_commands(result),
         f"Command: `{result.get('command') or command()}`"
         + (f" (rendered from its JSON by `{command()}`)  " if args.from_json else "  "),
         f"Machine: {result.get('machine') or machine()}", "",
