@@ -173,23 +173,14 @@ def main() -> None:
 
 
 def merge_stores(store: Path, others: list[Path]) -> None:
-    """Add the finished (group, regime, method) results of ``others`` to ``store``; all must hold
-    the same windows and settings (the sweep checks the fingerprint when it loads ``store``)."""
-    from kvbound.io import atomic_write_json
+    """``--merge-store``: :func:`kvbound.eval.sweep.merge_stores`, its errors as CLI messages."""
+    from kvbound.errors import KVBoundError
+    from kvbound.eval.sweep import merge_stores as merge
 
-    merged = json.loads(store.read_text()) if store.exists() else None
-    for path in others:
-        if not path.is_file():
-            sys.exit(f"--merge-store {path}: no such file.")
-        saved = json.loads(path.read_text())
-        if merged is None:
-            merged = {"fingerprint": saved["fingerprint"], "done": {}}
-        if saved["fingerprint"] != merged["fingerprint"]:
-            sys.exit(f"--merge-store {path} holds a sweep of other windows or settings than "
-                     f"{store}.")
-        merged["done"].update(saved["done"])
-    store.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(store, merged)
+    try:
+        merge(store, others)
+    except KVBoundError as e:
+        sys.exit(str(e))
 
 
 def _ci(x: float, ci: list[float], fmt: str = ".4f") -> str:

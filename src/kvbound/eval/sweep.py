@@ -135,6 +135,24 @@ def _save_store(store: Path | None, fingerprint: dict, done: dict) -> None:
         atomic_write_json(store, {"fingerprint": fingerprint, "done": done})
 
 
+def merge_stores(store: Path, others: list[Path]) -> None:
+    """Add the finished (group, regime, method) results of the stores ``others`` to ``store``
+    (e.g. regimes run in parallel processes); all must hold the same windows and settings."""
+    merged = json.loads(store.read_text()) if store.exists() else None
+    for path in others:
+        if not path.is_file():
+            raise KVBoundError(f"--merge-store {path}: no such file.")
+        saved = json.loads(path.read_text())
+        if merged is None:
+            merged = {"fingerprint": saved["fingerprint"], "done": {}}
+        if saved["fingerprint"] != merged["fingerprint"]:
+            raise KVBoundError(f"--merge-store {path} holds a sweep of other windows or settings "
+                               f"than {store}.")
+        merged["done"].update(saved["done"])
+    store.parent.mkdir(parents=True, exist_ok=True)
+    _save_store(store, merged["fingerprint"], merged["done"])
+
+
 def add_intervals(row: dict) -> None:
     """Bootstrap CIs over windows of KL, top-1 agreement and the perplexity ratio."""
     row["kl_ci"] = list(bootstrap_mean_ci(row["kl_per_window"]))
