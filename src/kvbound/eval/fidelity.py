@@ -35,6 +35,9 @@ from kvbound.progress import progress_bar
 PROTOCOLS = ("decode", "context")
 #: default windows per batch: as many as make this many tokens
 TOKENS_PER_BATCH = 16384
+#: the future-attention oracle (:mod:`kvbound.policies.oracle`): a method of fidelity runs only,
+#: since it reads the text's future (its ``horizon`` override sets the tables' horizon)
+ORACLE = "oracle"
 
 
 @dataclass
@@ -169,6 +172,7 @@ def run_fidelity(
     ``methods`` entries may be plain method names or ``(label, method, overrides)`` tuples, where
     ``overrides`` may set ``gates``, ``sinks``, ``max_windows`` (score only the first N windows,
     for weaker baselines in long sweeps) and policy settings (e.g. ``window``) for that entry.
+    The method :data:`ORACLE` is the future-attention oracle, built from each group's ids.
     Every row records the cache's :meth:`~kvbound.cache.EvictionCache.settings` and its
     per-window values, in window order (so two rows pair window by window). ``reference`` (a
     dict) keeps the full-cache log-probs of each group between calls on the same windows.
@@ -177,6 +181,8 @@ def run_fidelity(
     against 4.5 s at 8 and 3.7 s at 32; log-probs of B x T positions are kept, so memory grows
     with B x T).
     """
+    from kvbound.cache import EvictionCache
+    from kvbound.eval.oracle import oracle_policy
     from kvbound.generation import build_cache
     from kvbound.hooks import get_state
 
@@ -185,6 +191,7 @@ def run_fidelity(
     specs = [m if isinstance(m, tuple) else (m, m, {}) for m in methods]
     torch.manual_seed(seed)
     rows: dict[tuple[str, int], list[dict]] = {}
+    oracles: dict[tuple, object] = {}  # the future-attention oracle of the current group
     peaks: dict[tuple[str, int], int] = {}
     meta: dict[tuple[str, int], dict] = {}
     if not windows:
@@ -224,6 +231,19 @@ def run_fidelity(
                     if method == "full":
                         ours, peak = full[:, start:], ids.shape[1]
                         info = {"sinks": None, "gates": None, "settings": None}
+                    elif method == ORACLE:
+                        okey = (memo, sub_ids.shape[0], over.get("horizon"))
+                        if okey not in oracles:
+                            oracles.clear()  # one group at a time
+                            oracles[okey] = oracle_policy(model, sub_ids, stride=max(buffer, 1),
+                                                          horizon=over.get("horizon"))
+                        cache = EvictionCache(model, oracles[okey], budget=budget, buffer=buffer,
+                                              sinks=over.get("sinks", sinks))
+                        ours = bounded_logprobs(model, sub_ids, cache, protocol=protocol,
+                                                buffer=buffer, context_len=context_len,
+                                                keep_from=start)
+                        peak = cache.stats().peak_tokens_per_head
+                        info = {"sinks": cache.sinks, "settings": cache.settings(), "gates": None}
                     else:
                         cache, used, sinks_used = build_cache(
                             model, method, budget=budget, buffer=buffer,
@@ -293,6 +313,7 @@ def merge_results(parts: list[dict]) -> dict:
     if not parts:
         raise KVBoundError("Nothing to merge: no fidelity results given.")
     rows: dict[tuple[str, int], list[dict]] = {}
+    oracles: dict[tuple, object] = {}  # the future-attention oracle of the current group
     for part in parts:
         for r in part["results"]:
             rows.setdefault((r["label"], r["budget"]), []).append(r)

@@ -1,0 +1,56 @@
+"""Future-attention oracle: an eviction score that knows what the full model will attend to.
+
+Not a method users can run (it reads the future); a reference for evaluation only. At a decision
+time ``t`` it scores each resident key ``i`` by the attention the full-cache model's later queries
+give it, ``F_t(i) = sum_{t' = t}^{t + W - 1} mean_{query heads of the KV head} A[t', i]`` (the
+target the attention-rank objective trains the gates on, :mod:`kvbound.train.rank_loss`), with
+``W`` the horizon (the rest of the text by default). A learned score that ranks tokens once, when
+they are created, can at best approach it, so its KL bounds what better gates could gain under
+the same cache rules (budget, buffer, sinks): ``benchmarks/oracle_headroom.py``. It is a strong
+heuristic bound, not the optimum: the optimal set under a budget is combinatorial, and the
+bounded cache's own attention drifts from the full model's.
+
+The tables come from :func:`kvbound.eval.oracle.future_attention_tables` for the very token ids
+the cache is fed (no padding); decision times between two tabled times use the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from kvbound.errors import KVBoundError
+from kvbound.policies.base import Policy
+
+
+@dataclass
+class FutureAttentionOracle(Policy):
+    """Keep the tokens the full model's future queries attend to most (evaluation only)."""
+
+    name: ClassVar[str] = "oracle"
+    #: layer index -> (B, H_kv, J, T) future attention at decision times 0, stride, 2 stride, ...
+    tables: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: tokens between two tabled decision times
+    stride: int = 16
+    #: the tables' horizon W (None: the rest of the text), recorded in results
+    horizon: int | None = None
+
+    def score(self, layer) -> torch.Tensor:
+        table = self.tables.get(layer.layer_idx)
+        if table is None:
+            raise KVBoundError(f"The oracle has no future-attention table for layer "
+                               f"{layer.layer_idx}: build it from the ids this cache is fed.")
+        b, h, j_max, t_max = table.shape
+        pos = layer.positions  # (B, H, n), -1 = padding (the cache scores it -inf anyway)
+        if pos.shape[0] != b or pos.shape[1] != h:
+            raise KVBoundError(f"The oracle's tables hold {b} rows x {h} KV heads; the cache "
+                               f"holds {pos.shape[0]} x {pos.shape[1]}.")
+        seen = layer.row_seen  # (B,) the next token's position = the decision time
+        j = ((seen + self.stride - 1) // self.stride).clamp(max=j_max - 1)
+        rows = table[torch.arange(b, device=table.device), :, j]  # (B, H, T)
+        return rows.gather(-1, pos.clamp(0, t_max - 1)).float()
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "stride": self.stride, "horizon": self.horizon}

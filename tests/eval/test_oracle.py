@@ -1,0 +1,99 @@
+"""The future-attention oracle: its tables equal the model's own attention, its cache keeps what
+the tables rank highest, and at a budget that holds everything it is the full cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvbound.cache import EvictionCache
+from kvbound.errors import KVBoundError
+from kvbound.eval.fidelity import ORACLE, Window, bounded_logprobs, run_fidelity
+from kvbound.eval.oracle import future_attention_tables, oracle_policy
+from kvbound.testing import ByteTokenizer, tiny_model
+from tests.oracle import EvictionSpy
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", seed=3)
+
+
+def _ids(b=2, t=40, seed=0):
+    return torch.randint(3, 120, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _eager_future(model, ids, times, horizon):
+    """The same sums from transformers' eager attention weights, computed independently."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = model(input_ids=ids, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    h_kv = model.config.num_key_value_heads
+    out = {}
+    for layer, a in enumerate(att):  # (B, Hq, T, T)
+        b, hq, t, _ = a.shape
+        a = a.view(b, h_kv, hq // h_kv, t, t).mean(2)
+        out[layer] = torch.stack([a[:, :, s:min(s + horizon, t)].sum(2) for s in times], 2)
+    return out
+
+
+@pytest.mark.parametrize("horizon", [None, 7])
+def test_tables_are_the_models_future_attention(model, horizon):
+    ids = _ids()
+    tables = future_attention_tables(model, ids, stride=8, horizon=horizon)
+    times = [min(s, 40) for s in range(0, 40 + 8, 8)]  # J = ceil(T / stride) + 1
+    want = _eager_future(model, ids, times, horizon or 40)
+    assert sorted(tables) == sorted(want)
+    for layer, table in tables.items():
+        assert table.shape == (2, model.config.num_key_value_heads, len(times), 40)
+        torch.testing.assert_close(table, want[layer], atol=1e-5, rtol=1e-4)
+        # every query's attention sums to one: the mass at time s is the number of its queries
+        mass = torch.tensor([min(horizon or 40, 40 - s) for s in times], dtype=torch.float32)
+        torch.testing.assert_close(table.sum(-1), mass.expand_as(table.sum(-1)), atol=1e-4,
+                                   rtol=1e-5)
+
+
+def test_oracle_cache_keeps_the_top_future_attention(model):
+    """Every eviction keeps the cache's keep rule applied to the tables' scores at that time."""
+    ids = _ids(seed=1)
+    policy = oracle_policy(model, ids, stride=4)
+    cache = EvictionCache(model, policy, budget=8, buffer=4, sinks=0)
+    spy = EvictionSpy().install(cache)
+    seen_scores = []
+    score = policy.score
+
+    def recording(layer):
+        s = score(layer)
+        j = min((int(layer.row_seen[0]) + 3) // 4, policy.tables[layer.layer_idx].shape[2] - 1)
+        want = policy.tables[layer.layer_idx][0, :, j].gather(-1, layer.positions[0].clamp(0))
+        assert torch.equal(s[0], want)
+        seen_scores.append(j)
+        return s
+
+    policy.score = recording
+    bounded_logprobs(model, ids, cache, protocol="decode", buffer=4)
+    assert spy.checked > 0 and len(set(seen_scores)) > 3
+    assert cache.stats().peak_tokens_per_head <= 8 + 4
+
+
+def test_oracle_with_room_for_everything_is_the_full_cache(model):
+    windows = [Window(f"w{i}", _ids(1, 56, seed=i)[0]) for i in range(2)]
+    # budget 40 + buffer 16 hold all 56 tokens: nothing is ever evicted
+    res = run_fidelity(model, ByteTokenizer(), windows, methods=[ORACLE], budgets=[40],
+                       sinks=0, progress=False)
+    (row,) = res["results"]
+    assert row["kl_mean"] < 1e-6 and row["peak_tokens_per_head"] == 56
+    assert row["settings"]["policy"] == {
+        "policy": "oracle", "stride": 16, "horizon": None}
+
+
+def test_oracle_refuses_tables_of_other_ids(model):
+    policy = oracle_policy(model, _ids(1, 24), stride=4)
+    cache = EvictionCache(model, policy, budget=8, buffer=4, sinks=0)
+    with pytest.raises(KVBoundError, match="tables hold 1 rows"):
+        bounded_logprobs(model, _ids(2, 24), cache, protocol="decode", buffer=4)
+    with pytest.raises(KVBoundError, match="horizon must be"):
+        future_attention_tables(model, _ids(1, 24), horizon=0)
