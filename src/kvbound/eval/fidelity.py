@@ -313,7 +313,6 @@ def merge_results(parts: list[dict]) -> dict:
     if not parts:
         raise KVBoundError("Nothing to merge: no fidelity results given.")
     rows: dict[tuple[str, int], list[dict]] = {}
-    oracles: dict[tuple, object] = {}  # the future-attention oracle of the current group
     for part in parts:
         for r in part["results"]:
             rows.setdefault((r["label"], r["budget"]), []).append(r)
