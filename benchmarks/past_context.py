@@ -348,11 +348,15 @@ def run(args) -> tuple[dict, int]:
         args.block = result["block"] = saved["block"]  # part 2's blocks match part 1's
         result["part1"] = saved["part1"]
         result["command_part1"] = saved.get("command_part1") or saved.get("command")
-        same = all(saved.get(k) == v for k, v in (
+        differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in (
             ("repetition_penalty", args.repetition_penalty), ("lookback", args.lookback),
-            ("gates", result["gates"]), ("budget", args.budget)))
-        kept = {k: v for k, v in saved.get("part2", {}).items()
-                if k not in args.part2_modes} if same else {}
+            ("gates", result["gates"]), ("budget", args.budget)) if saved.get(k) != v]
+        others = [k for k in saved.get("part2", {}) if k not in args.part2_modes]
+        if differ and others:  # their rows were made under other settings: not comparable
+            print(f"--part2-only: dropping the saved part-2 modes {', '.join(others)} (made with "
+                  f"other settings: {'; '.join(differ)}); run them again with --part2-modes.",
+                  file=sys.stderr)
+        kept = {k: saved["part2"][k] for k in others} if not differ else {}
         for v in kept.values():  # each generation keeps the command that produced it
             v.setdefault("command", saved.get("command"))
     else:
