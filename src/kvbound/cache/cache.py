@@ -25,7 +25,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from kvbound.architectures import evicted_layers, layer_types, model_fingerprint, text_config
 from kvbound.cache import layer as eviction_layer
-from kvbound.cache.layer import EvictionLayer
+from kvbound.cache.layer import EvictionLayer, keep_order
+from kvbound.cache.pooled import PooledEvictionLayer, check_scope
 from kvbound.cache.positions import RollingPositions, check_mode, check_rolling_support
 from kvbound.cache.static import StaticDecode, StaticEvictionLayer, check_static_support
 from kvbound.cache.stats import CacheStats, kv_bytes, new_timings
@@ -57,6 +58,14 @@ class EvictionCache(Cache):
         inside the cache, StreamingLLM's remedy for runs past the model's context) or ``"auto"``
         (absolute until the run would pass ``max_position_embeddings``, then rolling). See
         :mod:`kvbound.cache.positions`.
+    budget_scope:
+        Who shares the budget: ``"head"`` (M tokens per layer and KV head), ``"layer"`` (the
+        M x H_kv tokens of a layer shared by its heads) or ``"global"`` (M x H_kv x L shared by
+        every head of every evicted layer). Same bytes in all three; the pooled scopes store the
+        heads packed (:mod:`kvbound.cache.pooled`) and accept the policies whose scores are
+        comparable across heads (``kvbound.cache.pooled.POOLED_POLICIES``).
+    min_per_head:
+        Pooled scopes: every KV head keeps at least this many tokens (its best-scored ones).
 
     Usage::
 
@@ -67,7 +76,8 @@ class EvictionCache(Cache):
 
     def __init__(self, model: nn.Module, policy: Policy | str = "trimkv", *, budget: int = 256,
                  buffer: int = 32, sinks: int | None = None, static: bool = False,
-                 positions: str = "auto", **policy_kwargs) -> None:
+                 positions: str = "auto", budget_scope: str = "head", min_per_head: int = 0,
+                 **policy_kwargs) -> None:
         from kvbound.hooks import ensure_attached
 
         check_int("budget", budget, minimum=1)
@@ -86,6 +96,8 @@ class EvictionCache(Cache):
                 "with `kvbound train`) before building the cache."
             )
         self.budget, self.buffer, self.sinks, self.static = budget, buffer, sinks, static
+        self.budget_scope, self.min_per_head = budget_scope, min_per_head
+        check_scope(budget_scope, min_per_head, budget, self.policy, static, positions)
         fp = model_fingerprint(model)
         self._head_dim, self._kv_heads = fp["head_dim"], fp["num_kv_heads"]
         self.evicted = evicted_layers(model)
@@ -99,12 +111,14 @@ class EvictionCache(Cache):
         super().__init__(layers=self._build_layers(kinds, budgets, cfg))
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self._seen_total, self._warned = 0, False
-        self.rolling = self._rolling_positions(positions, model, kinds, set(budgets.values()))
+        self.rolling = (None if budget_scope != "head" else
+                        self._rolling_positions(positions, model, kinds, set(budgets.values())))
         self.positions_mode = positions
         #: position ids the model pre-hook hands to the model (rolling positions), else None
         self.position_ids: torch.Tensor | None = None
         self._new: tuple | None = None
         self._row_seen: torch.Tensor | None = None
+        self._global_held: int | None = None  # global scope: slots of the fullest row
         self.timings = new_timings()
         for layer in self.eviction_layers:
             layer.timings = self.timings
@@ -127,6 +141,11 @@ class EvictionCache(Cache):
         for i, kind in enumerate(kinds):
             if kind != "full_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
+            elif self.budget_scope != "head":
+                layers.append(PooledEvictionLayer(
+                    i, budgets[i], self.buffer, self.policy, self.sinks, kv_heads=self._kv_heads,
+                    q_heads=cfg.num_attention_heads, min_per_head=self.min_per_head,
+                    coordinated=self.budget_scope == "global"))
             elif self._static is not None:
                 layers.append(StaticEvictionLayer(i, budgets[i], self.buffer, self.policy,
                                                   self.sinks, self._static))
@@ -209,6 +228,8 @@ class EvictionCache(Cache):
             self.begin_forward(None, b, q, hidden_states.device)
         self._new_used.add(layer_idx)
         valid, pos, count, all_valid = self._new
+        if self.budget_scope == "global" and layer_idx == self.evicted[0]:
+            self.evict_global_if_full(q)
         layer: EvictionLayer = self.layers[layer_idx]
         layer.prepare(valid, pos, count, all_valid, gate, hidden_states, queries)
         return layer.attention_mask(valid, hidden_states.dtype, all_valid)
@@ -242,9 +263,51 @@ class EvictionCache(Cache):
     # ---------------------------------------------------------------- control
     def compress_now(self) -> None:
         """Evict every layer down to its budget now (e.g. once after a context prefill)."""
+        if self.budget_scope == "global":
+            self.evict_global(self.global_pool)
+            return
         for layer in self.eviction_layers:
             if layer.is_initialized:
                 layer.evict(layer.budget)
+
+    # ---------------------------------------------------------------- global budget
+    @property
+    def global_pool(self) -> int:
+        """Slots a global-scope eviction keeps: M x H_kv x evicted layers."""
+        return sum(layer.pool for layer in self.eviction_layers)
+
+    def evict_global_if_full(self, q: int) -> None:
+        """Global scope, at the first evicted layer of a forward: evict every layer at once if
+        the new tokens would pass the pool plus one buffer per head."""
+        layers = self.eviction_layers
+        heads = len(layers) * self._kv_heads
+        if any(layer.frozen or not layer.is_initialized for layer in layers):
+            self._global_held = None
+            return
+        # slots of the fullest row (rows of a layer are padded to the longest, so the layers'
+        # sizes would make a row's evictions depend on the other rows of its batch)
+        held = sum(layer.n for layer in layers) if self._global_held is None else self._global_held
+        if held + q * heads > self.global_pool + self.buffer * heads and held > self.global_pool:
+            self.evict_global(self.global_pool)
+        if self._global_held is not None:
+            self._global_held += q * heads
+
+    def evict_global(self, keep: int) -> None:
+        """Keep the top-``keep`` slots per row over every head of every evicted layer (DBTrimKV,
+        arXiv 2605.09649), under each layer's rules (padding, sinks, min_per_head)."""
+        layers = [layer for layer in self.eviction_layers if layer.is_initialized]
+        if sum(layer.n for layer in layers) <= keep:
+            return
+        t0 = time.perf_counter()
+        scores = torch.cat([layer.keep_scores() for layer in layers], dim=-1)  # (B, 1, N)
+        kept = keep_order(scores, keep)[:, 0]  # (B, keep)
+        mask = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.bool,
+                           device=scores.device).scatter_(1, kept, True)
+        sizes = [layer.n for layer in layers]
+        for layer, part in zip(layers, mask.split(sizes, dim=1), strict=True):
+            layer.keep_mask(part)
+        self._global_held = int(mask.sum(-1).max())  # one host read per eviction
+        self.timings["evict"] += time.perf_counter() - t0
 
     def freeze(self, frozen: bool = True) -> None:
         """Stop (or resume) evicting: the cache then grows like a full cache."""
@@ -290,19 +353,26 @@ class EvictionCache(Cache):
                  "head_dim": self._head_dim,
                  "element_size": init[0].keys.element_size() if init else 2}
         seen = max((layer.seen for layer in ev), default=0)
+        h = self._kv_heads
         return CacheStats(
             seen_tokens=seen,
-            resident_tokens={layer.layer_idx: layer.n for layer in ev},
-            peak_tokens={layer.layer_idx: layer.peak for layer in ev},
-            peak_tokens_per_head=max((layer.peak for layer in ev), default=0),
-            kv_bytes=kv_bytes(sum(layer.n for layer in ev), **shape),
-            peak_kv_bytes=kv_bytes(sum(layer.peak for layer in ev), **shape),
+            resident_tokens={layer.layer_idx: layer.n * layer.heads_per_slot // h for layer in ev},
+            peak_tokens={layer.layer_idx: layer.peak * layer.heads_per_slot // h for layer in ev},
+            peak_tokens_per_head=max((layer.peak_per_head for layer in ev), default=0),
+            kv_bytes=kv_bytes(sum(layer.n * layer.heads_per_slot for layer in ev) // h, **shape),
+            peak_kv_bytes=kv_bytes(sum(layer.peak * layer.heads_per_slot for layer in ev) // h,
+                                   **shape),
             full_kv_bytes=kv_bytes(len(ev) * seen, **shape),
-            evicted_tokens=sum(layer.evicted_tokens for layer in ev),
+            evicted_tokens=sum(layer.evicted_tokens * layer.heads_per_slot for layer in ev) // h,
             evictions=sum(layer.evictions for layer in ev),
             kv_footprint=(sum(layer.resident_sum for layer in ev)
                           / max(sum(layer.seen_sum for layer in ev), 1)),
             budget=self.budget, buffer=self.buffer, sinks=self.sinks, policy=self.policy.name,
+            budget_scope=self.budget_scope,
+            allocated_kv_bytes=sum(layer.allocated_bytes for layer in ev),
+            kept_per_head={layer.layer_idx: [round(float(c), 2) for c in
+                                             layer.head_counts().float().mean(0)]
+                           for layer in init},
         )
 
     def settings(self) -> dict:
@@ -312,6 +382,7 @@ class EvictionCache(Cache):
         PyramidKV included, which only moves them between layers)."""
         return {"budget": self.budget, "buffer": self.buffer, "sinks": self.sinks,
                 "positions": self.positions_mode, "static": self.static,
+                "budget_scope": self.budget_scope, "min_per_head": self.min_per_head,
                 "policy": self.policy.describe(),
                 "evicted_layers": len(self.eviction_layers),
                 "layer_budget_total": sum(layer.budget for layer in self.eviction_layers)}

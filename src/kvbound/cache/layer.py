@@ -171,6 +171,28 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
     def valid(self) -> torch.Tensor:
         return self.positions >= 0
 
+    #: KV heads one slot index stands for (every head holds slot i; pooled layers: one)
+    @property
+    def heads_per_slot(self) -> int:
+        return self.keys.shape[1] if self.is_initialized else 0
+
+    @property
+    def peak_per_head(self) -> int:
+        """Most tokens any KV head held (every head holds ``n`` here)."""
+        return self.peak
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of this layer's key and value tensors (capacity, not only resident slots)."""
+        if not self.is_initialized:
+            return 0
+        return (self.keys.numel() * self.keys.element_size()
+                + self.values.numel() * self.values.element_size())
+
+    def head_counts(self) -> torch.Tensor:
+        """(B, H) real tokens held per row and KV head."""
+        return (self.positions >= 0).sum(-1)
+
     @property
     def log_beta(self) -> torch.Tensor:
         if "log_beta" not in self._state:
@@ -320,8 +342,33 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         n = self.n
         if n <= keep:
             return
-        self.flush_gates()
+        self.flush_gates()  # before the clock: gate time is charged to scoring inputs
         t0 = time.perf_counter()
+        pos = self.positions
+        kept = keep_order(self.keep_scores(), keep)
+        rolling = self.rolling is not None and self.rolling.active
+        old_pos = pos.clone() if rolling else None  # pos is a view that _compact overwrites
+        self._compact(kept)
+        if rolling:
+            self.rolling.after_compact(self, old_pos, kept)
+        if self.pad_resident and not defer_host_checks(self._pos.device):
+            self.pad_resident = bool((self._pos[:, :, :keep] < 0).any())
+        self.evicted_tokens += n - keep
+        self.evictions += 1
+        if self.timings is not None:
+            self.timings["evict"] += time.perf_counter() - t0
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """After a long full prefill, give the memory back."""
+        target = self.budget + self.buffer + self.last_chunk
+        if self.capacity > 2 * target:
+            self._realloc(target)
+
+    def keep_scores(self) -> torch.Tensor:
+        """The policy's scores (B, H, n) with the rules every policy shares: NaN caught,
+        padding -inf, the first ``sinks`` real tokens of each row +inf."""
+        self.flush_gates()
         scores = self.policy.score(self).float()
         nan = torch.isnan(scores)
         if defer_host_checks(scores.device):  # no host sync: flag it, evict NaN first
@@ -335,22 +382,7 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         if self.sinks:
             scores = torch.where((pos >= 0) & (pos < self.sinks),
                                  torch.full_like(scores, math.inf), scores)
-        kept = keep_order(scores, keep)
-        rolling = self.rolling is not None and self.rolling.active
-        old_pos = pos.clone() if rolling else None  # pos is a view that _compact overwrites
-        self._compact(kept)
-        if rolling:
-            self.rolling.after_compact(self, old_pos, kept)
-        if self.pad_resident and not defer_host_checks(self._pos.device):
-            self.pad_resident = bool((self._pos[:, :, :keep] < 0).any())
-        self.evicted_tokens += n - keep
-        self.evictions += 1
-        if self.timings is not None:
-            self.timings["evict"] += time.perf_counter() - t0
-        # after a long full prefill, give the memory back
-        target = self.budget + self.buffer + self.last_chunk
-        if self.capacity > 2 * target:
-            self._realloc(target)
+        return scores
 
     def take_nan_flag(self) -> bool:
         """Whether an eviction saw NaN scores since the last call (the deferred check of

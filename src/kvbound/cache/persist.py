@@ -68,6 +68,9 @@ def save_cache(cache, path: str | os.PathLike, extra: dict | None = None) -> Pat
     if cache.static:
         raise KVBoundError("A static (compiled) cache cannot be saved yet; build it with "
                            "static=False to save it.")
+    if cache.budget_scope != "head":
+        raise KVBoundError(f"A cache with budget_scope {cache.budget_scope!r} cannot be saved "
+                           "yet; build it with budget_scope='head' to save it.")
     model = cache._model_ref()
     if model is None:
         raise KVBoundError("The model this cache was built for is gone; save the cache while "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 def kv_bytes(tokens: int, *, batch: int, kv_heads: int, head_dim: int, element_size: int) -> int:
@@ -40,6 +40,12 @@ class CacheStats:
     buffer: int
     sinks: int
     policy: str
+    #: who shares the budget: "head", "layer" or "global" (EvictionCache's budget_scope)
+    budget_scope: str = "head"
+    #: bytes of the key/value tensors allocated now (kept tokens, buffer and slack)
+    allocated_kv_bytes: int = 0
+    #: per evicted layer, the real tokens each KV head holds now (mean over batch rows)
+    kept_per_head: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

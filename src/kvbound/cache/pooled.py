@@ -1,0 +1,252 @@
+"""PooledEvictionLayer: a layer whose KV heads share one budget (``budget_scope`` "layer" and
+"global", issue 18), so each head holds as many tokens as its scores earn.
+
+Per-head budgets after AdaKV (Feng et al., arXiv 2407.11550) and the global pool of DBTrimKV
+("Make Each Token Count", arXiv 2605.09649): TRIM-KV's retention scores are comparable across
+heads and layers, so one top-k over the pool spends the memory where the scores ask for it.
+
+Storage: the heads are packed along one slot axis, keys and values (B, 1, cap, d), and each slot
+carries its position (-1 = padding) and its KV head (the per-slot state ``"kv_head"``), so the
+bytes held are those of the kept tokens plus the buffer, not every head padded to the longest.
+A forward's q tokens append H x q slots, head-major. Attention gets the keys as a (B, H, S, d)
+broadcast view of the one packed tensor (no copy) and a mask that lets each query head see only
+its own KV head's slots (block-diagonal over heads): every query head scores all S slots of the
+layer, H times the per-head work at the same total, which is small at bounded sizes
+(docs/ARCHITECTURE.md, ``benchmarks/speed.py``). Rows of a batch keep the same number of slots
+in a layer (layer scope) or may differ (global scope: a row's surplus slots become padding).
+
+Layer scope: when the layer's slots would pass ``M x H + buffer x H``, keep the top ``M x H``
+per row over all its heads, under the rules of every policy (padding -inf, the first ``sinks``
+tokens of every head +inf, ties to the most recent) and, with ``min_per_head``, each head's best
+``min_per_head`` tokens protected. Global scope: the cache evicts every layer at once
+(:meth:`kvbound.cache.EvictionCache.evict_global`); the layers only store.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvbound.cache.layer import EvictionLayer
+from kvbound.errors import KVBoundError
+
+#: the per-slot state that names each slot's KV head
+HEAD_STATE = "kv_head"
+SCOPES = ("head", "layer", "global")
+#: policies whose scores compare across heads and layers: TRIM-KV's retention (a learned
+#: probability that the token is still needed, the premise of DBTrimKV), recency and random
+#: scores. Attention-based scores need a normalisation across heads (AdaKV's); not yet here.
+POOLED_POLICIES = ("trimkv", "streaming", "random")
+
+
+def check_scope(scope: str, min_per_head: int, budget: int, policy, static: bool,
+                positions: str) -> None:
+    """Errors, at construction, for a budget scope the cache cannot run."""
+    from kvbound.errors import check_int
+
+    if scope not in SCOPES:
+        raise KVBoundError(f"Unknown budget_scope {scope!r}; choose one of {', '.join(SCOPES)}.")
+    check_int("min_per_head", min_per_head, minimum=0)
+    if scope == "head":
+        if min_per_head:
+            raise KVBoundError("min_per_head applies to budget_scope 'layer' or 'global' (with "
+                               "'head' every head keeps exactly its budget).")
+        return
+    if min_per_head > budget:
+        raise KVBoundError(f"min_per_head ({min_per_head}) cannot exceed the budget per head "
+                           f"({budget}).")
+    if policy.name not in POOLED_POLICIES:
+        raise KVBoundError(f"budget_scope {scope!r} needs scores comparable across heads; "
+                           f"policy {policy.name!r} is not supported yet (use one of "
+                           f"{', '.join(POOLED_POLICIES)}, or budget_scope 'head').")
+    if static:
+        raise KVBoundError(f"budget_scope {scope!r} holds a different number of tokens per head; "
+                           "a static (compiled) cache needs budget_scope 'head'.")
+    if positions == "rolling":
+        raise KVBoundError(f"budget_scope {scope!r} keeps absolute positions; rolling positions "
+                           "need budget_scope 'head'.")
+
+
+class PooledEvictionLayer(EvictionLayer):
+    """One layer's K/V with its KV heads packed on one slot axis (budget shared by the heads)."""
+
+    def __init__(self, layer_idx: int, budget: int, buffer: int, policy, sinks: int, *,
+                 kv_heads: int, q_heads: int, min_per_head: int = 0,
+                 coordinated: bool = False):
+        super().__init__(layer_idx, budget, buffer, policy, sinks)
+        self.kv_heads, self.q_heads = kv_heads, q_heads
+        self.min_per_head = min_per_head
+        self.pool = budget * kv_heads  #: slots kept by a layer-scope eviction
+        self.coordinated = coordinated  #: the cache decides when and what to evict (global)
+        self.add_state(HEAD_STATE)
+        self._head_max = self._head_peak = 0  # tokens of the fullest head, now and at peak
+
+    @property
+    def heads_per_slot(self) -> int:
+        return 1
+
+    @property
+    def peak_per_head(self) -> int:
+        return self._head_peak
+
+    def _recount(self) -> None:
+        """The fullest head after an eviction (one host read)."""
+        self._head_max = int(self.head_counts().max()) if self.n else 0
+
+    # ---------------------------------------------------------------- views
+    @property
+    def slot_heads(self) -> torch.Tensor:
+        """(B, n) the KV head of each resident slot."""
+        return self._state[HEAD_STATE][:, 0, : self.n].long()
+
+    def head_counts(self) -> torch.Tensor:
+        """(B, H) real tokens held per row and KV head."""
+        real = (self._pos[:, 0, : self.n] >= 0).long()
+        out = torch.zeros(real.shape[0], self.kv_heads, dtype=torch.long, device=real.device)
+        return out.scatter_add_(1, self.slot_heads, real)
+
+    # ---------------------------------------------------------------- storage
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, q, d = key_states.shape
+        if h != self.kv_heads:
+            raise KVBoundError(f"Layer {self.layer_idx} got {h} KV heads, expected "
+                               f"{self.kv_heads}.")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._alloc(b, 1, d, value_states.shape[-1], self._target(max(q, 1)))
+        if self._row_seen is None:
+            self._row_seen = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def _target(self, chunk: int) -> int:
+        """Slots a layer needs between evictions: its share plus buffer and chunk per head."""
+        held = self.pool if not self.coordinated else self.n
+        return held + self.kv_heads * (self.buffer + chunk)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append H x q slots (head-major); return the keys/values as (B, H, S, d) views."""
+        if self._pending is None:
+            raise KVBoundError("EvictionCache needs kvbound's hooks on the model: build the cache "
+                               "with `EvictionCache(model, ...)` (it attaches them) and call "
+                               "that model.")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        pending, self._pending = self._pending, None
+        b, h, q, d = key_states.shape
+        new, n = h * q, self.n
+        end = n + new
+        if end > self.capacity:
+            self._alloc(b, 1, d, value_states.shape[-1], max(end + h * self.buffer,
+                                                               self._target(q)))
+        self.keys.narrow(2, n, new).copy_(key_states.reshape(b, 1, new, d))
+        self.values.narrow(2, n, new).copy_(value_states.reshape(b, 1, new, -1))
+        pos = pending["pos"]  # (B, q)
+        self._pos.narrow(2, n, new).copy_(pos[:, None, :].expand(b, h, q).reshape(b, 1, new))
+        heads = torch.arange(h, device=self.device).repeat_interleave(q)
+        for tensor in self._state.values():
+            tensor[:, :, n:end] = 0.0
+        self._state[HEAD_STATE][:, 0, n:end] = heads.float()
+        if pending["hidden"] is not None:  # the gate over the chunk at once (no staging)
+            log_beta = self.gates.apply(pending["hidden"], pos).detach()  # (B, H, q)
+            self._state["log_beta"][:, :, n:end] = log_beta.reshape(b, 1, new).float()
+        self.n = end
+        self.seen += q
+        if pending["all_valid"]:
+            self._row_seen_add += q
+        else:
+            self._row_seen = self.row_seen + pending["count"]
+            self.pad_resident = True
+        self.last_chunk = q
+        self.peak = max(self.peak, self.n)
+        self._head_max += q
+        self._head_peak = max(self._head_peak, self._head_max)
+        self.resident_sum += self.n
+        self.seen_sum += self.seen * h
+        self.policy.on_update(self, pending["queries"])
+        keys = self.keys.narrow(2, 0, end)
+        values = self.values.narrow(2, 0, end)
+        return keys.expand(b, h, end, d), values.expand(b, h, end, values.shape[-1])
+
+    def flush_gates(self) -> None:  # the gate runs in update(), nothing is staged
+        return None
+
+    # ---------------------------------------------------------------- eviction
+    def evict_if_full(self, q: int) -> None:
+        h = self.kv_heads
+        if (not self.frozen and not self.coordinated and self.n + q * h > self.pool + self.buffer * h
+                and self.n > self.pool):
+            self.evict(self.pool)
+
+    def keep_scores(self) -> torch.Tensor:
+        scores = super().keep_scores()  # (B, 1, n)
+        if not self.min_per_head:
+            return scores
+        heads = self.slot_heads[:, None, :]
+        protect = torch.zeros_like(scores, dtype=torch.bool)
+        for k in range(self.kv_heads):
+            mine = torch.where(heads == k, scores, torch.full_like(scores, -math.inf))
+            m = min(self.min_per_head, mine.shape[-1])
+            top = torch.topk(mine, m, dim=-1).indices
+            protect.scatter_(-1, top, True)
+        protect &= self._pos[:, :, : self.n] >= 0
+        return torch.where(protect, torch.full_like(scores, math.inf), scores)
+
+    def keep_mask(self, mask: torch.Tensor) -> None:
+        """Keep the slots where ``mask`` (B, n) is true, rows in original order; a row that keeps
+        fewer than the most-keeping row fills its tail with padding (global scope)."""
+        n = self.n
+        counts = mask.long().sum(-1)
+        k = int(counts.max()) if counts.numel() else 0
+        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :k]
+        self._compact(order[:, None, :])
+        pad = torch.arange(k, device=mask.device)[None, :] >= counts[:, None]
+        if bool(pad.any()):
+            self._pos[:, 0, :k].masked_fill_(pad, -1)
+            self.pad_resident = True
+        self.evicted_tokens += n - k
+        self.evictions += 1
+        self._recount()
+        self._shrink()
+
+    def evict(self, keep: int) -> None:
+        super().evict(keep)
+        self._recount()
+
+    def _shrink(self) -> None:
+        target = self._target(self.last_chunk)
+        if self.capacity > 2 * target:
+            self._realloc(target)
+
+    # ---------------------------------------------------------------- masks
+    def attention_mask(self, new_valid: torch.Tensor, dtype: torch.dtype,
+                       all_valid: bool = False) -> torch.Tensor:
+        """Additive (B, H_q, q, n + H q): each query head sees the real resident slots of its
+        own KV head and, causally, the real new tokens of its KV head."""
+        b, q = new_valid.shape
+        h, g = self.kv_heads, self.q_heads // self.kv_heads
+        dev = new_valid.device
+        ks = torch.arange(h, device=dev)
+        if self.n:
+            resident = ((self.slot_heads[:, None, :] == ks[None, :, None])
+                        & (self._pos[:, 0, None, : self.n] >= 0))  # (B, H, n)
+            resident = resident[:, :, None, :].expand(b, h, q, self.n)
+        else:
+            resident = torch.zeros(b, h, q, 0, dtype=torch.bool, device=dev)
+        causal = torch.ones(q, q, dtype=torch.bool, device=dev).tril()
+        same = torch.eye(h, dtype=torch.bool, device=dev)  # (H, H') query's head vs slot's
+        new = (same[None, :, None, :, None] & causal[None, None, :, None, :]
+               & new_valid[:, None, None, None, :])  # (B, H, q, H', q)
+        allowed = torch.cat([resident, new.reshape(b, h, q, h * q)], dim=-1)
+        allowed = allowed.repeat_interleave(g, dim=1)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n + self.kv_heads * query_length, 0
+
+    def reset(self) -> None:
+        timings = self.timings
+        self.__init__(self.layer_idx, self.budget, self.buffer, self.policy, self.sinks,
+                      kv_heads=self.kv_heads, q_heads=self.q_heads,
+                      min_per_head=self.min_per_head, coordinated=self.coordinated)
+        self.timings = timings

@@ -1,0 +1,266 @@
+"""budget_scope "layer" and "global": heads (and layers) share one budget, stored packed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+from kvbound.cache import EvictionCache
+from kvbound.cache.pooled import PooledEvictionLayer
+from kvbound.errors import KVBoundError
+from kvbound.gates import RetentionGates
+from kvbound.testing import TINY_ARCHS, tiny_model
+from tests.oracle import expected_keep
+
+SCOPES = ("layer", "global")
+
+
+def _model(arch="llama", seed=0, **kw):
+    model = tiny_model(arch, seed=seed, **kw)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    RetentionGates.for_model(model, bias_init=2.0, init_std=0.5, seed=seed).attach(model)
+    return model
+
+
+def _ids(b=2, t=40, seed=0):
+    return torch.randint(3, 100, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _feed(model, ids, cache, chunk, mask=None, each=None):
+    """Logits of ``ids`` fed ``chunk`` tokens at a time; ``each(cache)`` after every forward."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], chunk):
+            kw = {} if mask is None else {"attention_mask": mask[:, : s + chunk]}
+            out.append(model(ids[:, s : s + chunk], cache=cache, **kw).logits)
+            if each is not None:
+                each(cache)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_room_for_everything_is_the_full_cache(arch, scope):
+    model = _model(arch)
+    ids = _ids()
+    full = _feed(model, ids, DynamicCache(config=model.config), 8)
+    cache = EvictionCache(model, "trimkv", budget=64, buffer=8, budget_scope=scope)
+    torch.testing.assert_close(_feed(model, ids, cache, 8), full, atol=2e-5, rtol=1e-4)
+    assert cache.stats().evicted_tokens == 0
+    gen_full = model.generate(ids, max_new_tokens=12, do_sample=False,
+                              cache=DynamicCache(config=model.config))
+    gen_pool = model.generate(ids, max_new_tokens=12, do_sample=False,
+                              cache=EvictionCache(model, "trimkv", budget=64, buffer=8,
+                                                  budget_scope=scope))
+    assert torch.equal(gen_full, gen_pool)
+
+
+def _real(layer):
+    """Per row: sorted (position, head) of the real tokens a pooled layer holds."""
+    pos, heads = layer.positions[:, 0], layer.slot_heads
+    return [sorted((int(p), int(h)) for p, h in zip(pos[b], heads[b]) if p >= 0)
+            for b in range(pos.shape[0])]
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("policy", ["trimkv", "streaming", "random"])
+def test_every_eviction_keeps_the_top_scored_slots_of_the_pool(scope, policy):
+    """Independent check of each eviction: the kept (position, head) pairs are the oracle's
+    top-k over the layer's (layer scope) or every layer's (global) slots, and the total never
+    passes the pool plus one buffer and one chunk per head."""
+    model = _model()
+    budget, buffer, chunk, sinks = 6, 3, 2, 1
+    cache = EvictionCache(model, policy, budget=budget, buffer=buffer, budget_scope=scope,
+                          sinks=sinks)
+    layers = cache.eviction_layers
+    h = model.config.num_key_value_heads
+    checked = []
+
+    def expect(group, keep):
+        scores = torch.cat([layer.keep_scores() for layer in group], -1)[:, 0]
+        pos = torch.cat([layer.positions[:, 0] for layer in group], -1)
+        heads = torch.cat([layer.slot_heads + 100 * i for i, layer in enumerate(group)], -1)
+        out = []
+        for b in range(scores.shape[0]):
+            idx = expected_keep(scores[b].tolist(), pos[b].tolist(), sinks, keep)
+            out.append(sorted((int(pos[b, i]), int(heads[b, i])) for i in idx if pos[b, i] >= 0))
+        return out
+
+    def held(group):
+        rows = [[] for _ in range(group[0].positions.shape[0])]
+        for i, layer in enumerate(group):
+            for b, pairs in enumerate(_real(layer)):
+                rows[b] += [(p, hd + 100 * i) for p, hd in pairs]
+        return [sorted(r) for r in rows]
+
+    if scope == "global":
+        original = cache.evict_global
+
+        def spy(keep):
+            want = expect(layers, keep)
+            original(keep)
+            assert held(layers) == want
+            checked.append(keep)
+        cache.evict_global = spy
+    else:
+        for layer in layers:
+            original = layer.evict
+
+            def spy(keep, layer=layer, original=original):
+                want = expect([layer], keep)
+                original(keep)
+                assert held([layer]) == want and layer.n == keep
+                checked.append(keep)
+            layer.evict = spy
+
+    def bound(c):
+        total = sum(layer.n for layer in layers)
+        per = (budget + buffer + chunk) * h
+        assert total <= per * len(layers)
+        if scope == "layer":
+            assert all(layer.n <= per for layer in layers)
+
+    _feed(model, _ids(2, 48, seed=3), cache, chunk, each=bound)
+    assert len(checked) >= 4
+    stats = cache.stats()
+    assert stats.budget_scope == scope and stats.evictions > 0
+    assert sum(sum(v) for v in stats.kept_per_head.values()) <= (budget + buffer) * h * len(
+        layers)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_global_budget_never_holds_more_than_the_per_head_total(scope):
+    model = _model()
+    budget, buffer = 5, 0
+    cache = EvictionCache(model, "trimkv", budget=budget, buffer=buffer, budget_scope=scope,
+                          sinks=0)
+    head = EvictionCache(model, "trimkv", budget=budget, buffer=buffer, sinks=0)
+    h, layers = model.config.num_key_value_heads, len(cache.eviction_layers)
+    peaks = []
+
+    def check(c):
+        peaks.append(sum(int(v.sum()) for v in
+                         (layer.head_counts() for layer in c.eviction_layers)))
+    ids = _ids(1, 40, seed=4)
+    _feed(model, ids, cache, 1, each=check)
+    _feed(model, ids, head, 1)
+    # buffer 0: after each step's eviction plus the new token, as the per-head cache
+    assert max(peaks) <= (budget + 1) * h * layers
+    assert cache.stats().kv_bytes <= head.stats().kv_bytes
+    counts = [c for v in cache.stats().kept_per_head.values() for c in v]
+    assert sum(counts) <= (budget + 1) * h * layers
+    if scope == "global":  # the pool moves between layers: not every head holds the same
+        assert len(set(counts)) > 1
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_left_padded_rows_match_rows_alone(scope):
+    model = _model()
+    pads = (0, 3, 7)
+    ids = _ids(3, 32, seed=5)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    kw = dict(budget=6, buffer=2, budget_scope=scope, sinks=1)
+    cache = EvictionCache(model, "trimkv", **kw)
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                             cache=cache)[:, ids.shape[1]:]
+    for row, pad in enumerate(pads):
+        alone = EvictionCache(model, "trimkv", **kw)
+        out = model.generate(ids[row : row + 1, pad:], max_new_tokens=10, do_sample=False,
+                             cache=alone)[:, ids.shape[1] - pad:]
+        assert torch.equal(out[0], batched[row]), row
+        for layer, single in zip(cache.eviction_layers, alone.eviction_layers, strict=True):
+            assert _real(layer)[row] == _real(single)[0]
+
+
+def test_min_per_head_keeps_every_head_alive():
+    model = _model()
+    h = model.config.num_key_value_heads
+    for m in (0, 4):
+        cache = EvictionCache(model, "streaming", budget=6, buffer=2, budget_scope="layer",
+                              sinks=0, min_per_head=m)
+        # streaming scores tie across heads: without a minimum the most recent slots (the last
+        # head's) win the ties, so some head may hold fewer than its share
+        lows: list[int] = []
+
+        def low(c, lows=lows):
+            lows.append(min(int(layer.head_counts().min()) for layer in c.eviction_layers))
+        _feed(model, _ids(1, 40, seed=6), cache, 4, each=low)
+        if m:
+            assert min(lows[3:]) >= m
+    assert h > 1
+
+
+def test_storage_holds_only_the_kept_tokens():
+    """Packed storage: bytes allocated follow the tokens kept, plus bounded slack."""
+    model = _model()
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    budget, buffer, chunk = 8, 4, 4
+    for scope in ("head",) + SCOPES:
+        cache = EvictionCache(model, "trimkv", budget=budget, buffer=buffer, budget_scope=scope)
+        _feed(model, _ids(2, 200, seed=7), cache, chunk)
+        per_token = 2 * 2 * d * 4  # K and V, batch 2, fp32
+        slots = cache.stats().allocated_kv_bytes // per_token
+        bound = 2 * (budget + buffer + chunk) * cfg.num_key_value_heads * len(
+            cache.eviction_layers)
+        assert slots <= bound, scope
+    assert all(isinstance(layer, PooledEvictionLayer) for layer in cache.eviction_layers)
+
+
+def test_scope_errors_say_what_to_do():
+    model = _model()
+    with pytest.raises(KVBoundError, match="Unknown budget_scope"):
+        EvictionCache(model, "trimkv", budget=8, budget_scope="model")
+    with pytest.raises(KVBoundError, match="comparable across heads"):
+        EvictionCache(model, "tova", budget=8, budget_scope="global")
+    with pytest.raises(KVBoundError, match="static"):
+        EvictionCache(model, "trimkv", budget=8, budget_scope="layer", static=True)
+    with pytest.raises(KVBoundError, match="rolling"):
+        EvictionCache(model, "trimkv", budget=8, budget_scope="layer", positions="rolling")
+    with pytest.raises(KVBoundError, match="cannot exceed"):
+        EvictionCache(model, "trimkv", budget=8, budget_scope="layer", min_per_head=9)
+    with pytest.raises(KVBoundError, match="applies to budget_scope"):
+        EvictionCache(model, "trimkv", budget=8, min_per_head=2)
+    cache = EvictionCache(model, "trimkv", budget=8, budget_scope="global")
+    _feed(model, _ids(1, 20), cache, 10)
+    with pytest.raises(KVBoundError, match="cannot be saved"):
+        cache.save("/nonexistent/never-written.safetensors")
+
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(budget=st.integers(2, 9), buffer=st.integers(0, 4), chunk=st.integers(1, 6),
+       sinks=st.integers(0, 1), scope=st.sampled_from(SCOPES), length=st.integers(8, 40),
+       pad=st.integers(0, 5))
+def test_pooled_invariants(budget, buffer, chunk, sinks, scope, length, pad):
+    """Bound, exact seen count, sinks kept, padding never counted, per random settings."""
+    model = _model()
+    h = model.config.num_key_value_heads
+    ids = _ids(2, length, seed=length)
+    mask = torch.ones_like(ids)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    cache = EvictionCache(model, "trimkv", budget=budget, buffer=buffer, budget_scope=scope,
+                          sinks=sinks)
+    layers = cache.eviction_layers
+
+    def check(c):
+        held = sum(int(layer.head_counts().sum()) // 2 for layer in layers)
+        assert sum(layer.n for layer in layers) <= (budget + buffer + chunk) * h * len(layers)
+        assert held >= 0
+        for layer in layers:
+            counts = layer.head_counts()
+            seen = layer.row_seen
+            assert (counts <= seen[:, None]).all()
+            if sinks:  # every head of every row keeps its first token once seen
+                for b in range(counts.shape[0]):
+                    if seen[b] > 0:
+                        first = (layer.positions[b, 0] == 0)
+                        assert int(first.sum()) == h
+    _feed(model, ids, cache, chunk, mask=mask, each=check)
+    assert cache.eviction_layers[0].row_seen.tolist() == [length, length - pad]
