@@ -56,6 +56,12 @@ def generate(
     positions: Literal["auto", "absolute", "rolling"] = typer.Option(
         "auto", help="RoPE positions of a bounded cache: absolute, rolling (inside the cache), "
                      "auto (absolute, rolling once past the model's context)."),
+    budget_scope: Literal["head", "layer", "global"] = typer.Option(
+        "head", help="Who shares the budget: each KV head (M), each layer's heads (M x H), or "
+                     "every head of the model (M x H x L); same bytes."),
+    min_per_head: int = typer.Option(0, min=0,
+                                     help="With --budget-scope layer/global: tokens kept at "
+                                          "least per head."),
     max_new_tokens: int = typer.Option(128, min=1, help="Tokens to generate."),
     min_new_tokens: int | None = typer.Option(None, min=0, help="Generate at least this many."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
@@ -88,7 +94,8 @@ def generate(
                      temperature=temperature, top_p=top_p,
                      repetition_penalty=repetition_penalty, seed=seed,
                      chat=False if no_chat else None, min_new_tokens=min_new_tokens,
-                     full_prefill=full_prefill, compile=compile, positions=positions)
+                     full_prefill=full_prefill, compile=compile, positions=positions,
+                     budget_scope=budget_scope, min_per_head=min_per_head)
     except (KVBoundError, OSError) as exc:
         _fail(exc)
     if as_json:

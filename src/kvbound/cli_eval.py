@@ -27,6 +27,9 @@ def eval_fidelity(
     buffer: int = typer.Option(16, min=0),
     sinks: int | None = typer.Option(None, min=0,
                                      help="Protected first tokens (default: per method)."),
+    budget_scopes: str = typer.Option(
+        "head", help="Comma-separated budget scopes (head, layer, global), each a row per "
+                     "method (labelled METHOD@SCOPE); same bytes per budget in all."),
     seq_len: int = typer.Option(1024, min=2, help="Window length in tokens."),
     max_windows: int = typer.Option(8, min=1, help="Windows scored at most."),
     protocol: Literal["decode", "context"] = typer.Option("decode",
@@ -46,7 +49,8 @@ def eval_fidelity(
     from kvbound.models import load_model
 
     try:
-        meths = arg.methods(methods, "--methods")
+        meths = scoped_methods(arg.methods(methods, "--methods"),
+                               arg.csv(budget_scopes, "--budget-scopes"))
         buds = arg.csv(budgets, "--budgets", int, minimum=1)
         if not text_file and not self_generated:
             raise arg.OptionError("--text-file", "give --text-file F (repeatable) and/or "
@@ -89,6 +93,30 @@ def eval_fidelity(
                       f"{r['top1_agreement']:.3f}", f"{r['ppl_ratio']:.3f}",
                       str(r["peak_tokens_per_head"]))
     Console().print(table)
+
+
+def scoped_methods(methods: list[str], scopes: list[str]) -> list:
+    """``run_fidelity`` entries: every bounded method once per budget scope (``METHOD@SCOPE``
+    beyond ``head``); the full cache once."""
+    from kvbound.cache.pooled import POOLED_POLICIES, SCOPES
+
+    for scope in scopes:
+        if scope not in SCOPES:
+            raise arg.OptionError("--budget-scopes", f"unknown scope {scope!r}; choose from "
+                                                     f"{', '.join(SCOPES)}.")
+        bad = [m for m in methods if scope != "head" and m != "full" and m not in POOLED_POLICIES]
+        if bad:
+            raise arg.OptionError("--budget-scopes", f"scope {scope!r} supports "
+                                                     f"{', '.join(POOLED_POLICIES)}; not "
+                                                     f"{', '.join(bad)}.")
+    out = []
+    for m in methods:
+        if m == "full":
+            out.append(m)
+            continue
+        for scope in scopes:
+            out.append(m if scope == "head" else (f"{m}@{scope}", m, {"budget_scope": scope}))
+    return out
 
 
 @eval_app.command("tasks")

@@ -229,6 +229,8 @@ def generate(
     full_prefill: bool = False,
     compile: bool = False,
     positions: str = "auto",
+    budget_scope: str = "head",
+    min_per_head: int = 0,
 ) -> GenerationResult:
     """Generate from one prompt with ``method`` under a budget; returns text, timings, stats.
 
@@ -241,6 +243,9 @@ def generate(
     model's context), ``"absolute"`` or ``"rolling"`` (:mod:`kvbound.cache.positions`).
     ``repetition_penalty`` > 1 discourages tokens already in the prompt or output (CTRL, Keskar
     et al. 2019; transformers' ``RepetitionPenaltyLogitsProcessor``), greedy or sampled.
+    ``budget_scope``: ``"head"`` (M per layer and KV head), ``"layer"`` or ``"global"`` (the same
+    bytes shared by a layer's heads, or by every head of the model; ``min_per_head`` tokens at
+    least per head), see :class:`~kvbound.cache.EvictionCache`.
     """
     ids = prompt if isinstance(prompt, torch.Tensor) else encode_prompt(tokenizer, prompt,
                                                                         chat=chat)
@@ -263,7 +268,8 @@ def generate(
     cache, used_gates, used_sinks = build_cache(
         model, method, budget=budget, buffer=buffer, sinks=sinks, gates=gates, static=compile,
         max_cache_len=ids.shape[1] + max_new_tokens,
-        **({} if method == "full" else {"positions": positions}))
+        **({} if method == "full" else {"positions": positions, "budget_scope": budget_scope,
+                                        "min_per_head": min_per_head}))
     prefill_chunk = prefill_chunk_size(method, chunk, ids.shape[1], budget,
                                        full_prefill=full_prefill)
     kwargs = dict(cache=cache, attention_mask=torch.ones_like(ids),

@@ -56,6 +56,7 @@ STRING_BAD = {
     "--method": ["nope"],
     "--methods": ["full,nope", ","],
     "--budgets": ["64,x", "0"],
+    "--budget-scopes": ["head,model", ","],
     "--evict-budgets": ["32,x", "0", ","],
     "--lengths": ["1024,x", "-5"],
     "--tasks": ["nope"],

@@ -127,6 +127,30 @@ def test_eval_fidelity_writes_results_with_the_settings_used(env, capsys):
     assert lo <= rows["trimkv"]["kl_mean"] <= hi and len(rows["trimkv"]["kl_per_window"]) == 2
 
 
+def test_budget_scopes_from_the_cli(env, capsys):
+    """--budget-scope in generate, --budget-scopes in eval fidelity (a row per scope)."""
+    head = _gen(capsys, env, "--method", "trimkv", "--budget", 8, "--buffer", 4, "--no-chat")
+    pooled = _gen(capsys, env, "--method", "trimkv", "--budget", 8, "--buffer", 4, "--no-chat",
+                  "--budget-scope", "global", "--min-per-head", 2)
+    assert pooled["new_tokens"] == head["new_tokens"] == 12
+    out = env["root"] / "fid_scopes.json"
+    _run(capsys, "eval", "fidelity", "--model", env["model"], "--gates", env["gates"],
+         "--text-file", env["data"], "--methods", "full,trimkv", "--budgets", "16",
+         "--buffer", 4, "--seq-len", 64, "--max-windows", 1, "--budget-scopes",
+         "head,layer,global", "--json", out, "--quiet")
+    rows = {r["label"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"full", "trimkv", "trimkv@layer", "trimkv@global"}
+    for label, scope in (("trimkv", "head"), ("trimkv@layer", "layer"),
+                         ("trimkv@global", "global")):
+        assert rows[label]["settings"]["budget_scope"] == scope
+        assert rows[label]["settings"]["layer_budget_total"] == rows["trimkv"]["settings"][
+            "layer_budget_total"]
+    code = main(["eval", "fidelity", "--model", env["model"], "--text-file", env["data"],
+                 "--methods", "tova", "--budget-scopes", "global", "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and "supports trimkv" in err and "Traceback" not in err
+
+
 def test_eval_tasks_list_and_models(env, capsys):
     listing = _run(capsys, "eval", "list")
     assert "syn_needle" in listing and "gsm8k" in listing
