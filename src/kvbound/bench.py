@@ -37,7 +37,9 @@ def worker(args) -> dict:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    method, _, mode = args.method.partition("+")
+    name, _, mode = args.method.partition("+")
+    method, _, scope = name.partition("@")
+    scoped = {"budget_scope": scope} if scope else {}
     gates = args.gates
     if args.model_config:  # random weights of a real architecture: random tokens, random gates
         from kvbound.gates import RetentionGates
@@ -66,13 +68,14 @@ def worker(args) -> dict:
         cache, used, sinks = fill_full(model, args.batch_size, args.length, dtype, device), None, None
     elif random_fill:
         cache, used, sinks = fill_bounded(model, method, budget=args.budget, buffer=args.buffer,
-                                          chunk=args.chunk, context=args.length, gates=gates)
+                                          chunk=args.chunk, context=args.length, gates=gates,
+                                          **scoped)
         if args.batch_size > 1:
             cache.batch_repeat_interleave(args.batch_size)
     else:
         cache, used, sinks = build_cache(model, method, budget=args.budget, buffer=args.buffer,
                                          gates=gates, static=compiled,
-                                         max_cache_len=args.length + args.decode_tokens)
+                                         max_cache_len=args.length + args.decode_tokens, **scoped)
     step_fn = model.get_compiled_call(compile_config(model.device)) if compiled else model
     bounded = isinstance(cache, EvictionCache)
     chunk = args.chunk if bounded else args.full_chunk
@@ -115,6 +118,7 @@ def worker(args) -> dict:
     if bounded:
         st = cache.stats()
         rec.update(settings=cache.settings(), gates=None if used is None else used.ref())
+        rec.update(allocated_kv_bytes=st.allocated_kv_bytes, budget_scope=st.budget_scope)
         rec.update(peak_kv_bytes=st.peak_kv_bytes, peak_tokens_per_head=st.peak_tokens_per_head,
                    full_kv_bytes=st.full_kv_bytes,
                    scoring_share=cache.timings["scoring_inputs"] / sum(steps),
@@ -163,16 +167,18 @@ def fill_full(model, batch: int, context: int, dtype, device):
 
 
 def fill_bounded(model, method: str, *, budget: int, buffer: int, chunk: int, context: int,
-                 gates=None):
+                 gates=None, **cache_kwargs):
     """One row of random tokens prefilled through the real bounded cache in chunks until it is
     full and has taken one more whole chunk (or ``context`` tokens if fewer): its resident tokens,
     peak, layout and policy state are those of any longer context. ``gates`` as for
-    ``build_cache``. Returns ``(cache, gates used, sinks)``."""
+    ``build_cache`` (``cache_kwargs`` too, e.g. ``budget_scope``). Returns ``(cache, gates used,
+    sinks)``."""
     import torch
 
     from kvbound.generation import build_cache
 
-    cache, used, sinks = build_cache(model, method, budget=budget, buffer=buffer, gates=gates)
+    cache, used, sinks = build_cache(model, method, budget=budget, buffer=buffer, gates=gates,
+                                     **cache_kwargs)
     n = min(context, (-(-(budget + buffer) // chunk) + 1) * chunk)
     ids = torch.randint(3, model.config.get_text_config().vocab_size, (1, n),
                         generator=torch.Generator().manual_seed(0)).to(model.device)

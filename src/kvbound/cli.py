@@ -282,11 +282,11 @@ def bench(
     """Speed and memory per method and prompt length (each run in its own process).
 
     A method written NAME+compile (e.g. trimkv+compile) decodes with torch.compile on a
-    static-shape cache."""
+    static-shape cache; NAME@SCOPE (e.g. trimkv@global) runs with that budget scope."""
     from kvbound.bench import parser, render, run_bench
 
     try:
-        arg.methods(methods, "--methods", compile_suffix=True)
+        arg.methods(methods, "--methods", compile_suffix=True, scope_suffix=True)
         arg.csv(lengths, "--lengths", int, minimum=1)
         arg.gates_source(gates, "--gates")
         arg.model_name(model, "--model")

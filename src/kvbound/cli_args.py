@@ -93,13 +93,27 @@ def csv(value: str, option: str, cast: Callable = str, *, minimum: int | None = 
     return out
 
 
-def methods(value: str, option: str, *, compile_suffix: bool = False) -> list[str]:
-    """Method names (``NAME+compile`` too when ``compile_suffix``)."""
+def methods(value: str, option: str, *, compile_suffix: bool = False,
+            scope_suffix: bool = False) -> list[str]:
+    """Method names (``NAME+compile`` too when ``compile_suffix``; ``NAME@SCOPE``, a budget
+    scope, when ``scope_suffix``)."""
+    from kvbound.cache.pooled import POOLED_POLICIES, SCOPES
     from kvbound.policies import check_method
 
     names = csv(value, option)
     for name in names:
         base = name.removesuffix("+compile") if compile_suffix else name
+        if scope_suffix and "@" in base:
+            base, _, scope = base.partition("@")
+            if scope not in SCOPES:
+                raise OptionError(option, f"unknown budget scope {scope!r} in {name!r}; choose "
+                                          f"from {', '.join(SCOPES)}.")
+            if scope != "head" and base not in POOLED_POLICIES:
+                raise OptionError(option, f"budget scope {scope!r} supports "
+                                          f"{', '.join(POOLED_POLICIES)}, not {base!r}.")
+            if name.endswith("+compile") and scope != "head":
+                raise OptionError(option, f"{name!r}: a compiled (static) cache needs the "
+                                          "head scope.")
         check(option, check_method, base)
     return names
 

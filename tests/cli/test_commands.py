@@ -206,14 +206,17 @@ def test_train_options_and_single_process_resume(env, capsys):
 def test_bench_runs_each_method_in_its_own_process(env, capsys):
     out = env["root"] / "bench.json"
     _run(capsys, "bench", "--model", env["model"], "--gates", env["gates"], "--methods",
-         "full,trimkv", "--lengths", "48", "--budget", 16, "--buffer", 4, "--chunk", 16,
-         "--decode-tokens", 6, "--json", out)
+         "full,trimkv,trimkv@global", "--lengths", "48", "--budget", 16, "--buffer", 4,
+         "--chunk", 16, "--decode-tokens", 6, "--json", out)
     recs = json.loads(out.read_text())["records"]
-    assert {r["method"] for r in recs} == {"full", "trimkv"}
+    assert {r["method"] for r in recs} == {"full", "trimkv", "trimkv@global"}
     trim = next(r for r in recs if r["method"] == "trimkv")
     assert trim["peak_tokens_per_head"] <= 16 + 4 + 16
     assert trim["settings"]["sinks"] == 4 and trim["settings"]["buffer"] == 4
     assert trim["gates"].endswith(RetentionGates.load(env["gates"]).digest())
+    pooled = next(r for r in recs if r["method"] == "trimkv@global")
+    assert pooled["budget_scope"] == pooled["settings"]["budget_scope"] == "global"
+    assert pooled["allocated_kv_bytes"] > 0 and pooled["peak_kv_bytes"] > 0
 
 
 @pytest.fixture(scope="module")
