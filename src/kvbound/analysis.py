@@ -307,6 +307,22 @@ def bounded_snapshots(model, ids: torch.Tensor, *, budget: int, buffer: int, sin
     return snaps, cache
 
 
+def budget_allocation(model, ids: torch.Tensor, *, budget: int, buffer: int, sinks: int = 0,
+                      scope: str = "global") -> torch.Tensor:
+    """Where a shared budget went: (evicted layers, H_kv) tokens each KV head holds after ``ids``
+    (1, T) were fed in chunks of ``buffer`` through a TRIM-KV cache with ``budget_scope=scope``
+    (M x H_kv per layer, or M x H_kv x L for the model). The gates must be attached."""
+    from kvbound.cache import EvictionCache
+
+    cache = EvictionCache(model, "trimkv", budget=budget, buffer=buffer, sinks=sinks,
+                          budget_scope=scope)
+    ids = ids.view(1, -1).to(model.device)
+    step = max(buffer, 1)
+    for s in range(0, ids.shape[1], step):
+        model(ids[:, s : s + step], cache=cache)
+    return torch.stack([layer.head_counts()[0].cpu() for layer in cache.eviction_layers])
+
+
 def timeline_from_snapshots(snaps: list[tuple[int, torch.Tensor]], head: int,
                             total: int) -> torch.Tensor:
     """(T, T) bool, row t = positions <= t resident in ``head`` after token t (as

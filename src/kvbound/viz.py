@@ -44,6 +44,7 @@ from kvbound.analysis import (
     HeadRole,
     RoleThresholds,
     bounded_snapshots,
+    budget_allocation,
     classify_head,
     gate_log_betas,
     half_lives,
@@ -172,6 +173,8 @@ def _run(model, tokenizer, gates, ids, *, out, budget, buffer, sinks, heads, max
 
     summary = _summary(roles, layers, log_betas, snaps, budget=budget, buffer=buffer, sinks=sinks,
                        total=total, n_text=n_text, thresholds=thresholds)
+    allocation = {scope: budget_allocation(model, ids, budget=budget, buffer=buffer, sinks=sinks,
+                                           scope=scope) for scope in ("layer", "global")}
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"half_life": out / "half_life.png"}
@@ -180,6 +183,8 @@ def _run(model, tokenizer, gates, ids, *, out, budget, buffer, sinks, heads, max
         path = out / f"timeline_L{l}_H{h}.png"
         _plot_timeline(grid, l, h, by_pair[(l, h)], budget, buffer, n_text, path)
         files[f"timeline_L{l}_H{h}"] = path
+    files["budget_allocation"] = out / "budget_allocation.png"
+    _plot_allocation(allocation, layers, budget, files["budget_allocation"])
     tokens = [_token_text(tokenizer, i) for i in ids[0].tolist()]
     l, h = html_head
     resident_end = torch.zeros(total, dtype=torch.bool)
@@ -201,7 +206,7 @@ def _run(model, tokenizer, gates, ids, *, out, budget, buffer, sinks, heads, max
         "log_betas": log_betas, "half_life": half, "punct": punct, "snapshots": snaps,
         "timelines": timelines, "heads": list(timelines), "html_head": html_head,
         "survivors": survivors, "final_resident": final, "head_roles": roles, "roles": summary,
-        "stats": cache.stats().to_dict(), "files": files,
+        "stats": cache.stats().to_dict(), "budget_allocation": allocation, "files": files,
     }
 
 
@@ -395,6 +400,34 @@ def _plot_half_life(half: torch.Tensor, layers: list[int], by_pair: dict, path: 
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_allocation(allocation: dict[str, torch.Tensor], layers: list[int], budget: int,
+                     path: Path) -> None:
+    """Tokens held per (layer, KV head) when heads share the budget (one panel per scope)."""
+    plt = _plt()
+    n_layers, n_heads = next(iter(allocation.values())).shape
+    fig, axes = plt.subplots(1, len(allocation), squeeze=False,
+                             figsize=(1.2 + (2.0 + 0.55 * n_heads) * len(allocation),
+                                      1.6 + 0.28 * n_layers))
+    top = max(float(a.max()) for a in allocation.values()) or 1.0
+    for ax, (scope, held) in zip(axes[0], allocation.items()):
+        im = ax.imshow(held.float().numpy(), aspect="auto", cmap="magma", vmin=0, vmax=top)
+        ax.set_xlabel("KV head")
+        ax.set_xticks(range(n_heads))
+        every = max(1, n_layers // 16)
+        ax.set_yticks(range(n_layers)[::every], [str(x) for x in layers][::every])
+        ax.set_title(f"budget_scope={scope}\n(M={budget} per head on average)", fontsize=9)
+        if n_layers * n_heads <= 400:
+            for i in range(n_layers):
+                for h in range(n_heads):
+                    v = int(held[i, h])
+                    ax.text(h, i, str(v), ha="center", va="center", fontsize=6,
+                            color="white" if v < top / 2 else "black")
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes[0].tolist(), label="tokens held")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from kvbound.analysis import (
     RoleThresholds,
+    budget_allocation,
     classify_head,
     eviction_timeline,
     gate_log_betas,
@@ -145,6 +146,23 @@ def test_files_written(viz):
     for l, h in res["heads"]:
         assert f"timeline_L{l}_H{h}.png" in names
     assert all(p.exists() and p.stat().st_size > 0 for p in res["files"].values())
+
+
+def test_budget_allocation_picture(viz):
+    """Where a shared budget went: per scope, tokens per (layer, head), within the pool."""
+    model, _, gates, ids, out, res = viz
+    assert (out / "budget_allocation.png").stat().st_size > 0
+    heads = model.config.num_key_value_heads
+    for scope, held in res["budget_allocation"].items():
+        assert held.shape == (2, heads)
+        assert int(held.sum()) <= (BUDGET + BUFFER) * heads * 2, scope
+        if scope == "layer":
+            assert (held.sum(1) <= (BUDGET + BUFFER) * heads).all()
+    from kvbound.hooks import attached
+
+    with torch.no_grad(), attached(model, gates):
+        again = budget_allocation(model, ids[None], budget=BUDGET, buffer=BUFFER, scope="global")
+    assert torch.equal(again, res["budget_allocation"]["global"])
 
 
 def test_half_life_matrix_matches_gates(viz):
