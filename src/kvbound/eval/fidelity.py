@@ -234,7 +234,8 @@ def run_fidelity(
                     elif method == ORACLE:
                         okey = (memo, sub_ids.shape[0], over.get("horizon"))
                         if okey not in oracles:
-                            oracles.clear()  # one group at a time
+                            if any(k[0] != memo for k in oracles):
+                                oracles.clear()  # one group at a time (every horizon kept)
                             oracles[okey] = oracle_policy(model, sub_ids, stride=max(buffer, 1),
                                                           horizon=over.get("horizon"))
                         cache = EvictionCache(model, oracles[okey], budget=budget, buffer=buffer,
