@@ -213,6 +213,17 @@ def test_storage_holds_only_the_kept_tokens():
     assert all(isinstance(layer, PooledEvictionLayer) for layer in cache.eviction_layers)
 
 
+def test_trimkv_cache_takes_the_scope():
+    from kvbound.cache import TrimKVCache
+
+    model = _model()
+    cache = TrimKVCache(model, budget=6, buffer=2, budget_scope="global", min_per_head=2)
+    _feed(model, _ids(1, 30, seed=8), cache, 4)
+    assert cache.settings()["budget_scope"] == "global"
+    assert cache.settings()["min_per_head"] == 2
+    assert min(c for v in cache.stats().kept_per_head.values() for c in v) >= 2
+
+
 def test_scope_errors_say_what_to_do():
     model = _model()
     with pytest.raises(KVBoundError, match="Unknown budget_scope"):
