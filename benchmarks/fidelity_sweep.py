@@ -264,6 +264,13 @@ def render(res: dict) -> str:
                   "KL is lower):", "", *_comparison_table(r["comparisons"], name),
                   "", f"Verdict, sinks {sinks}: {_verdict(r['comparisons'], name)}.", "",
                   f"![KL vs budget, sinks {sinks}](img/fidelity_{protocol}_sinks{sinks}_kl_mean.png)"]
+    variants = _variant_rows(res, name)
+    if variants:
+        lines += ["", f"### Variants of {name} against {name} (same windows, paired)", "",
+                  f"Each variant minus {name} as shipped, window by window (negative = the "
+                  "variant is closer to the full cache; budget scopes hold the same bytes):", "",
+                  "| sinks | variant | M | its KL | difference [95% CI] | wins |",
+                  "|---|---|---|---|---|---|", *variants]
     across = res.get("across")
     if across:
         a, b = across["focus_sinks"], across["others_sinks"]
@@ -273,6 +280,28 @@ def render(res: dict) -> str:
                   f"Verdict, {name} at sinks {a} vs the others at sinks {b}: "
                   f"{_verdict(across['comparisons'], name)}."]
     return "\n".join(lines)
+
+
+def _variant_rows(res: dict, name: str) -> list[str]:
+    """Table rows: every other entry of the focus's method against the focus, per budget."""
+    from kvbound.eval.stats import paired_difference
+
+    out = []
+    for sinks, r in res["regimes"].items():
+        by = {(x["label"], x["budget"]): x for x in r["results"]}
+        kind = next((x["method"] for x in r["results"] if x["label"] == name), name)
+        labels = dict.fromkeys(x["label"] for x in r["results"]
+                               if x["method"] == kind and x["label"] != name)
+        for label in labels:
+            for m in res["budgets"]:
+                mine, base = by.get((label, m)), by.get((name, m))
+                if mine is None or base is None:
+                    continue
+                n = min(len(mine["kl_per_window"]), len(base["kl_per_window"]))
+                d = paired_difference(mine["kl_per_window"][:n], base["kl_per_window"][:n])
+                out.append(f"| {sinks} | {label} | {m} | {mine['kl_mean']:.4f} | "
+                           f"{_ci(d['mean'], d['ci'], '+.4f')} | {d['wins']}/{d['n']} |")
+    return out
 
 
 if __name__ == "__main__":

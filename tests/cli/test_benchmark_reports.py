@@ -70,3 +70,34 @@ def test_ship_gates_plots_the_curves_of_either_objective(tmp_path):
     for name, log in (("d.png", distill), ("r.png", rank)):
         s.plot(log, tmp_path / name)
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def _row(label, method, budget, kls):
+    return {"label": label, "method": method, "budget": budget, "kl_mean": sum(kls) / len(kls),
+            "kl_per_window": kls}
+
+
+def test_fidelity_sweep_pairs_each_variant_with_the_shipped_gates():
+    f = load_benchmark("fidelity_sweep")
+    rows = [_row("trimkv", "trimkv", 32, [0.3, 0.4, 0.5]),
+            _row("trimkv@global", "trimkv", 32, [0.2, 0.3, 0.6]),
+            _row("tova", "tova", 32, [0.1, 0.1, 0.1])]
+    out = f._variant_rows({"regimes": {"0": {"results": rows}}, "budgets": [32]}, "trimkv")
+    assert len(out) == 1 and out[0].startswith("| 0 | trimkv@global | 32 | 0.3667 | -0.0333")
+    assert out[0].endswith("| 2/3 |")  # two windows closer, one farther; tova is not a variant
+
+
+def test_oracle_headroom_summary_pairs_windows_and_reads_goal_2():
+    o = load_benchmark("oracle_headroom")
+    base = [_row("trimkv", "trimkv", 32, [0.30, 0.32]), _row("tova", "tova", 32, [0.33, 0.35]),
+            _row("tova", "tova", 64, [0.20, 0.22]), _row("trimkv", "trimkv", 64, [0.17, 0.18]),
+            _row("knorm", "knorm", 64, [0.01])]  # fewer windows: never the best baseline
+    sweep = {"regimes": {"0": {"results": base}}}
+    oracle = {"regimes": {"0": [{**_row("oracle", "oracle", 32, [0.15, 0.17]),
+                                 "settings": {"policy": {"policy": "oracle"}}}]}}
+    (row,) = o.summarize(oracle, sweep)
+    assert row["best"] == "tova" and row["best_2m"] == "tova"
+    assert abs(row["best_2m_kl"] - 0.21) < 1e-9
+    assert abs(row["vs_best_2m"]["mean"] - (0.16 - 0.21)) < 1e-9 and row["vs_best_2m"]["wins"] == 2
+    assert abs(row["closed"] - (0.34 - 0.31) / (0.34 - 0.16)) < 1e-9
+    assert "below it" in o._reading([row])
