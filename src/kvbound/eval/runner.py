@@ -149,7 +149,8 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out: Path, *, progress: bool = T
     from kvbound.eval.stats import check_same_rules
 
     check_same_rules(combined)
-    summary = {"model": model_name, "config": cfg.__dict__, "results": combined}
+    summary = {"model": model_name, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+               "config": cfg.__dict__, "results": combined}
     atomic_write_json(out / "results.json", summary)
     from kvbound.eval.report import write_report
 
