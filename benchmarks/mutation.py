@@ -10,10 +10,15 @@ Each mutant changes one operator in one function of a target (comparison flipped
 ``+``/``-`` and ``*``/``/`` swapped, ``and``/``or`` swapped, ``not`` dropped, an integer constant
 moved by one, ``True``/``False`` swapped). A fork server imports torch, transformers and pytest
 once; each mutant runs in a forked child that writes the mutant into its own copy of the source
-tree, imports kvbound from there and runs the given tests (``-x``, one thread, a time limit).
+tree, imports kvbound from there and runs the tests (``-x``, one thread, a time limit). The first
+child runs the whole test set on the unmodified tree under per-test coverage; each mutant then
+runs only the tests of that set that execute its function (the tests that cannot see it are
+skipped, as mutmut does), or the whole set where no test does (code run at import time).
 Two children run at once (``--jobs``). A mutant is killed when the tests fail or time out.
-Outcomes are appended to ``runs/mutation.jsonl`` as they come (``--resume`` skips mutants already
-decided there). Surviving mutants that cannot be killed (equivalent mutants) are explained in
+Outcomes are appended to ``docs/data/mutation.jsonl`` as they come, a file kept in the repository
+so that a run stopped in one session continues in the next (``--resume`` skips mutants already
+decided there; a mutant is named by the digest of its mutated file, so editing a file retires the
+decisions about its mutants). Surviving mutants that cannot be killed (equivalent mutants) are explained in
 ``benchmarks/mutation_explained.json``; the score, every survivor and its explanation are written
 to docs/RELIABILITY.md. Not part of ``make test``: it runs the tests once per mutant.
 """
@@ -43,12 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINE = sorted(str(p.relative_to(ROOT)) for d in ("cache", "policies")
                 for p in (ROOT / "src" / "kvbound" / d).glob("*.py"))
 DEFAULT_TARGETS = [f"{p}:*" for p in ENGINE]
-# fast, discriminating tests first (-x stops at the first failure); compile tests left out
-DEFAULT_TESTS = ["tests/cache/test_keep_order.py", "tests/cache/test_positions.py",
-                 "tests/cache/test_cache_edges.py",
-                 "tests/policies/test_policies.py", "tests/cache/test_static.py",
-                 "tests/cache/test_cache.py", "-k", "not compile and not compiled"]
-LOG = ROOT / "runs" / "mutation.jsonl"
+# every test of the engine on tiny models (a mutant runs those of them that execute its
+# function); the compile tests are left out for time
+DEFAULT_TESTS = ["tests/cache", "tests/policies", "tests/eval/test_oracle.py",
+                 "-k", "not compile and not compiled"]
+LOG = ROOT / "docs" / "data" / "mutation.jsonl"
 EXPLAINED = ROOT / "benchmarks" / "mutation_explained.json"
 
 SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
@@ -64,6 +68,7 @@ class Mutant:
     what: str
     code: str  # the original source line, stripped
     source: str
+    span: tuple[int, int] = (0, 0)  # the mutated function's first and last line
 
     @property
     def key(self) -> str:
@@ -92,7 +97,7 @@ def _mutants(path: Path, functions: set[str] | None) -> list[Mutant]:
                 variant(_find(mutated, node))
                 code = lines[node.lineno - 1].strip()
                 m = Mutant(str(path.relative_to(ROOT)), fn.name, node.lineno, what, code,
-                           ast.unparse(mutated))
+                           ast.unparse(mutated), (fn.lineno, fn.end_lineno or fn.lineno))
                 n = seen.get(m.key, 0)
                 seen[m.key] = n + 1
                 if n:
@@ -154,8 +159,11 @@ def _preload() -> None:
     assert "kvbound" not in sys.modules, "the fork server must not import kvbound"
 
 
-def _child(mutant: Mutant | None, tests: list[str], workdir: Path) -> None:
-    """In a forked child: write the mutant, import kvbound from ``workdir``, run the tests."""
+def _child(mutant: Mutant | None, tests: list[str], workdir: Path,
+           coverage_out: Path | None = None) -> None:
+    """In a forked child: write the mutant, import kvbound from ``workdir``, run the tests. With
+    ``coverage_out`` (the unmutated run), record which test executes which line of the targets
+    and write it there as JSON: {path: {line: [test node ids]}}."""
     code = 1
     try:
         if mutant is not None:
@@ -168,13 +176,54 @@ def _child(mutant: Mutant | None, tests: list[str], workdir: Path) -> None:
         sys.path.insert(0, str(workdir))
         import pytest
 
-        code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *tests])
+        plugins, cov = [], None
+        if coverage_out is not None:
+            import coverage
+
+            cov = coverage.Coverage(data_file=None, include=[str(workdir / "src" / "*")])
+            plugins.append(_TestContexts(cov))
+            cov.start()
+        code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *tests],
+                           plugins=plugins)
+        if cov is not None:
+            cov.stop()
+            _write_coverage(cov.get_data(), workdir, coverage_out)
         import kvbound
 
         if not Path(kvbound.__file__).resolve().is_relative_to(workdir.resolve()):
             code = 99  # imported the real tree, not the mutant: a broken run, not a survivor
     finally:
         os._exit(int(code))
+
+
+class _TestContexts:
+    """pytest plugin: each test runs under a coverage context named by its node id."""
+
+    def __init__(self, cov):
+        self.cov = cov
+
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.cov.switch_context(item.nodeid)
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        self.cov.switch_context("")
+
+
+def _write_coverage(data, workdir: Path, out: Path) -> None:
+    lines = {}
+    for f in data.measured_files():
+        rel = str(Path(f).resolve().relative_to(workdir.resolve()))
+        lines[rel] = {n: sorted(c for c in ctx if c)
+                      for n, ctx in data.contexts_by_lineno(f).items()}
+    out.write_text(json.dumps(lines))
+
+
+def _tests_for(mutant: Mutant, covered: dict, tests: list[str]) -> list[str]:
+    """The tests that execute the mutant's function on the unmodified tree, else all ``tests``."""
+    by_line = covered.get(mutant.path, {})
+    chosen = {t for n in range(mutant.span[0], mutant.span[1] + 1)
+              for t in by_line.get(str(n), ())}
+    return sorted(chosen) if chosen else tests
 
 
 class Pool:
@@ -191,11 +240,12 @@ class Pool:
             self.free.append(work)
         self.running: dict[int, tuple[Mutant | None, Path, float]] = {}
 
-    def start(self, mutant: Mutant | None) -> None:
+    def start(self, mutant: Mutant | None, tests: list[str] | None = None,
+              coverage_out: Path | None = None) -> None:
         work = self.free.pop()
         pid = os.fork()
         if pid == 0:
-            _child(mutant, self.tests, work)
+            _child(mutant, self.tests if tests is None else tests, work, coverage_out)
         self.running[pid] = (mutant, work, time.time())
 
     def wait_one(self) -> tuple[Mutant | None, str]:
@@ -290,18 +340,25 @@ def main() -> None:
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         pool = Pool(args.jobs, args.tests, args.timeout, Path(tmp))
-        pool.start(None)  # the unmutated tree must pass, or every mutant looks killed
+        # the unmutated tree must pass, or every mutant looks killed; its run maps tests to lines
+        covered_json = Path(tmp) / "covered.json"
+        pool.start(None, coverage_out=covered_json)
         if pool.wait_one()[1] != "survived":
             raise SystemExit("the tests fail on the unmutated tree: fix them first")
-        queue, done = list(todo), 0
+        covered = json.loads(covered_json.read_text())
+        queue, done, ran = list(todo), 0, {}
         while queue or pool.running:
             while queue and pool.free:
-                pool.start(queue.pop(0))
+                m = queue.pop(0)
+                ran[m.digest] = _tests_for(m, covered, args.tests)
+                pool.start(m, ran[m.digest])
             m, outcome = pool.wait_one()
             done += 1
             logged[m.digest] = {"digest": m.digest, "key": m.key, "path": m.path,
                                 "function": m.function, "line": m.line, "what": m.what,
-                                "code": m.code, "outcome": outcome}
+                                "code": m.code, "outcome": outcome,
+                                "tests": ("all" if ran[m.digest] is args.tests
+                                          else len(ran[m.digest]))}
             with args.log.open("a") as fh:
                 fh.write(json.dumps(logged[m.digest]) + "\n")
             print(f"[{done}/{len(todo)}] {m.path}:{m.line} {m.function}: {m.what}: {outcome}",
@@ -339,8 +396,10 @@ def _report(results, targets, tests, seconds, total) -> str:
     return "\n".join([
         "## Mutation testing of the engine", "",
         f"Command: `{command()}`  ", f"Machine: {machine()}", "",
-        f"Targets: {', '.join(targets)}; tests: `{' '.join(tests)}`; {len(results)} of {total} "
-        f"mutants decided" + (f" ({seconds:.0f} s in the last run)." if seconds else ".") , "",
+        f"Targets: {', '.join(targets)}; tests: `{' '.join(tests)}` (each mutant runs the tests "
+        "of this set that execute its function on the unmodified tree, by per-test coverage, or "
+        f"the whole set where none does); {len(results)} of {total} mutants decided"
+        + (f" ({seconds:.0f} s in the last run)." if seconds else "."), "",
         f"**Mutation score: {standard:.1f}%** ({killed} killed of {killable} killable mutants: "
         f"the {kinds['equivalent']} equivalent survivors, which no test can kill, are left out "
         f"of the denominator, the usual definition); raw: {score:.1f}% ({killed} of "

@@ -59,6 +59,65 @@ def test_room_for_everything_is_the_full_cache(arch, scope):
     assert torch.equal(gen_full, gen_pool)
 
 
+@pytest.mark.parametrize("policy", ["tova", "h2o"])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_attention_policies_with_room_for_everything_are_the_full_cache(policy, scope):
+    model = _model()
+    ids = _ids()
+    full = _feed(model, ids, DynamicCache(config=model.config), 8)
+    cache = EvictionCache(model, policy, budget=64, buffer=8, budget_scope=scope)
+    torch.testing.assert_close(_feed(model, ids, cache, 8), full, atol=2e-5, rtol=1e-4)
+    assert cache.stats().evicted_tokens == 0
+
+
+def _by_slot(layer, values):
+    """{(row, position, KV head): value} of a per-head (B, H, n) or pooled (B, 1, n) tensor."""
+    pos = layer.positions
+    heads = (layer.slot_heads[:, None, :] if isinstance(layer, PooledEvictionLayer) else
+             torch.arange(pos.shape[1])[None, :, None].expand_as(pos))
+    return {(b, int(pos[b, i, j]), int(heads[b, i, j])): float(values[b, i, j])
+            for b in range(pos.shape[0]) for i in range(pos.shape[1]) for j in range(pos.shape[2])
+            if pos[b, i, j] >= 0}
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_pooled_attention_scores_are_each_heads_own_distribution(scope):
+    """AdaKV's normalisation: in a pooled layer each query head attends only to its own KV
+    head's slots, so H2O's accumulated mass of a token equals the per-head cache's (mean over the
+    head's query group) divided by the number of KV heads, and TOVA scores a token by its own
+    group's last-query attention (per-head TOVA shares one layer-wide score instead)."""
+    from kvbound.policies.attention_rows import grouped_probs
+
+    model = _model()
+    h = model.config.num_key_value_heads
+    ids = _ids(2, 24, seed=9)
+    room = dict(budget=64, buffer=8, sinks=0)
+    head, pooled = (EvictionCache(model, "h2o", **room),
+                    EvictionCache(model, "h2o", budget_scope=scope, **room))
+    _feed(model, ids, head, 5)
+    _feed(model, ids, pooled, 5)
+    for a, b in zip(head.eviction_layers, pooled.eviction_layers, strict=True):
+        want = {k: v / h for k, v in _by_slot(a, a.state("h2o")).items()}
+        got = _by_slot(b, b.state("h2o"))
+        assert got.keys() == want.keys() and len(got) == 2 * 24 * h
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+    head, pooled = (EvictionCache(model, "tova", **room),
+                    EvictionCache(model, "tova", budget_scope=scope, **room))
+    _feed(model, ids, head, 5)
+    _feed(model, ids, pooled, 5)
+    for a, b in zip(head.eviction_layers, pooled.eviction_layers, strict=True):
+        q = a.queries
+        probs = grouped_probs(a.keys_, q.queries[:, :, -1:], a.positions, q.pos[:, -1:])
+        want = {k: v / h for k, v in _by_slot(a, probs[:, :, :, 0].mean(2)).items()}
+        got = _by_slot(b, b.policy.score(b))
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+        per_head = _by_slot(a, a.policy.score(a))  # shared by the heads: differs from pooled
+        assert any(abs(per_head[k] - got[k] * h) > 1e-3 for k in got)
+
+
 def _real(layer):
     """Per row: sorted (position, head) of the real tokens a pooled layer holds."""
     pos, heads = layer.positions[:, 0], layer.slot_heads
@@ -67,7 +126,7 @@ def _real(layer):
 
 
 @pytest.mark.parametrize("scope", SCOPES)
-@pytest.mark.parametrize("policy", ["trimkv", "streaming", "random"])
+@pytest.mark.parametrize("policy", ["trimkv", "streaming", "random", "tova", "h2o"])
 def test_every_eviction_keeps_the_top_scored_slots_of_the_pool(scope, policy):
     """Independent check of each eviction: the kept (position, head) pairs are the oracle's
     top-k over the layer's (layer scope) or every layer's (global) slots, and the total never
@@ -157,8 +216,9 @@ def test_global_budget_never_holds_more_than_the_per_head_total(scope):
         assert len(set(counts)) > 1
 
 
+@pytest.mark.parametrize("policy", ["trimkv", "tova", "h2o"])
 @pytest.mark.parametrize("scope", SCOPES)
-def test_left_padded_rows_match_rows_alone(scope):
+def test_left_padded_rows_match_rows_alone(scope, policy):
     model = _model()
     pads = (0, 3, 7)
     ids = _ids(3, 32, seed=5)
@@ -166,11 +226,11 @@ def test_left_padded_rows_match_rows_alone(scope):
     for row, pad in enumerate(pads):
         ids[row, :pad], mask[row, :pad] = 0, 0
     kw = dict(budget=6, buffer=2, budget_scope=scope, sinks=1)
-    cache = EvictionCache(model, "trimkv", **kw)
+    cache = EvictionCache(model, policy, **kw)
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                              cache=cache)[:, ids.shape[1]:]
     for row, pad in enumerate(pads):
-        alone = EvictionCache(model, "trimkv", **kw)
+        alone = EvictionCache(model, policy, **kw)
         out = model.generate(ids[row : row + 1, pad:], max_new_tokens=10, do_sample=False,
                              cache=alone)[:, ids.shape[1] - pad:]
         assert torch.equal(out[0], batched[row]), row
@@ -228,8 +288,9 @@ def test_scope_errors_say_what_to_do():
     model = _model()
     with pytest.raises(KVBoundError, match="Unknown budget_scope"):
         EvictionCache(model, "trimkv", budget=8, budget_scope="model")
-    with pytest.raises(KVBoundError, match="comparable across heads"):
-        EvictionCache(model, "tova", budget=8, budget_scope="global")
+    for policy in ("snapkv", "pyramidkv", "rkv", "knorm", "keydiff"):
+        with pytest.raises(KVBoundError, match="comparable across heads"):
+            EvictionCache(model, policy, budget=8, budget_scope="global")
     with pytest.raises(KVBoundError, match="static"):
         EvictionCache(model, "trimkv", budget=8, budget_scope="layer", static=True)
     with pytest.raises(KVBoundError, match="rolling"):

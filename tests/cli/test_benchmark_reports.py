@@ -77,14 +77,22 @@ def _row(label, method, budget, kls):
             "kl_per_window": kls}
 
 
-def test_fidelity_sweep_pairs_each_variant_with_the_shipped_gates():
+def test_fidelity_sweep_pairs_each_variant_with_its_base():
+    """Scope entries (METHOD@SCOPE) against the same method with per-head budgets; other variants
+    of the focus's method (new gates) against the focus; plain baselines are not variants."""
     f = load_benchmark("fidelity_sweep")
     rows = [_row("trimkv", "trimkv", 32, [0.3, 0.4, 0.5]),
             _row("trimkv@global", "trimkv", 32, [0.2, 0.3, 0.6]),
-            _row("tova", "tova", 32, [0.1, 0.1, 0.1])]
+            _row("rank", "trimkv", 32, [0.3, 0.4, 0.2]),
+            _row("tova", "tova", 32, [0.1, 0.1, 0.1]),
+            _row("tova@layer", "tova", 32, [0.2, 0.1, 0.1])]
     out = f._variant_rows({"regimes": {"0": {"results": rows}}, "budgets": [32]}, "trimkv")
-    assert len(out) == 1 and out[0].startswith("| 0 | trimkv@global | 32 | 0.3667 | -0.0333")
-    assert out[0].endswith("| 2/3 |")  # two windows closer, one farther; tova is not a variant
+    assert len(out) == 3
+    assert out[0].startswith("| 0 | trimkv@global | trimkv | 32 | 0.3667 | -0.0333")
+    assert out[0].endswith("| 2/3 |")  # two windows closer, one farther
+    assert out[1].startswith("| 0 | rank | trimkv | 32 | 0.3000 | -0.1000")
+    assert out[2].startswith("| 0 | tova@layer | tova | 32 | 0.1333 | +0.0333")
+    assert out[2].endswith("| 0/3 |")
 
 
 def test_oracle_headroom_summary_pairs_windows_and_reads_goal_2():

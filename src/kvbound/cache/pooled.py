@@ -36,8 +36,10 @@ HEAD_STATE = "kv_head"
 SCOPES = ("head", "layer", "global")
 #: policies whose scores compare across heads and layers: TRIM-KV's retention (a learned
 #: probability that the token is still needed, the premise of DBTrimKV), recency and random
-#: scores. Attention-based scores need a normalisation across heads (AdaKV's); not yet here.
-POOLED_POLICIES = ("trimkv", "streaming", "random")
+#: scores, and TOVA's and H2O's attention, read per head as a distribution over the head's own
+#: tokens (AdaKV's normalisation, kvbound.policies.attention_rows.layer_probs). SnapKV, PyramidKV
+#: and R-KV pool scores along a head's token axis, which the packed layout does not keep.
+POOLED_POLICIES = ("trimkv", "streaming", "random", "tova", "h2o")
 
 
 def check_scope(scope: str, min_per_head: int, budget: int, policy, static: bool,

@@ -7,6 +7,12 @@ KV head with the GQA group as its own axis: query head ``h`` belongs to KV head 
 
 Masking: padding slots (position < 0) are never attended; a query at position ``p`` sees only
 keys at positions ``<= p`` (causality inside a prefill chunk); padding queries give all-zero rows.
+
+Pooled layers (``budget_scope`` "layer"/"global": the KV heads packed on one slot axis) are read
+through :func:`layer_probs`: every query head attends only to its own KV head's slots, so each
+head's attention is a distribution over its own tokens and the scores of different heads (and
+layers) are masses of the same kind, comparable in one top-k: the normalisation of AdaKV
+(Feng et al., arXiv 2407.11550).
 """
 
 from __future__ import annotations
@@ -63,20 +69,37 @@ def grouped_probs(
     return masked_softmax(logits, allowed)
 
 
+def layer_probs(layer, queries: torch.Tensor, query_pos: torch.Tensor,
+                query_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`grouped_probs` of ``queries`` over the layer's resident keys. A pooled layer (keys
+    (B, 1, n, d), each slot of one KV head) gives (B, 1, H_q, w, n), each query head's row a
+    distribution over the slots of its own KV head."""
+    keys, pos = layer.keys_, layer.positions
+    slot_heads = getattr(layer, "slot_heads", None)  # (B, n) in pooled layers
+    if slot_heads is None:
+        return grouped_probs(keys, queries, pos, query_pos, query_valid)
+    logits, allowed = grouped_logits(keys, queries, pos, query_pos, query_valid)
+    h_q = queries.shape[1]
+    head_of_query = torch.arange(h_q, device=keys.device) // (h_q // layer.kv_heads)
+    own = slot_heads[:, None, None, None, :] == head_of_query[None, None, :, None, None]
+    allowed = allowed & own  # (B, 1, H_q, w, n)
+    return masked_softmax(logits.masked_fill(~allowed, -math.inf), allowed)
+
+
 def recent_probs(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention rows of the layer's buffered recent queries.
 
-    Returns probs (B, H_kv, g, w, n) and query validity (B, w); zeros (and no valid query)
-    if no query was buffered yet.
+    Returns probs (B, H_kv, g, w, n) (pooled layers: (B, 1, H_q, w, n), see
+    :func:`layer_probs`) and query validity (B, w); zeros (and no valid query) if no query was
+    buffered yet.
     """
-    keys, pos = layer.keys_, layer.positions
+    keys = layer.keys_
     if layer.queries.queries is None:
         b, h_kv, n, _ = keys.shape
         empty = torch.zeros(b, h_kv, 1, 0, n, device=keys.device)
         return empty, torch.zeros(b, 0, dtype=torch.bool, device=keys.device)
     valid = layer.queries.valid & (layer.queries.pos >= 0)
-    probs = grouped_probs(keys, layer.queries.queries, pos, layer.queries.pos, valid)
-    return probs, valid
+    return layer_probs(layer, layer.queries.queries, layer.queries.pos, valid), valid
 
 
 def mean_over_queries(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

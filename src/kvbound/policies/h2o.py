@@ -6,6 +6,9 @@ decode: one row per step). The most recent ``recent_ratio * M`` tokens are alway
 paper's even heavy/recent split, i.e. R = M/2), the rest of M goes to the heavy hitters.
 
 GQA: the group's accumulated scores are averaged (KVCache-Factory ``kv_head`` mode, ``mean``).
+Pooled budgets (``budget_scope`` "layer"/"global"): each head's attention is a distribution over
+its own tokens (AdaKV's normalisation), so accumulated masses compare across heads; a token's
+score is then its group's sum over all query heads of the layer, i.e. the per-head score / H_kv.
 Deviation: the paper evicts one token per step (buffer 1); with a larger cache buffer eviction
 runs every ``buffer`` steps instead.
 """
@@ -19,7 +22,7 @@ from typing import ClassVar
 import torch
 
 from kvbound.errors import KVBoundError
-from kvbound.policies.attention_rows import grouped_probs, recent_window
+from kvbound.policies.attention_rows import layer_probs, recent_window
 from kvbound.policies.base import Policy
 
 
@@ -47,12 +50,12 @@ class H2OPolicy(Policy):
         if new_queries is None:
             return
         q = new_queries.shape[2]
-        keys, pos = layer.keys_, layer.positions
+        pos = layer.positions
         qpos = pos[:, 0, -q:]  # the new tokens' positions, the same in every head
         acc = torch.zeros(pos.shape, dtype=torch.float32, device=pos.device)
         for start in range(0, q, self.block):
             stop = min(start + self.block, q)
-            probs = grouped_probs(keys, new_queries[:, :, start:stop], pos, qpos[:, start:stop])
+            probs = layer_probs(layer, new_queries[:, :, start:stop], qpos[:, start:stop])
             acc += probs.sum(-2).mean(2)  # sum over queries, mean over the GQA group
         layer.state("h2o").add_(acc)
 

@@ -5,6 +5,9 @@ heads of the layer, so every KV head keeps the same token set (layer-wise, as th
 ``TOVACache``). No sinks, no window; the newest token is not forced (kvpress forces it).
 Deviation: the paper evicts one token per step (buffer 1); with a larger cache buffer eviction
 runs every ``buffer`` steps, scored by the last query seen.
+Pooled budgets (``budget_scope`` "layer"/"global"): each KV head's tokens are scored by its own
+query group's attention, a distribution over that head's tokens (AdaKV's normalisation, arXiv
+2407.11550), so heads that attend sharply keep few tokens and diffuse heads many.
 """
 
 from __future__ import annotations
