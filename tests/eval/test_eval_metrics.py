@@ -283,3 +283,28 @@ def test_as_list_and_mean() -> None:
     assert m.as_list(["a", 2]) == ["a", "2"]
     assert math.isnan(m.mean([]))
     assert m.mean([1.0, 0.0]) == 0.5
+
+
+def _task_row(task, method, budget, score, n, lo, hi, exact=None):
+    metrics = {"score": score, "n": n, "ci95": [lo, hi]}
+    if exact is not None:
+        metrics["reference"] = {"exact": exact}
+    return {"task": task, "method": method, "budget": budget, "metrics": metrics}
+
+
+def test_task_table_cells_carry_interval_n_and_agreement() -> None:
+    from kvbound.eval.report import task_table
+
+    rows = [_task_row("syn_needle", "full", 0, 100.0, 32, 89.3, 100.0),
+            _task_row("syn_needle", "trimkv", 64, 50.0, 32, 33.6, 66.4, exact=50.0),
+            _task_row("syn_needle", "trimkv", 32, 12.5, 16, 3.5, 36.0, exact=12.5)]
+    lines = task_table({"results": rows}).splitlines()
+    assert lines[0] == "N per cell: 16, 32."
+    assert lines[2] == "| task | method | M=32 | M=64 |"
+    assert lines[4] == "| syn_needle | full | 100.0 [89, 100] | 100.0 [89, 100] |"
+    assert lines[5] == ("| syn_needle | trimkv | 12.5 [4, 36] (N=16, too few for a claim) "
+                        "(12% = full) | 50.0 [34, 66] (50% = full) |")
+    # only the full cache (a task checked before the sweep): one score column, not empty cells
+    only = task_table({"results": rows[:1]}).splitlines()
+    assert only[2] == "| task | method | score |"
+    assert only[4] == "| syn_needle | full | 100.0 [89, 100] |"

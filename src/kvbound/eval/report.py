@@ -25,8 +25,10 @@ def task_table(summary: dict) -> str:
     results = summary["results"]
     budgets = sorted({r["budget"] for r in results if r["method"] != "full"})
     ns = sorted({r["metrics"].get("n") for r in results if r["metrics"].get("n") is not None})
+    heads = [f"M={b}" for b in budgets] or ["score"]  # only the full cache: one column
+    budgets = budgets or [None]
     lines = [f"N per cell: {', '.join(map(str, ns))}.", "",
-             "| task | method | " + " | ".join(f"M={b}" for b in budgets) + " |",
+             "| task | method | " + " | ".join(heads) + " |",
              "|---|---|" + "---|" * len(budgets)]
     for task in dict.fromkeys(r["task"] for r in results):
         rows = [r for r in results if r["task"] == task]
