@@ -173,6 +173,10 @@ def train(
                                      "key's future attention."),
     rank_stride: int = typer.Option(16, min=1, help="attention-rank: tokens between decision "
                                     "times."),
+    rank_scope: Literal["head", "layer"] = typer.Option(
+        "head", help="attention-rank: rank each KV head's keys alone (head) or all the layer's "
+        "heads' keys in one list (layer: calibrates heads against each other, for "
+        "--budget-scope layer)."),
     bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
                               "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
@@ -195,7 +199,7 @@ def train(
         quality_reduction=quality_reduction, train_sinks=train_sinks, evict_aware=evict_aware,
         evict_tau=evict_tau, evict_scale=evict_scale, bf16=bf16,
         evict_budgets=[], evict_decay=evict_decay, objective=objective,
-        rank_horizon=rank_horizon, rank_stride=rank_stride,
+        rank_horizon=rank_horizon, rank_stride=rank_stride, rank_scope=rank_scope,
         grad_checkpointing=grad_checkpointing, save_every=save_every,
         extra={"resume": resume},
     )

@@ -201,6 +201,14 @@ def test_train_options_and_single_process_resume(env, capsys):
     resumed = RetentionGates.load(out)
     assert resumed.metadata.training["steps_done"] == 3
     assert read_versioned(out, "checkpoint").name == "checkpoint.000003"
+    rank = env["root"] / "train_rank"
+    _run(capsys, "train", "--model", env["model"], "--out", rank, "--data",
+         f"file:{env['data']}", "--seq-len", 32, "--memory-size", 8, "--intermediate-size", 8,
+         "--objective", "attention-rank", "--rank-horizon", 8, "--rank-stride", 4,
+         "--rank-scope", "layer", "--steps", 1, "--no-bf16", "--quiet")
+    cfg = RetentionGates.load(rank).metadata.training["config"]
+    assert (cfg["objective"], cfg["rank_horizon"], cfg["rank_stride"], cfg["rank_scope"]) == \
+        ("attention-rank", 8, 4, "layer")
 
 
 def test_bench_runs_each_method_in_its_own_process(env, capsys):

@@ -170,3 +170,65 @@ def test_attention_rank_config_is_checked(tmp_path):
         _cfg(tmp_path, rank_horizon=0).validate()
     with pytest.raises(KVBoundError, match="seq_len must be > 16"):
         _cfg(tmp_path, seq_len=16).validate()
+
+
+def test_layer_scope_ranks_all_heads_keys_in_one_list():
+    """scope="layer": at each decision time one ListNet list over every (KV head, key) pair, the
+    target the heads' future attention side by side (loop reference); a head whose keys the model
+    attends to more sharply must score its best key above another head's weaker key, which the
+    per-head lists never ask."""
+    q, k = _qk(t=16)
+    b, hq, t, _ = q.shape
+    hkv = k.shape[1]
+    keep = torch.ones(t, t, dtype=torch.bool).tril().expand(b, 1, t, t).clone()
+    keep[1, :, :, :2] = False
+    keep[1, :, :2, :] = False
+    log_beta = -torch.rand(b, hkv, t, generator=gen(5)) - 1e-3
+    horizon, stride, start = 5, 3, 4
+    loss, kl = attention_rank_loss(q, k, log_beta, 0.3, keep, horizon=horizon, stride=stride,
+                                   start=start, query_step=1, scope="layer")
+    times = torch.arange(start, t, stride)
+    flow = _loop_reference(q, k, keep, times, horizon, 1)
+    ces, kls = [], []
+    for bi in range(b):
+        for ti, t0 in enumerate(times.tolist()):
+            if not keep[bi, 0, t0, t0]:
+                continue
+            keys = [(h, i) for h in range(hkv) for i in range(t0) if keep[bi, 0, t0, i]]
+            target = torch.tensor([float(flow[bi, h, ti, i]) for h, i in keys])
+            if target.sum() <= 0:
+                continue
+            target = target / target.sum()
+            scores = torch.stack([(t0 - i) * log_beta[bi, h, i] for h, i in keys])
+            logp = scores.log_softmax(0)
+            ces.append(-(target * logp).sum())
+            kls.append(float((target * (target.clamp_min(1e-30).log() - logp)).sum()))
+    torch.testing.assert_close(loss, torch.stack(ces).mean())
+    assert kl == pytest.approx(sum(kls) / len(kls), abs=1e-5)
+    head = attention_rank_loss(q, k, log_beta, 0.3, keep, horizon=horizon, stride=stride,
+                               start=start, query_step=1)
+    assert abs(float(head[0]) - float(loss)) > 1e-3  # not the per-head lists
+    with pytest.raises(KVBoundError, match="scope must be"):
+        attention_rank_loss(q, k, log_beta, scope="model")
+
+
+def test_attention_rank_layer_scope_reaches_the_trainer(tmp_path, monkeypatch):
+    """rank_scope in TrainConfig (checked), handed to the loss, recorded with the gates (the CLI
+    option: tests/cli/test_commands.py)."""
+    import kvbound.train.rank_loss as rank_loss
+
+    seen = []
+    original = rank_loss.attention_rank_loss
+
+    def spy(*args, **kw):
+        seen.append(kw.get("scope"))
+        return original(*args, **kw)
+    monkeypatch.setattr(rank_loss, "attention_rank_loss", spy)
+    model = tiny_model("llama", seed=0)
+    Trainer(_cfg(tmp_path, rank_scope="layer", steps=1), model, ByteTokenizer(),
+            progress=False).run()
+    assert seen and set(seen) == {"layer"}
+    saved = RetentionGates.load(tmp_path / "run", model)
+    assert saved.metadata.training["config"]["rank_scope"] == "layer"
+    with pytest.raises(KVBoundError, match="rank_scope must be"):
+        _cfg(tmp_path, rank_scope="global").validate()

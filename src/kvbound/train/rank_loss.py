@@ -15,6 +15,12 @@ averaged over decision times every ``stride`` tokens, KV heads and rows: evictin
 proportion to the attention it would have received, which is what a hard top-M cache loses. The
 value reported is the listwise KL (the cross-entropy minus the target's entropy, 0 = a perfect
 fit). One forward pass of the frozen model per step; the gradient reaches only the gates.
+
+``scope="layer"`` makes one list of every (KV head, key) pair of the layer at a decision time
+(target: each head's future attention, the heads' masses side by side; scores: every head's
+``s_t(i)`` in one softmax), the ranking a cache with a budget shared by the layer's heads
+(``budget_scope="layer"``) applies. Per-head lists leave the scores of different heads
+uncalibrated against each other; one list per layer trains exactly that comparison.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ def future_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, kee
 def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.Tensor,
                         scaling: float | None = None, attention_mask: torch.Tensor | None = None,
                         *, horizon: int = 256, stride: int = 16, start: int = 16,
-                        query_step: int = 4) -> tuple[torch.Tensor, float]:
+                        query_step: int = 4, scope: str = "head") -> tuple[torch.Tensor, float]:
     """ListNet loss of the retention ranking against the model's future attention.
 
     Parameters
@@ -75,10 +81,14 @@ def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.
         ``W`` of the module docstring; decision times ``start, start + stride, ... < T``.
     query_step : int
         Sum the future attention over every ``query_step``-th query (:func:`future_attention`).
+    scope : str
+        ``"head"``: one list per KV head; ``"layer"``: one list of all the layer's heads' keys.
 
     Returns ``(loss, listwise_kl)``: the mean cross-entropy (with gradient to ``log_beta``) and
     the mean KL to the target distribution (a float, 0 when the ranking fits exactly).
     """
+    if scope not in ("head", "layer"):
+        raise KVBoundError(f"scope must be 'head' or 'layer', got {scope!r}.")
     if min(horizon, stride, start, query_step) < 1:
         raise KVBoundError(f"horizon, stride, start and query_step must be >= 1, got {horizon}, "
                            f"{stride}, {start}, {query_step}.")
@@ -89,10 +99,17 @@ def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.
                            f"{start}.")
     with torch.autocast(query.device.type, enabled=False):  # fp32 throughout, bf16 run or not
         return _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, start,
-                        query_step)
+                        query_step, scope)
 
 
-def _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, start, query_step):
+def _one_list_per_layer(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, n_times, T) -> (B, 1, n_times, H * T): the heads' keys side by side."""
+    b, h, n, t = x.shape
+    return x.transpose(1, 2).reshape(b, 1, n, h * t)
+
+
+def _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, start, query_step,
+             scope="head"):
     b, _, t, _ = query.shape
     times = torch.arange(start, t, stride, device=query.device)
     keep = _keep_mask(attention_mask, b, t, query.device)
@@ -100,9 +117,15 @@ def _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, sta
     cand = keep[:, :, times, :] & (torch.arange(t, device=query.device) < times[:, None])
     mass = (flow * cand).sum(-1, keepdim=True)
     weight = (keep.diagonal(dim1=-2, dim2=-1)[:, :, times] & (mass[..., 0] > 0)).float()
-    target = torch.where(cand, flow, 0.0) / mass.clamp_min(1e-30)
     age = (times[:, None] - torch.arange(t, device=query.device)).clamp(min=0).float()
     scores = (age * log_beta.float()[:, :, None, :]).masked_fill(~cand, float("-inf"))
+    cand = cand.expand_as(scores)
+    flow = torch.where(cand, flow, 0.0)
+    if scope == "layer":
+        flow, scores, cand = map(_one_list_per_layer, (flow, scores, cand))
+        mass = flow.sum(-1, keepdim=True)
+        weight = weight[:, :1] * (mass[..., 0] > 0)
+    target = flow / mass.clamp_min(1e-30)
     logp = scores.log_softmax(-1).masked_fill(~cand, 0.0)
     ce = -(target * logp).sum(-1)
     entropy = -(target * torch.where(target > 0, target.log(), 0.0)).sum(-1)

@@ -103,6 +103,9 @@ class TrainConfig:
     rank_stride: int = 16
     #: attention-rank: the future attention is summed over every N-th query (x N), 1/N the cost
     rank_query_step: int = 4
+    #: attention-rank: one list per KV head ("head") or per layer, the heads side by side
+    #: ("layer": calibrates heads against each other, for budget_scope="layer" caches)
+    rank_scope: str = "head"
     bf16: bool = True
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -114,6 +117,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise KVBoundError(f"{name} must be a positive integer, got {value!r}.")
+        if self.rank_scope not in ("head", "layer"):
+            raise KVBoundError(f"rank_scope must be 'head' or 'layer', got {self.rank_scope!r}.")
         if not self.position_lr_scale > 0:
             raise KVBoundError(f"position_lr_scale must be > 0, got {self.position_lr_scale!r}.")
         if self.position_lr_scale != 1.0 and not self.gate_positions:
@@ -308,7 +313,8 @@ class Trainer:
                                  "evict_decay": self.cfg.evict_decay}
         if self.cfg.objective == "attention-rank":
             state.train_rank = {"horizon": self.cfg.rank_horizon, "stride": self.cfg.rank_stride,
-                                "query_step": self.cfg.rank_query_step}
+                                "query_step": self.cfg.rank_query_step,
+                                "scope": self.cfg.rank_scope}
         name = register_retention_attention()
         # transformers documents no public getter (5.24); set_attn_implementation is the setter
         self._prev_impl = model.config._attn_implementation
