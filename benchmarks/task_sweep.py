@@ -31,7 +31,14 @@ import torch  # noqa: E402
 from _results import command, machine, write_section  # noqa: E402
 
 from kvbound.eval.report import task_table  # noqa: E402
-from kvbound.eval.runner import EvalConfig, run_eval  # noqa: E402
+from kvbound.eval.runner import (  # noqa: E402
+    EvalConfig,
+    load_examples,
+    per_example_scores,
+    run_eval,
+)
+from kvbound.eval.stats import paired_difference  # noqa: E402
+from kvbound.eval.tasks import get_task  # noqa: E402
 from kvbound.models import load_model  # noqa: E402
 from kvbound.policies import METHODS  # noqa: E402
 
@@ -53,6 +60,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--min-full-score", type=float, default=50.0,
                     help="run the methods only on tasks where the full cache scores at least this")
+    ap.add_argument("--focus", default="trimkv",
+                    help="the method compared with the best other one, example by example")
     ap.add_argument("--out", default=str(ROOT / "runs" / "task_sweep"))
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
@@ -61,8 +70,9 @@ def main() -> None:
     tasks, dropped = full_cache_check(model, tok, args)
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    sections, pics = [], []
+    sections, pics, plots = [], [], []
     for sinks in (int(x) for x in args.regimes.split(",")):
+        runs = []
         for prefill in ("chunked", "full"):
             run_methods = methods if prefill == "chunked" else (
                 ["full"] * ("full" in methods) + [m for m in methods if m in QUERY_AWARE])
@@ -74,6 +84,7 @@ def main() -> None:
                              context_tokens=args.context_tokens, batch_size=args.batch_size)
             out = Path(args.out) / f"sinks{sinks}_{prefill}"
             summary = run_eval(model, tok, cfg, out)
+            runs.append((summary, out))
             label = ("chunked prefill (query-agnostic: the context is compressed before the "
                      f"question, chunk {cfg.chunk})" if prefill == "chunked" else
                      "full prefill (query-aware: the question is inside the observation window)")
@@ -81,8 +92,10 @@ def main() -> None:
                          task_table(summary)]
             for task in cfg.tasks:
                 name = f"task_{task}_sinks{sinks}_{prefill}.png"
-                shutil.copy(out / f"{task}.png", img / name)
+                plots.append((out / f"{task}.png", img / name))
                 pics.append(f"![{task}, sinks {sinks}, {prefill}](img/{name})")
+        sections += ["", f"### Sinks {sinks}: {args.focus} against the best other method, "
+                     "example by example", "", *paired_table(runs, cfg, tok, args.focus)]
     md = "\n".join([
         "## Task suite (offline synthetic long-context tasks), every method under the same rules",
         "",
@@ -98,8 +111,47 @@ def main() -> None:
         " ".join(pics),
     ])
     print(md)
-    if args.write_results:
+    if args.write_results:  # the plots belong to the section: written with it, never alone
+        for old in img.glob("task_*.png"):
+            old.unlink()
+        for src, dst in plots:
+            shutil.copy(src, dst)
         write_section("task-sweep", md)
+
+
+def paired_table(runs: list[tuple[dict, Path]], cfg: EvalConfig, tok, focus: str) -> list[str]:
+    """Per task and budget: ``focus`` (chunked prefill) minus the best other bounded method of
+    either prefill mode, on the same examples (mean difference in points, 95% bootstrap CI,
+    examples only the focus / only the other gets right)."""
+    rows = [(r, out) for summary, out in runs for r in summary["results"] if r["method"] != "full"]
+    lines = ["| task | M | " + focus + " | best other | its score | difference [95% CI] | "
+             f"only {focus} right / only it right |", "|---|---|---|---|---|---|---|"]
+    for task in cfg.tasks:
+        spec = get_task(task)
+        examples = load_examples(spec, cfg, tok)
+        for budget in cfg.budgets:
+            here = [(r, out) for r, out in rows if r["task"] == task and r["budget"] == budget]
+            mine = next(((r, o) for r, o in here
+                         if r["method"] == focus and r.get("prefill") == "chunked"), None)
+            others = [(r, o) for r, o in here if r["method"] != focus]
+            if mine is None or not others:
+                continue
+            best = max(others, key=lambda x: x[0]["metrics"]["score"])
+            a = per_example_scores(spec, examples, mine[1] / mine[0]["dir"])
+            b = per_example_scores(spec, examples, best[1] / best[0]["dir"])
+            d = paired_difference(b, a)  # other - focus: "wins" = examples the focus does better
+            losses = d["n"] - d["wins"] - d["ties"]
+            name = best[0]["method"] + (" (full prefill)" if best[0].get("prefill") == "full"
+                                        else "")
+            lines.append(f"| {task} | {budget} | {mine[0]['metrics']['score']:.1f} | {name} | "
+                         f"{best[0]['metrics']['score']:.1f} | {_points(-d['mean'])} "
+                         f"[{_points(-d['ci'][1])}, {_points(-d['ci'][0])}] | "
+                         f"{d['wins']} / {losses} |")
+    return lines
+
+
+def _points(x: float) -> str:
+    return f"{100.0 * x + 0.0:+.1f}"  # + 0.0: no "-0.0"
 
 
 def full_cache_check(model, tok, args) -> tuple[list[str], list[str]]:

@@ -109,3 +109,44 @@ def test_oracle_headroom_summary_pairs_windows_and_reads_goal_2():
     assert abs(row["vs_best_2m"]["mean"] - (0.16 - 0.21)) < 1e-9 and row["vs_best_2m"]["wins"] == 2
     assert abs(row["closed"] - (0.34 - 0.31) / (0.34 - 0.16)) < 1e-9
     assert "below it" in o._reading([row])
+
+
+def test_task_sweep_pairs_trimkv_with_the_best_other_method_example_by_example(tmp_path):
+    """The task sweep's paired table: TRIM-KV (chunked) against the best other method of either
+    prefill mode, on the same examples, with the examples only one of them gets right."""
+    import csv
+    import json
+
+    from kvbound.eval.runner import EvalConfig, load_examples
+    from kvbound.eval.tasks import get_task
+    from kvbound.testing import ByteTokenizer
+
+    t = load_benchmark("task_sweep")
+    tok = ByteTokenizer()
+    cfg = EvalConfig(tasks=["syn_needle"], methods=["trimkv", "tova"], budgets=[32], limit=6,
+                     context_tokens=200)
+    examples = load_examples(get_task("syn_needle"), cfg, tok)
+    right = {"trimkv": [1, 1, 1, 0, 0, 1], "tova": [1, 0, 0, 1, 0, 0], "snapkv": [1, 1, 0, 1, 0, 0]}
+
+    def run(out, method, prefill):
+        d = out / f"{method}_{prefill}"
+        d.mkdir(parents=True)
+        with (d / "predictions.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["id", "task", "question", "answer", "predicted_answer"])
+            for ex, ok in zip(examples, right[method]):
+                w.writerow([ex.id, ex.task, "", json.dumps(ex.answer),
+                            ex.answers[0] if ok else "no idea"])
+        score = 100.0 * sum(right[method]) / len(examples)
+        return {"task": "syn_needle", "method": method, "budget": 32, "dir": d.name,
+                "prefill": prefill, "metrics": {"score": score}}
+
+    chunked, full = tmp_path / "c", tmp_path / "f"
+    runs = [({"results": [run(chunked, "trimkv", "chunked"), run(chunked, "tova", "chunked")]},
+             chunked), ({"results": [run(full, "snapkv", "full")]}, full)]
+    lines = t.paired_table(runs, cfg, tok, "trimkv")
+    assert len(lines) == 3
+    # snapkv with the question in its window (50.0) is the best other; trimkv 66.7: two
+    # examples only trimkv gets right (2, 5), one only snapkv (3)
+    assert lines[2].startswith("| syn_needle | 32 | 66.7 | snapkv (full prefill) | 50.0 | +16.7 [")
+    assert lines[2].endswith("| 2 / 1 |")

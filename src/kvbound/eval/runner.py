@@ -126,12 +126,7 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out: Path, *, progress: bool = T
         task_id = bar.add_task("eval", total=total)
         for task in cfg.tasks:
             spec = get_task(task)
-            kwargs = {"limit": cfg.limit, "seed": cfg.seed}
-            if spec.synthetic:
-                kwargs.update(context_tokens_approx=cfg.context_tokens, tokenizer=tokenizer)
-            examples = spec.load(cfg.data.get(task), **kwargs)
-            if not examples:
-                raise KVBoundError(f"Task {task} produced no examples.")
+            examples = load_examples(spec, cfg, tokenizer)
             prompts = [build_prompt(tokenizer, ex) for ex in examples]
             reference = None
             for method in methods:
@@ -158,6 +153,26 @@ def run_eval(model, tokenizer, cfg: EvalConfig, out: Path, *, progress: bool = T
     return summary
 
 
+def load_examples(spec, cfg: EvalConfig, tokenizer) -> list[TaskExample]:
+    """The examples ``run_eval`` scores for task ``spec`` under ``cfg`` (deterministic)."""
+    kwargs = {"limit": cfg.limit, "seed": cfg.seed}
+    if spec.synthetic:
+        kwargs.update(context_tokens_approx=cfg.context_tokens, tokenizer=tokenizer)
+    examples = spec.load(cfg.data.get(spec.name), **kwargs)
+    if not examples:
+        raise KVBoundError(f"Task {spec.name} produced no examples.")
+    return examples
+
+
+def per_example_scores(spec, examples: list[TaskExample], run_dir: Path) -> list[float]:
+    """Each example's score (0-1) in a result directory, in the examples' order."""
+    preds = read_predictions(run_dir / "predictions.csv")
+    if len(preds) != len(examples):
+        raise KVBoundError(f"{run_dir} holds {len(preds)} predictions for {len(examples)} "
+                           "examples: it was run with other settings.")
+    return [spec.score([p], [ex])["score"] / 100.0 for p, ex in zip(preds, examples)]
+
+
 def _run_one(model, tokenizer, cfg, spec, examples, prompts, method, budget, reference, out,
              model_name) -> dict:
     d = out / run_dir_name(spec.name, model_name, method, budget, cfg.prefill)
@@ -165,7 +180,7 @@ def _run_one(model, tokenizer, cfg, spec, examples, prompts, method, budget, ref
         import yaml
 
         metrics = json.loads((d / "metrics.json").read_text())
-        preds = _read_predictions(d / "predictions.csv")
+        preds = read_predictions(d / "predictions.csv")
         config = yaml.safe_load((d / "config.yaml").read_text())
         return {"task": spec.name, "method": method, "budget": budget, "metrics": metrics,
                 "predictions": preds, "dir": d.name, "prefill": config.get("prefill"),
@@ -210,7 +225,7 @@ def _run_one(model, tokenizer, cfg, spec, examples, prompts, method, budget, ref
             "predictions": preds, "dir": d.name, "prefill": cfg.prefill, "settings": settings}
 
 
-def _read_predictions(path: Path) -> list[str]:
+def read_predictions(path: Path) -> list[str]:
     with path.open(newline="") as fh:
         return [row["predicted_answer"] for row in csv.DictReader(fh)]
 
@@ -221,4 +236,5 @@ def _yaml(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-__all__ = ["EvalConfig", "run_eval", "build_prompt", "generate_batch", "atomic_write_text"]
+__all__ = ["EvalConfig", "run_eval", "build_prompt", "generate_batch", "atomic_write_text",
+           "load_examples", "per_example_scores", "read_predictions"]
