@@ -70,7 +70,7 @@ def main() -> None:
     tasks, dropped = full_cache_check(model, tok, args)
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    sections, pics, plots = [], [], []
+    sections, pics, plots, summaries = [], [], [], []
     for sinks in (int(x) for x in args.regimes.split(",")):
         runs = []
         for prefill in ("chunked", "full"):
@@ -94,22 +94,29 @@ def main() -> None:
                 name = f"task_{task}_sinks{sinks}_{prefill}.png"
                 plots.append((out / f"{task}.png", img / name))
                 pics.append(f"![{task}, sinks {sinks}, {prefill}](img/{name})")
-        sections += ["", f"### Sinks {sinks}: {args.focus} against the best other method, "
-                     "example by example", "", *paired_table(runs, cfg, tok, args.focus)]
-    md = "\n".join([
-        "## Task suite (offline synthetic long-context tasks), every method under the same rules",
-        "",
+        paired = paired_rows(runs, cfg, tok, args.focus)
+        heading = f"### Sinks {sinks}: {args.focus} against the best other method, example by example"
+        part = ["", heading, "", *paired_table(paired, args.focus), "",
+                f"Verdict, sinks {sinks}: {verdict(paired, args.focus)}."]
+        sections += part
+        summaries += part
+    about = [
         f"Command: `{command()}`  ",
         f"Machine: {machine()}  ",
         f"{args.limit} examples per task, contexts of ~{args.context_tokens} tokens from held-out "
         f"text (evaluation-only phrasing), greedy decoding, buffer {args.buffer}, model in "
         f"{args.dtype}. Score 0-100 with a 95% Wilson interval; in parentheses the share of "
-        "answers identical to the full cache's.",
-        *([""] + [f"Not run with a bounded cache: {d}" for d in dropped] if dropped else []),
-        *sections,
-        "",
-        " ".join(pics),
-    ])
+        "answers identical to the full cache's. Paired tables: the difference in points on the "
+        "same examples with a 95% bootstrap CI; the best other method is taken over both prefill "
+        "modes (query-aware baselines with the question in their window included).",
+        *([""] + [f"Not run with a bounded cache: {d}" for d in dropped] if dropped else [])]
+    md = "\n".join([
+        "## Task suite (offline synthetic long-context tasks), every method under the same rules",
+        "", *about, *sections, "", " ".join(pics)])
+    brief = "\n".join([
+        f"## Retrieval under a budget: {args.focus} against the best other method (task sweep)",
+        "", *about, *summaries, "", "Every method's score per budget: docs/RESULTS.md, "
+        "\"Task suite\"."])
     print(md)
     if args.write_results:  # the plots belong to the section: written with it, never alone
         for old in img.glob("task_*.png"):
@@ -117,15 +124,15 @@ def main() -> None:
         for src, dst in plots:
             shutil.copy(src, dst)
         write_section("task-sweep", md)
+        write_section("task-sweep-summary", brief)
 
 
-def paired_table(runs: list[tuple[dict, Path]], cfg: EvalConfig, tok, focus: str) -> list[str]:
+def paired_rows(runs: list[tuple[dict, Path]], cfg: EvalConfig, tok, focus: str) -> list[dict]:
     """Per task and budget: ``focus`` (chunked prefill) minus the best other bounded method of
-    either prefill mode, on the same examples (mean difference in points, 95% bootstrap CI,
-    examples only the focus / only the other gets right)."""
+    either prefill mode, on the same examples: mean difference (0-1), 95% bootstrap CI, and the
+    examples only the focus / only the other gets right."""
     rows = [(r, out) for summary, out in runs for r in summary["results"] if r["method"] != "full"]
-    lines = ["| task | M | " + focus + " | best other | its score | difference [95% CI] | "
-             f"only {focus} right / only it right |", "|---|---|---|---|---|---|---|"]
+    found = []
     for task in cfg.tasks:
         spec = get_task(task)
         examples = load_examples(spec, cfg, tok)
@@ -140,14 +147,34 @@ def paired_table(runs: list[tuple[dict, Path]], cfg: EvalConfig, tok, focus: str
             a = per_example_scores(spec, examples, mine[1] / mine[0]["dir"])
             b = per_example_scores(spec, examples, best[1] / best[0]["dir"])
             d = paired_difference(b, a)  # other - focus: "wins" = examples the focus does better
-            losses = d["n"] - d["wins"] - d["ties"]
-            name = best[0]["method"] + (" (full prefill)" if best[0].get("prefill") == "full"
-                                        else "")
-            lines.append(f"| {task} | {budget} | {mine[0]['metrics']['score']:.1f} | {name} | "
-                         f"{best[0]['metrics']['score']:.1f} | {_points(-d['mean'])} "
-                         f"[{_points(-d['ci'][1])}, {_points(-d['ci'][0])}] | "
-                         f"{d['wins']} / {losses} |")
+            found.append({
+                "task": task, "budget": budget, "score": mine[0]["metrics"]["score"],
+                "other": best[0]["method"] + (" (full prefill)" if best[0].get("prefill") == "full"
+                                              else ""),
+                "other_score": best[0]["metrics"]["score"], "mean": -d["mean"],
+                "ci": [-d["ci"][1], -d["ci"][0]], "wins": d["wins"],
+                "losses": d["n"] - d["wins"] - d["ties"], "n": d["n"]})
+    return found
+
+
+def paired_table(rows: list[dict], focus: str) -> list[str]:
+    lines = ["| task | M | " + focus + " | best other | its score | difference [95% CI] | "
+             f"only {focus} right / only it right |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['budget']} | {r['score']:.1f} | {r['other']} | "
+                     f"{r['other_score']:.1f} | {_points(r['mean'])} [{_points(r['ci'][0])}, "
+                     f"{_points(r['ci'][1])}] | {r['wins']} / {r['losses']} |")
     return lines
+
+
+def verdict(rows: list[dict], focus: str) -> str:
+    """Where the focus is ahead (CI above 0), behind (CI below 0) or level, budget by budget."""
+    def at(cond):
+        got = [f"{r['task']} M={r['budget']}" for r in rows if cond(r)]
+        return ", ".join(got) if got else "none"
+    return (f"{focus} ahead (CI above 0): {at(lambda r: r['ci'][0] > 0)}; behind (CI below 0): "
+            f"{at(lambda r: r['ci'][1] < 0)}; level (CI spans 0): "
+            f"{at(lambda r: r['ci'][0] <= 0 <= r['ci'][1])}")
 
 
 def _points(x: float) -> str:

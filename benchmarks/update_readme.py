@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("gate-quality", "fidelity-sweep-decode", "speed", "speed-llama-1b", "how-many-fit",
-            "chat-session")
+SECTIONS = ("gate-quality", "fidelity-sweep-decode", "task-sweep-summary", "speed",
+            "speed-llama-1b", "how-many-fit", "chat-session")
 
 
 def main() -> None:

@@ -144,9 +144,14 @@ def test_task_sweep_pairs_trimkv_with_the_best_other_method_example_by_example(t
     chunked, full = tmp_path / "c", tmp_path / "f"
     runs = [({"results": [run(chunked, "trimkv", "chunked"), run(chunked, "tova", "chunked")]},
              chunked), ({"results": [run(full, "snapkv", "full")]}, full)]
-    lines = t.paired_table(runs, cfg, tok, "trimkv")
+    rows = t.paired_rows(runs, cfg, tok, "trimkv")
+    lines = t.paired_table(rows, "trimkv")
     assert len(lines) == 3
     # snapkv with the question in its window (50.0) is the best other; trimkv 66.7: two
     # examples only trimkv gets right (2, 5), one only snapkv (3)
     assert lines[2].startswith("| syn_needle | 32 | 66.7 | snapkv (full prefill) | 50.0 | +16.7 [")
     assert lines[2].endswith("| 2 / 1 |")
+    lo, hi = rows[0]["ci"]
+    assert lo < 0 < hi and t.verdict(rows, "trimkv") == (
+        "trimkv ahead (CI above 0): none; behind (CI below 0): none; level (CI spans 0): "
+        "syn_needle M=32")
