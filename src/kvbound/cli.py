@@ -204,33 +204,9 @@ def train(
         extra={"resume": resume},
     )
     try:
-        if lr <= 0:
-            raise arg.OptionError("--lr", f"must be > 0, got {lr}.")
-        if position_lr_scale <= 0:
-            raise arg.OptionError("--position-lr-scale", f"must be > 0, got {position_lr_scale}.")
-        if position_lr_scale != 1.0 and not gate_positions:
-            raise arg.OptionError("--position-lr-scale", "needs --gate-positions.")
-        if train_position_only and not (gate_positions and init_gates):
-            raise arg.OptionError("--train-position-only", "needs --gate-positions and "
-                                                           "--init-gates.")
-        if freeze_positions and not (gate_positions and init_gates):
-            raise arg.OptionError("--freeze-positions", "needs --gate-positions and "
-                                                        "--init-gates.")
-        if freeze_positions and train_position_only:
-            raise arg.OptionError("--freeze-positions", "give it or --train-position-only, "
-                                                        "not both.")
-        if evict_tau <= 0:
-            raise arg.OptionError("--evict-tau", f"must be > 0, got {evict_tau}.")
-        if not evict_decay and not evict_aware:
-            raise arg.OptionError("--evict-no-decay", "needs --evict-aware.")
-        if objective == "attention-rank" and evict_aware:
-            raise arg.OptionError("--evict-aware", "shapes the student's attention, which "
-                                                   "--objective attention-rank does not run.")
         if evict_budgets is not None:
             cfg.evict_budgets = arg.csv(evict_budgets, "--evict-budgets", int, minimum=1)
-            if not evict_aware:
-                raise arg.OptionError("--evict-budgets", "needs --evict-aware (they are the "
-                                                         "budgets of the student's eviction).")
+        arg.config(cfg, {"evict_decay": "--evict-no-decay"})
         arg.writable(out, "--out", directory=True)
         _check_data(data)
         arg.model_name(model, "--model")
@@ -241,7 +217,6 @@ def train(
             if read_versioned(out, "checkpoint") is None:
                 raise arg.OptionError("--resume", f"nothing to resume: no checkpoint in {out}. "
                                                   "Run without --resume to start there.")
-        cfg.validate()
         gates = Trainer(cfg, progress=not quiet, command=_command_line()).run()
     except KVBoundError as exc:
         _fail(exc)

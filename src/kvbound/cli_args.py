@@ -23,6 +23,29 @@ class OptionError(KVBoundError):
         self.option = option
 
 
+def config(cfg, renamed: dict[str, str] | None = None) -> None:
+    """``cfg.validate()`` with its :class:`kvbound.errors.ConfigError` re-raised naming the
+    command-line option of the field (``--field-name``, or ``renamed[field]``); the message's
+    other field names become option names too."""
+    import re
+    from dataclasses import fields
+
+    from kvbound.errors import ConfigError
+
+    renamed = renamed or {}
+
+    def option(name: str) -> str:
+        return renamed.get(name, "--" + name.replace("_", "-"))
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        names = sorted((f.name for f in fields(cfg)), key=len, reverse=True)
+        words = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")(=False)?\b")
+        message = re.sub(rf"^{re.escape(exc.field)}(=\w+)? ", "", str(exc))
+        raise OptionError(option(exc.field), words.sub(lambda m: option(m.group(1)),
+                                                       message)) from None
+
+
 def check(option: str, fn: Callable, *args, **kwargs):
     """``fn(*args)``; a :class:`KVBoundError` it raises is re-raised naming ``option``."""
     try:

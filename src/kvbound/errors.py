@@ -9,6 +9,15 @@ class KVBoundError(ValueError):
     """A user-facing error: bad argument, incompatible checkpoint, missing model, ..."""
 
 
+class ConfigError(KVBoundError):
+    """A bad setting of a configuration object (e.g. ``TrainConfig``); ``field`` names the
+    setting, so a command line can name its option instead."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class IncompatibleGatesError(KVBoundError):
     """Gate checkpoint made for another model (layer count, hidden size or KV heads differ)."""
 

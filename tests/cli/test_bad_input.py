@@ -184,3 +184,24 @@ def test_bench_random_fill_refuses_compiled_methods(capsys):
     code, out = _run(["bench", "--fill", "random", "--methods", "full,trimkv+compile"], capsys)
     assert code != 0 and "Traceback" not in out
     assert "--fill" in out and "+compile" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--lr", "0"], "--lr: must be > 0, got 0.0."),
+    (["--evict-no-decay"], "--evict-no-decay: needs --evict-aware (without"),
+    (["--position-lr-scale", "2"], "--position-lr-scale: needs --gate-positions"),
+    (["--freeze-positions"], "--freeze-positions: needs --gate-positions and --init-gates"),
+    (["--objective", "attention-rank", "--evict-aware"], "--evict-aware: shapes the student's"),
+    (["--evict-budgets", "8,16"], "--evict-budgets: needs --evict-aware"),
+])
+def test_train_settings_are_checked_once_and_named_by_their_option(argv, message, files, capsys,
+                                                                    monkeypatch):
+    """`train` leaves the checks of its settings to TrainConfig.validate (no twin in the CLI):
+    the error names the option of the bad field, and the other fields in its text by their
+    options too; nothing is loaded or trained first."""
+    import kvbound.train.trainer as trainer
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", lambda *a, **k: pytest.fail("trained"))
+    code, out = _run(["train", "--out", str(files / "run"), *argv], capsys)
+    assert code != 0 and "Traceback" not in out
+    assert message in " ".join(out.split()), out

@@ -164,7 +164,7 @@ def test_rank_loss_is_fp32_under_bf16_autocast(tmp_path, monkeypatch):
 def test_attention_rank_config_is_checked(tmp_path):
     with pytest.raises(KVBoundError, match="objective must be"):
         _cfg(tmp_path, objective="nope").validate()
-    with pytest.raises(KVBoundError, match="attention-rank objective does not run"):
+    with pytest.raises(KVBoundError, match="attention-rank training does not run"):
         _cfg(tmp_path, evict_aware=True).validate()
     with pytest.raises(KVBoundError, match="rank_horizon"):
         _cfg(tmp_path, rank_horizon=0).validate()

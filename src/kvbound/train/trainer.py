@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kvbound.errors import KVBoundError
+from kvbound.errors import ConfigError, KVBoundError
 from kvbound.gates import GateMetadata, RetentionGates
 from kvbound.hooks import attach, detach
 from kvbound.io import atomic_write_json, read_versioned, write_versioned
@@ -112,56 +112,63 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Raise :class:`kvbound.errors.ConfigError` (naming the field) for a bad setting."""
         for name in ("memory_size", "seq_len", "steps", "batch_size", "grad_accum", "save_every",
                      "intermediate_size", "rank_horizon", "rank_stride", "rank_query_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise KVBoundError(f"{name} must be a positive integer, got {value!r}.")
+                raise ConfigError(name, f"{name} must be a positive integer, got {value!r}.")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"lr must be > 0, got {self.lr!r}.")
         if self.rank_scope not in ("head", "layer"):
-            raise KVBoundError(f"rank_scope must be 'head' or 'layer', got {self.rank_scope!r}.")
+            raise ConfigError("rank_scope", f"rank_scope must be 'head' or 'layer', got "
+                                            f"{self.rank_scope!r}.")
         if not self.position_lr_scale > 0:
-            raise KVBoundError(f"position_lr_scale must be > 0, got {self.position_lr_scale!r}.")
+            raise ConfigError("position_lr_scale", f"position_lr_scale must be > 0, got "
+                                                   f"{self.position_lr_scale!r}.")
         if self.position_lr_scale != 1.0 and not self.gate_positions:
-            raise KVBoundError("position_lr_scale needs gate_positions (there is no position "
-                               "input to scale).")
+            raise ConfigError("position_lr_scale", "position_lr_scale needs gate_positions "
+                                                   "(there is no position input to scale).")
         if self.train_position_only and not (self.gate_positions and self.init_gates):
-            raise KVBoundError("train_position_only needs gate_positions and init_gates (it trains "
-                               "the position input of gates trained before).")
+            raise ConfigError("train_position_only", "train_position_only needs gate_positions "
+                              "and init_gates (it trains the position input of gates trained "
+                              "before).")
         if self.freeze_positions and not (self.gate_positions and self.init_gates):
-            raise KVBoundError("freeze_positions needs gate_positions and init_gates (it keeps "
-                               "the position input of gates trained before).")
+            raise ConfigError("freeze_positions", "freeze_positions needs gate_positions and "
+                              "init_gates (it keeps the position input of gates trained before).")
         if self.freeze_positions and self.train_position_only:
-            raise KVBoundError("freeze_positions and train_position_only exclude each other "
-                               "(nothing would train).")
+            raise ConfigError("freeze_positions", "freeze_positions and train_position_only "
+                              "exclude each other (nothing would train).")
         if self.objective not in ("distill", "attention-rank"):
-            raise KVBoundError(f"objective must be 'distill' or 'attention-rank', got "
-                               f"{self.objective!r}.")
+            raise ConfigError("objective", f"objective must be 'distill' or 'attention-rank', "
+                                           f"got {self.objective!r}.")
         if self.objective == "attention-rank" and self.seq_len <= 16:
-            raise KVBoundError(f"seq_len must be > 16 for the attention-rank objective (its first "
-                               f"decision time is token 16), got {self.seq_len}.")
+            raise ConfigError("seq_len", f"seq_len must be > 16 for the attention-rank objective "
+                              f"(its first decision time is token 16), got {self.seq_len}.")
         if self.objective == "attention-rank" and self.evict_aware:
-            raise KVBoundError("evict_aware shapes the student's attention, which the "
-                               "attention-rank objective does not run; drop one of them.")
+            raise ConfigError("evict_aware", "evict_aware shapes the student's attention, which "
+                              "attention-rank training does not run; drop one of them.")
         if self.cap_variant not in ("paper", "official"):
-            raise KVBoundError("cap_variant must be 'paper' or 'official'.")
+            raise ConfigError("cap_variant", "cap_variant must be 'paper' or 'official'.")
         if self.quality_reduction not in ("sum", "mean"):
-            raise KVBoundError("quality_reduction must be 'sum' or 'mean'.")
+            raise ConfigError("quality_reduction", "quality_reduction must be 'sum' or 'mean'.")
         if self.train_sinks < 0:
-            raise KVBoundError("train_sinks must be >= 0.")
+            raise ConfigError("train_sinks", "train_sinks must be >= 0.")
         if not self.evict_tau > 0:
-            raise KVBoundError(f"evict_tau must be > 0, got {self.evict_tau!r}.")
+            raise ConfigError("evict_tau", f"evict_tau must be > 0, got {self.evict_tau!r}.")
         if self.evict_scale not in ("relative", "absolute"):
-            raise KVBoundError("evict_scale must be 'relative' or 'absolute'.")
+            raise ConfigError("evict_scale", "evict_scale must be 'relative' or 'absolute'.")
         budgets = self.evict_budgets
         if not isinstance(budgets, (list, tuple)) or not all(
                 isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in budgets):
-            raise KVBoundError(f"evict_budgets must be a list of positive integers, got {budgets!r}.")
+            raise ConfigError("evict_budgets", f"evict_budgets must be a list of positive "
+                                               f"integers, got {budgets!r}.")
         if not self.evict_decay and not self.evict_aware:
-            raise KVBoundError("evict_decay=False needs evict_aware (without the eviction mask the "
-                               "student would be plain attention).")
+            raise ConfigError("evict_decay", "evict_decay=False needs evict_aware (without the "
+                              "eviction mask the student would be plain attention).")
         if budgets and not self.evict_aware:
-            raise KVBoundError("evict_budgets needs evict_aware (the budgets are those the student's "
-                               "eviction cycles through).")
+            raise ConfigError("evict_budgets", "evict_budgets needs evict_aware (the budgets are "
+                              "those the student's eviction cycles through).")
 
     def budget_at(self, step: int) -> int:
         """The budget M of optimizer step ``step``: ``evict_budgets`` in turn, else memory_size."""
