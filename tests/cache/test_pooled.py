@@ -121,7 +121,7 @@ def test_pooled_attention_scores_are_each_heads_own_distribution(scope):
 def _real(layer):
     """Per row: sorted (position, head) of the real tokens a pooled layer holds."""
     pos, heads = layer.positions[:, 0], layer.slot_heads
-    return [sorted((int(p), int(h)) for p, h in zip(pos[b], heads[b]) if p >= 0)
+    return [sorted((int(p), int(h)) for p, h in zip(pos[b], heads[b], strict=False) if p >= 0)
             for b in range(pos.shape[0])]
 
 

@@ -134,7 +134,7 @@ def test_task_sweep_pairs_trimkv_with_the_best_other_method_example_by_example(t
         with (d / "predictions.csv").open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["id", "task", "question", "answer", "predicted_answer"])
-            for ex, ok in zip(examples, right[method]):
+            for ex, ok in zip(examples, right[method], strict=False):
                 w.writerow([ex.id, ex.task, "", json.dumps(ex.answer),
                             ex.answers[0] if ok else "no idea"])
         score = 100.0 * sum(right[method]) / len(examples)

@@ -146,7 +146,7 @@ def test_left_padded_rows_match_rows_alone(model, name):
         out = model.generate(ids[row : row + 1, pad:], max_new_tokens=NEW, do_sample=False,
                              cache=alone)[:, PROMPT - pad:]
         assert torch.equal(out[0], batched[row]), (name, row)
-        for layer, single in zip(cache.layers, alone.layers):
+        for layer, single in zip(cache.layers, alone.layers, strict=False):
             real = layer.positions[row][layer.positions[row] >= 0]
             assert real.tolist() == single.positions[0].flatten().tolist()
 
@@ -301,11 +301,11 @@ def test_pyramidkv_budgets_fall_with_depth_and_keep_the_total():
     cache = EvictionCache(model, "pyramidkv", budget=24, buffer=2, window=4)
     budgets = [layer.budget for layer in cache.layers]
     assert sum(budgets) == 6 * 24
-    assert all(a > b for a, b in zip(budgets, budgets[1:])), budgets
+    assert all(a > b for a, b in zip(budgets, budgets[1:], strict=False)), budgets
     assert budgets[0] > 24 > budgets[-1] >= 4
     ids = torch.randint(3, 100, (1, 40), generator=gen(305))
     model.generate(ids, max_new_tokens=10, do_sample=False, cache=cache)
-    for layer, m in zip(cache.layers, budgets):
+    for layer, m in zip(cache.layers, budgets, strict=False):
         assert layer.n <= m + 2 and layer.peak <= max(m + 2, 40)
     # M <= window: uniform budgets
     assert PyramidKVPolicy(window=32).budgets(4, 16) == [16] * 4

@@ -61,7 +61,7 @@ def test_blockwise_matches_naive_values_and_grads(impl, group, t, block):
         lambda *x: retention_attention(*x, block_size=block, impl=impl), [q, k, v, lb], go
     )
     torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
-    for name, a, r in zip("q k v log_beta".split(), g, ref_g):
+    for name, a, r in zip("q k v log_beta".split(), g, ref_g, strict=False):
         scale = r.abs().max().item()
         torch.testing.assert_close(
             a, r.float(), atol=1e-5 * max(1.0, scale), rtol=1e-4, msg=f"grad {name}"
@@ -95,7 +95,7 @@ def test_query_suffix_against_longer_keys(impl):
     ref, ref_g = _grads(lambda *x: naive_retention_attention(*x), [q, k, v, lb], go)
     out, g = _grads(lambda *x: retention_attention(*x, block_size=3, impl=impl), [q, k, v, lb], go)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for a, r in zip(g, ref_g):
+    for a, r in zip(g, ref_g, strict=False):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
     # same as the last rows of the full square problem
     qf, _, _, _ = _inputs(1, 4, 2, 19, 19, 8, seed=6)
@@ -123,7 +123,7 @@ def test_padding_masks_bool_and_additive(impl):
             go,
         )
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        for a, r in zip(g, ref_g):
+        for a, r in zip(g, ref_g, strict=False):
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
     # padded query rows have no admissible key: zero output, zero gradient
@@ -355,7 +355,7 @@ def test_eviction_aware_matches_naive_values_and_grads(impl, group, t, block, bu
     out, g = _grads(lambda *x: retention_attention(*x, block_size=block, impl=impl, **kw),
                     [q, k, v, lb], go)
     torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
-    for name, a, r in zip("q k v log_beta".split(), g, ref_g):
+    for name, a, r in zip("q k v log_beta".split(), g, ref_g, strict=False):
         scale = r.abs().max().item()
         torch.testing.assert_close(a, r.float(), atol=1e-5 * max(1.0, scale), rtol=1e-4,
                                    msg=f"grad {name}")

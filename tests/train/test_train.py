@@ -39,7 +39,7 @@ def test_only_gates_change_and_model_is_restored(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     fresh = RetentionGates.for_model(model, intermediate_size=8, bias_init=3.0, seed=0)
-    moved = [not torch.equal(a, b) for a, b in zip(gates.parameters(), fresh.parameters())]
+    moved = [not torch.equal(a, b) for a, b in zip(gates.parameters(), fresh.parameters(), strict=False)]
     assert all(moved)
     assert get_state(model) is None and model.config._attn_implementation == "sdpa"
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_resume_is_exact(tmp_path):
     assert not (tmp_path / "b" / "run" / "gates.json").exists()
     cfg = _cfg(tmp_path / "b", steps=6, extra={"resume": True})
     resumed, _ = _train(cfg)
-    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=False):
         assert torch.equal(a, b)
     log = [json.loads(x) for x in (tmp_path / "b" / "run" / "train_log.jsonl").read_text()
            .splitlines()]
@@ -224,7 +224,7 @@ def test_evict_no_decay_trains_on_the_mask_alone(tmp_path):
     assert alone["kl"] != with_decay["kl"] and alone["grad_norm"] > 0
     assert g2.metadata.training["config"]["evict_decay"] is False
     assert any(not torch.equal(a, b) for a, b in zip(g1.state_dict().values(),
-                                                     g2.state_dict().values()))
+                                                     g2.state_dict().values(), strict=False))
     with pytest.raises(KVBoundError, match="positive integers"):
         _cfg(tmp_path, evict_aware=True, evict_budgets=[4, 0]).validate()
 
