@@ -59,7 +59,7 @@ def test_room_for_everything_is_the_full_cache(arch, scope):
     assert torch.equal(gen_full, gen_pool)
 
 
-@pytest.mark.parametrize("policy", ["tova", "h2o"])
+@pytest.mark.parametrize("policy", ["tova", "h2o", "snapkv", "pyramidkv"])
 @pytest.mark.parametrize("scope", SCOPES)
 def test_attention_policies_with_room_for_everything_are_the_full_cache(policy, scope):
     model = _model()
@@ -118,6 +118,43 @@ def test_pooled_attention_scores_are_each_heads_own_distribution(scope):
         assert any(abs(per_head[k] - got[k] * h) > 1e-3 for k in got)
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_per_head_view_scores_snapkv_as_the_head_scope_does(scope):
+    """SnapKV on a pooled layer reads a per-head view (each head's slots in position order):
+    with every head holding the same tokens (no eviction yet), the scores per (row, position,
+    head) are the head scope's, so the view's gather and scatter lose nothing; after evictions
+    heads hold different tokens and the view still covers every slot exactly once."""
+    from kvbound.cache.pooled import PerHeadView
+
+    model = _model()
+    ids = _ids(2, 30, seed=11)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0
+    room = dict(budget=64, buffer=8, sinks=0)
+    head = EvictionCache(model, "snapkv", **room)
+    pooled = EvictionCache(model, "snapkv", budget_scope=scope, **room)
+    _feed(model, ids, head, 6, mask=mask)
+    _feed(model, ids, pooled, 6, mask=mask)
+    for a, b in zip(head.eviction_layers, pooled.eviction_layers, strict=True):
+        want = _by_slot(a, a.policy_scores())
+        got = _by_slot(b, b.policy_scores())
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
+    small = EvictionCache(model, "snapkv", budget=5, buffer=2, sinks=1, budget_scope=scope)
+    _feed(model, ids, small, 3, mask=mask)
+    for layer in small.eviction_layers:
+        view = PerHeadView(layer)
+        covered = sorted(view.index[view.present].view(2, -1)[0].tolist())
+        assert covered == list(range(layer.n))  # row 0: each slot once
+        assert (layer.head_counts() <= view.n).all()
+        heads = layer.slot_heads.gather(1, view.index.reshape(2, -1)).reshape(view.index.shape)
+        assert (heads[view.present] == torch.arange(view.index.shape[1])[None, :, None]
+                .expand_as(heads)[view.present]).all()
+        pos = view.positions
+        assert (pos[:, :, 1:] >= pos[:, :, :-1]).logical_or(pos[:, :, 1:] < 0).all()
+
+
 def _real(layer):
     """Per row: sorted (position, head) of the real tokens a pooled layer holds."""
     pos, heads = layer.positions[:, 0], layer.slot_heads
@@ -126,7 +163,8 @@ def _real(layer):
 
 
 @pytest.mark.parametrize("scope", SCOPES)
-@pytest.mark.parametrize("policy", ["trimkv", "streaming", "random", "tova", "h2o"])
+@pytest.mark.parametrize("policy", ["trimkv", "streaming", "random", "tova", "h2o", "snapkv",
+                                    "pyramidkv"])
 def test_every_eviction_keeps_the_top_scored_slots_of_the_pool(scope, policy):
     """Independent check of each eviction: the kept (position, head) pairs are the oracle's
     top-k over the layer's (layer scope) or every layer's (global) slots, and the total never
@@ -176,12 +214,12 @@ def test_every_eviction_keeps_the_top_scored_slots_of_the_pool(scope, policy):
                 checked.append(keep)
             layer.evict = spy
 
-    def bound(c):
+    def bound(c):  # (PyramidKV gives each layer its own budget, the same total)
         total = sum(layer.n for layer in layers)
-        per = (budget + buffer + chunk) * h
-        assert total <= per * len(layers)
+        assert total <= sum((layer.budget + buffer + chunk) * h for layer in layers)
+        assert sum(layer.budget for layer in layers) == budget * len(layers)
         if scope == "layer":
-            assert all(layer.n <= per for layer in layers)
+            assert all(layer.n <= (layer.budget + buffer + chunk) * h for layer in layers)
 
     _feed(model, _ids(2, 48, seed=3), cache, chunk, each=bound)
     assert len(checked) >= 4
@@ -216,7 +254,7 @@ def test_global_budget_never_holds_more_than_the_per_head_total(scope):
         assert len(set(counts)) > 1
 
 
-@pytest.mark.parametrize("policy", ["trimkv", "tova", "h2o"])
+@pytest.mark.parametrize("policy", ["trimkv", "tova", "h2o", "snapkv"])
 @pytest.mark.parametrize("scope", SCOPES)
 def test_left_padded_rows_match_rows_alone(scope, policy):
     model = _model()
@@ -288,7 +326,7 @@ def test_scope_errors_say_what_to_do():
     model = _model()
     with pytest.raises(KVBoundError, match="Unknown budget_scope"):
         EvictionCache(model, "trimkv", budget=8, budget_scope="model")
-    for policy in ("snapkv", "pyramidkv", "rkv", "knorm", "keydiff"):
+    for policy in ("rkv", "knorm", "keydiff"):
         with pytest.raises(KVBoundError, match="comparable across heads"):
             EvictionCache(model, policy, budget=8, budget_scope="global")
     with pytest.raises(KVBoundError, match="static"):

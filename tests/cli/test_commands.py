@@ -146,7 +146,7 @@ def test_budget_scopes_from_the_cli(env, capsys):
         assert rows[label]["settings"]["layer_budget_total"] == rows["trimkv"]["settings"][
             "layer_budget_total"]
     code = main(["eval", "fidelity", "--model", env["model"], "--text-file", env["data"],
-                 "--methods", "snapkv", "--budget-scopes", "global", "--quiet"])
+                 "--methods", "rkv", "--budget-scopes", "global", "--quiet"])
     err = capsys.readouterr().err
     assert code != 0 and "supports trimkv" in err and "Traceback" not in err
 

@@ -369,7 +369,7 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         """The policy's scores (B, H, n) with the rules every policy shares: NaN caught,
         padding -inf, the first ``sinks`` real tokens of each row +inf."""
         self.flush_gates()
-        scores = self.policy.score(self).float()
+        scores = self.policy_scores().float()
         nan = torch.isnan(scores)
         if defer_host_checks(scores.device):  # no host sync: flag it, evict NaN first
             seen = nan.any()
@@ -383,6 +383,10 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
             scores = torch.where((pos >= 0) & (pos < self.sinks),
                                  torch.full_like(scores, math.inf), scores)
         return scores
+
+    def policy_scores(self) -> torch.Tensor:
+        """The policy's raw scores of the resident slots (layouts other than per-head override)."""
+        return self.policy.score(self)
 
     def take_nan_flag(self) -> bool:
         """Whether an eviction saw NaN scores since the last call (the deferred check of

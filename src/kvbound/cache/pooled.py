@@ -36,10 +36,13 @@ HEAD_STATE = "kv_head"
 SCOPES = ("head", "layer", "global")
 #: policies whose scores compare across heads and layers: TRIM-KV's retention (a learned
 #: probability that the token is still needed, the premise of DBTrimKV), recency and random
-#: scores, and TOVA's and H2O's attention, read per head as a distribution over the head's own
-#: tokens (AdaKV's normalisation, kvbound.policies.attention_rows.layer_probs). SnapKV, PyramidKV
-#: and R-KV pool scores along a head's token axis, which the packed layout does not keep.
-POOLED_POLICIES = ("trimkv", "streaming", "random", "tova", "h2o")
+#: scores, and attention read per head as a distribution over the head's own tokens (AdaKV's
+#: normalisation): TOVA and H2O on the packed slots (kvbound.policies.attention_rows.layer_probs),
+#: SnapKV and PyramidKV, which pool along a head's token axis, on a per-head view (PerHeadView).
+#: R-KV (attention minus key redundancy), K-norm and KeyDiff have no such normalisation.
+POOLED_POLICIES = ("trimkv", "streaming", "random", "tova", "h2o", "snapkv", "pyramidkv")
+#: policies scored on a per-head view of the packed slots (they read a head's token axis)
+PER_HEAD_VIEW = ("snapkv", "pyramidkv")
 
 
 def check_scope(scope: str, min_per_head: int, budget: int, policy, static: bool,
@@ -68,6 +71,70 @@ def check_scope(scope: str, min_per_head: int, budget: int, policy, static: bool
     if positions == "rolling":
         raise KVBoundError(f"budget_scope {scope!r} keeps absolute positions; rolling positions "
                            "need budget_scope 'head'.")
+
+
+class PerHeadView:
+    """A pooled layer seen per KV head, (B, H, m): each head's slots in position order (the
+    packed axis keeps every head's slots in the order they came), padded with position -1 to the
+    fullest head. Policies that read a head's token axis (SnapKV's pooling, its observation
+    window) score it exactly as in the head scope; :meth:`to_slots` puts the scores back."""
+
+    def __init__(self, layer: PooledEvictionLayer):
+        self._layer = layer
+        heads, n = layer.slot_heads, layer.n  # (B, n)
+        h = layer.kv_heads
+        b = heads.shape[0]
+        order = torch.argsort(heads, dim=-1, stable=True)  # head-major, in order within a head
+        counts = torch.zeros(b, h, dtype=torch.long, device=heads.device).scatter_add_(
+            1, heads, torch.ones_like(heads))
+        m = int(counts.max()) if n else 0
+        rank = torch.arange(m, device=heads.device)
+        self.present = rank[None, None, :] < counts[:, :, None]  # (B, H, m)
+        start = counts.cumsum(-1) - counts
+        at = (start[:, :, None] + rank).clamp(max=max(n - 1, 0))
+        self.index = order.gather(1, at.reshape(b, -1)).reshape(b, h, m) if n else at
+        self.n = m
+        self.layer_idx, self.budget, self.evictions = layer.layer_idx, layer.budget, \
+            layer.evictions
+        self.queries = layer.queries
+
+    def _take(self, packed: torch.Tensor) -> torch.Tensor:
+        """(B, 1, n, *rest) packed -> (B, H, m, *rest)."""
+        b, _, n = packed.shape[:3]
+        rest = packed.shape[3:]
+        flat = packed[:, 0].reshape(b, n, -1)
+        idx = self.index.reshape(b, -1, 1).expand(-1, -1, flat.shape[-1])
+        return flat.gather(1, idx).reshape(b, *self.index.shape[1:], *rest)
+
+    @property
+    def keys_(self) -> torch.Tensor:
+        return self._take(self._layer.keys_)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        pos = self._take(self._layer.positions[..., None])[..., 0]
+        return pos.masked_fill(~self.present, -1)
+
+    @property
+    def row_seen(self) -> torch.Tensor:
+        return self._layer.row_seen
+
+    @property
+    def log_beta(self) -> torch.Tensor:
+        return self.state("log_beta")
+
+    def state(self, name: str) -> torch.Tensor:
+        return self._take(self._layer.state(name)[..., None])[..., 0]
+
+    def to_slots(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, H, m) scores of the view -> (B, 1, n) scores of the packed slots."""
+        b = scores.shape[0]
+        out = torch.full((b, self._layer.n), -math.inf, dtype=scores.dtype,
+                         device=scores.device)
+        rows = torch.arange(b, device=scores.device)[:, None, None].expand_as(self.index)
+        # every slot is one (head, rank) of the view: the present entries map onto the slots
+        out[rows[self.present], self.index[self.present]] = scores[self.present]
+        return out[:, None]
 
 
 class PooledEvictionLayer(EvictionLayer):
@@ -178,6 +245,12 @@ class PooledEvictionLayer(EvictionLayer):
         if (not self.frozen and not self.coordinated and self.n + q * h > self.pool + self.buffer * h
                 and self.n > self.pool):
             self.evict(self.pool)
+
+    def policy_scores(self) -> torch.Tensor:
+        if self.policy.name in PER_HEAD_VIEW:
+            view = PerHeadView(self)
+            return view.to_slots(self.policy.score(view))
+        return self.policy.score(self)
 
     def keep_scores(self) -> torch.Tensor:
         scores = super().keep_scores()  # (B, 1, n)

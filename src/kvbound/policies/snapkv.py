@@ -12,6 +12,9 @@ would keep only the window (the last M tokens), leaving nothing to select.
 ``query_aware`` only labels results: whether the question is in the prompt (so the observation
 window sees it) is decided by the evaluation harness, not here.
 
+Pooled budgets (``budget_scope`` "layer"/"global", AdaKV's setting, arXiv 2407.11550): the
+cache scores a per-head view of the packed slots, so each head's scores are its own attention
+distribution, pooled along its own tokens, and one top-k compares them across heads.
 Deviation: the paper compresses once after the prompt; in this cache it also runs whenever the
 cache fills during decoding (pooling over resident slots), as R-KV's and kvpress's decode
 variants do.
