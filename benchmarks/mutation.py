@@ -149,14 +149,30 @@ def _find(tree, like):
 
 
 def _preload() -> None:
-    """Import what every child needs once, in the server (never kvbound or the tests)."""
+    """Import what every child needs once, in the server: torch, transformers, pytest and the
+    third-party modules kvbound pulls in (the model classes of the tiny test models included).
+    kvbound itself is imported to find them and then forgotten (its modules leave
+    ``sys.modules``), so each child imports its own, mutated tree; a child that got the real
+    tree is caught (exit code 99)."""
     import hypothesis  # noqa: F401
     import pytest  # noqa: F401
     import torch
     import transformers  # noqa: F401
 
     torch.set_num_threads(1)
-    assert "kvbound" not in sys.modules, "the fork server must not import kvbound"
+    assert "kvbound" not in sys.modules, "the fork server must start without kvbound"
+    sys.path.insert(0, str(ROOT / "src"))
+    try:
+        import kvbound.cache  # noqa: F401
+        import kvbound.policies  # noqa: F401
+        from kvbound.testing import TINY_ARCHS, tiny_model
+
+        for arch in TINY_ARCHS:
+            tiny_model(arch, seed=0)
+    finally:
+        sys.path.remove(str(ROOT / "src"))
+        for name in [m for m in sys.modules if m == "kvbound" or m.startswith("kvbound.")]:
+            del sys.modules[name]
 
 
 def _child(mutant: Mutant | None, tests: list[str], workdir: Path,
