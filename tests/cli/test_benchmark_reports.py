@@ -155,3 +155,39 @@ def test_task_sweep_pairs_trimkv_with_the_best_other_method_example_by_example(t
     assert lo < 0 < hi and t.verdict(rows, "trimkv") == (
         "trimkv ahead (CI above 0): none; behind (CI below 0): none; level (CI spans 0): "
         "syn_needle M=32")
+
+
+def test_scope_sweep_pairs_each_scope_with_the_published_per_head_rows():
+    """Scoped rows pair window by window with the same method's per-head rows of the published
+    sweep (only on the same windows); TRIM-KV's scopes also meet the best per-head baseline
+    scored on every window, at M and 2M."""
+    import pytest
+
+    from kvbound.errors import KVBoundError
+
+    s = load_benchmark("scope_sweep")
+
+    def row(label, method, budget, kls, nll=(2.0, 3.0, 4.0)):
+        return {**_row(label, method, budget, kls), "windows": len(kls),
+                "nll_full_per_window": list(nll), "kl_ci": [0.0, 1.0]}
+
+    head = {"regimes": {"0": {"results": [
+        row("full", "full", 32, [0, 0, 0]), row("trimkv", "trimkv", 32, [0.3, 0.4, 0.5]),
+        row("tova", "tova", 32, [0.4, 0.4, 0.4]), row("tova", "tova", 64, [0.2, 0.3, 0.2]),
+        row("knorm", "knorm", 64, [0.01])]}}}  # fewer windows: never the best baseline
+    res = {"regimes": {"0": {"results": [
+        row("full", "full", 32, [0, 0, 0]), row("trimkv@layer", "trimkv", 32, [0.2, 0.4, 0.6]),
+        row("tova@global", "tova", 32, [0.5, 0.5, 0.3])]}}}
+    rows = s.paired_rows(res, head)
+    assert [(r["method"], r["scope"]) for r in rows] == [("trimkv", "layer"), ("tova", "global")]
+    t, v = rows
+    assert abs(t["vs_head"]["mean"]) < 1e-12 and t["vs_head"]["wins"] == 1
+    assert t["vs_best"]["other"] == "tova" and t["vs_best_at_2m"]["other"] == "tova"
+    assert abs(t["vs_best_at_2m"]["mean"] - (0.4 - 0.7 / 3)) < 1e-9
+    assert abs(v["vs_head"]["mean"] - (1.3 / 3 - 0.4)) < 1e-9 and "vs_best" not in v
+    md = s.render({"command": "c", "machine": "m"}, rows, "docs/data/fidelity_sweep.json")
+    assert "| 0 | trimkv | layer | 32 | 0.4000 [0.0000, 1.0000] | 0.4000 | +0.0000" in md
+    other = {"regimes": {"0": {"results": [row("full", "full", 32, [0, 0, 0], nll=(2, 3, 5)),
+                                           *head["regimes"]["0"]["results"][1:]]}}}
+    with pytest.raises(KVBoundError, match="other windows"):
+        s.paired_rows(res, other)
