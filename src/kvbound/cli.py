@@ -173,10 +173,10 @@ def train(
                                      "key's future attention."),
     rank_stride: int = typer.Option(16, min=1, help="attention-rank: tokens between decision "
                                     "times."),
-    rank_scope: Literal["head", "layer"] = typer.Option(
-        "head", help="attention-rank: rank each KV head's keys alone (head) or all the layer's "
-        "heads' keys in one list (layer: calibrates heads against each other, for "
-        "--budget-scope layer)."),
+    rank_scope: Literal["head", "layer", "model"] = typer.Option(
+        "head", help="attention-rank: rank each KV head's keys alone (head), all the layer's "
+        "heads' keys in one list (layer: for --budget-scope layer) or every layer's (model: for "
+        "--budget-scope global)."),
     bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
                               "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),

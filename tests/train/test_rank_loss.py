@@ -209,7 +209,7 @@ def test_layer_scope_ranks_all_heads_keys_in_one_list():
                                start=start, query_step=1)
     assert abs(float(head[0]) - float(loss)) > 1e-3  # not the per-head lists
     with pytest.raises(KVBoundError, match="scope must be"):
-        attention_rank_loss(q, k, log_beta, scope="model")
+        attention_rank_loss(q, k, log_beta, scope="global")
 
 
 def test_attention_rank_layer_scope_reaches_the_trainer(tmp_path, monkeypatch):
@@ -232,3 +232,46 @@ def test_attention_rank_layer_scope_reaches_the_trainer(tmp_path, monkeypatch):
     assert saved.metadata.training["config"]["rank_scope"] == "layer"
     with pytest.raises(KVBoundError, match="rank_scope must be"):
         _cfg(tmp_path, rank_scope="global").validate()
+
+
+def test_model_scope_joins_every_layers_lists_into_one():
+    """scope="model": each layer returns its per-layer lists; joined, one ListNet list per
+    decision time spans every layer's (head, key) pairs, equal to the loss of the per-layer
+    lists concatenated by hand, and it differs from averaging the layers' own losses."""
+    from kvbound.train.rank_loss import RankLists, join_lists, listnet
+
+    kw = dict(horizon=5, stride=3, start=4, query_step=1)
+    layers = []
+    for seed in (0, 1):
+        q, k = _qk(t=16, seed=seed)
+        lb = -torch.rand(2, 2, 16, generator=gen(10 + seed)) - 1e-3
+        layers.append((q, k, lb))
+    parts = [attention_rank_loss(q, k, lb, 0.3, scope="model", **kw) for q, k, lb in layers]
+    assert all(isinstance(p, RankLists) for p in parts)
+    loss, kl = listnet(join_lists(parts))
+    flow = torch.cat([p.flow for p in parts], -1)
+    scores = torch.cat([p.scores for p in parts], -1)
+    target = flow / flow.sum(-1, keepdim=True)
+    ref = -(target * scores.log_softmax(-1).nan_to_num(0.0, neginf=0.0)).sum(-1)
+    torch.testing.assert_close(loss, ref.mean())
+    assert kl >= 0
+    per_layer = [attention_rank_loss(q, k, lb, 0.3, scope="layer", **kw) for q, k, lb in layers]
+    assert abs(float(loss) - float(sum(p[0] for p in per_layer) / 2)) > 1e-3
+    lb = layers[0][2].clone().requires_grad_(True)
+    joined = listnet(join_lists([attention_rank_loss(*layers[0][:2], lb, 0.3, scope="model",
+                                                     **kw), parts[1]]))[0]
+    joined.backward()
+    assert lb.grad.abs().sum() > 0
+
+
+def test_attention_rank_model_scope_trains(tmp_path):
+    """rank_scope="model" in the trainer: one list over the gated layers, the gates move."""
+    model = tiny_model("llama", seed=0)
+    gates = Trainer(_cfg(tmp_path, rank_scope="model", steps=2), model, ByteTokenizer(),
+                    progress=False).run()
+    fresh = RetentionGates.for_model(model, intermediate_size=8, bias_init=3.0, seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(gates.parameters(), fresh.parameters(),
+                                                       strict=True))
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["rank"] > 0 and r["kl"] >= 0 for r in log)
+    assert gates.metadata.training["config"]["rank_scope"] == "model"

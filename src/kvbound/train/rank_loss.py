@@ -21,13 +21,21 @@ fit). One forward pass of the frozen model per step; the gradient reaches only t
 ``s_t(i)`` in one softmax), the ranking a cache with a budget shared by the layer's heads
 (``budget_scope="layer"``) applies. Per-head lists leave the scores of different heads
 uncalibrated against each other; one list per layer trains exactly that comparison.
+``scope="model"`` goes one step further, for ``budget_scope="global"``: every gated layer's lists
+at a decision time are joined into one (:func:`rank_lists` per layer, :func:`join_lists` and
+:func:`listnet` over the model), so the layers are calibrated against each other too.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from kvbound.errors import KVBoundError
+
+#: one ListNet list per KV head, per layer (its heads side by side), or per model (all layers)
+SCOPES = ("head", "layer", "model")
 
 
 def _keep_mask(attention_mask: torch.Tensor | None, b: int, t: int,
@@ -82,13 +90,15 @@ def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.
     query_step : int
         Sum the future attention over every ``query_step``-th query (:func:`future_attention`).
     scope : str
-        ``"head"``: one list per KV head; ``"layer"``: one list of all the layer's heads' keys.
+        ``"head"``: one list per KV head; ``"layer"``: one list of all the layer's heads' keys;
+        ``"model"``: this layer's part of one list over every gated layer, returned as
+        :class:`RankLists` (no loss yet: :func:`join_lists` then :func:`listnet`).
 
     Returns ``(loss, listwise_kl)``: the mean cross-entropy (with gradient to ``log_beta``) and
     the mean KL to the target distribution (a float, 0 when the ranking fits exactly).
     """
-    if scope not in ("head", "layer"):
-        raise KVBoundError(f"scope must be 'head' or 'layer', got {scope!r}.")
+    if scope not in SCOPES:
+        raise KVBoundError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}.")
     if min(horizon, stride, start, query_step) < 1:
         raise KVBoundError(f"horizon, stride, start and query_step must be >= 1, got {horizon}, "
                            f"{stride}, {start}, {query_step}.")
@@ -108,24 +118,56 @@ def _one_list_per_layer(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, 1, n, h * t)
 
 
+class RankLists(NamedTuple):
+    """One layer's ListNet lists, (B, 1, n_times, K): the future attention of each candidate key
+    (0 elsewhere), the scores (-inf elsewhere), the candidates, and (B, 1, n_times) the weight of
+    each list (a real decision time with some future attention)."""
+
+    flow: torch.Tensor
+    scores: torch.Tensor
+    cand: torch.Tensor
+    weight: torch.Tensor
+
+
 def _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, start, query_step,
              scope="head"):
+    lists = rank_lists(query, key, log_beta, scaling, attention_mask, horizon, stride, start,
+                       query_step, per_layer=scope != "head")
+    return lists if scope == "model" else listnet(lists)
+
+
+def rank_lists(query, key, log_beta, scaling, attention_mask, horizon, stride, start, query_step,
+               per_layer: bool) -> RankLists:
+    """The lists of one layer: one per KV head and decision time, or (``per_layer``) the heads'
+    keys side by side in one list per decision time."""
     b, _, t, _ = query.shape
     times = torch.arange(start, t, stride, device=query.device)
     keep = _keep_mask(attention_mask, b, t, query.device)
     flow = future_attention(query, key, scaling, keep, times, horizon, query_step)
     cand = keep[:, :, times, :] & (torch.arange(t, device=query.device) < times[:, None])
-    mass = (flow * cand).sum(-1, keepdim=True)
-    weight = (keep.diagonal(dim1=-2, dim2=-1)[:, :, times] & (mass[..., 0] > 0)).float()
+    real = keep.diagonal(dim1=-2, dim2=-1)[:, :, times]  # (B, 1, n_times)
     age = (times[:, None] - torch.arange(t, device=query.device)).clamp(min=0).float()
     scores = (age * log_beta.float()[:, :, None, :]).masked_fill(~cand, float("-inf"))
     cand = cand.expand_as(scores)
     flow = torch.where(cand, flow, 0.0)
-    if scope == "layer":
+    if per_layer:
         flow, scores, cand = map(_one_list_per_layer, (flow, scores, cand))
-        mass = flow.sum(-1, keepdim=True)
-        weight = weight[:, :1] * (mass[..., 0] > 0)
-    target = flow / mass.clamp_min(1e-30)
+    weight = (real & (flow.sum(-1) > 0)).float()
+    return RankLists(flow, scores, cand, weight)
+
+
+def join_lists(parts: list[RankLists]) -> RankLists:
+    """Several layers' per-layer lists (same rows and decision times) as one list each."""
+    flow, scores, cand = (torch.cat(x, dim=-1) for x in zip(*[p[:3] for p in parts],
+                                                            strict=True))
+    weight = (torch.stack([p.weight for p in parts]).amax(0) > 0) & (flow.sum(-1) > 0)
+    return RankLists(flow, scores, cand, weight.float())
+
+
+def listnet(lists: RankLists) -> tuple[torch.Tensor, float]:
+    """ListNet cross-entropy (with gradient) and listwise KL (a float) of weighted lists."""
+    flow, scores, cand, weight = lists
+    target = flow / flow.sum(-1, keepdim=True).clamp_min(1e-30)
     logp = scores.log_softmax(-1).masked_fill(~cand, 0.0)
     ce = -(target * logp).sum(-1)
     entropy = -(target * torch.where(target > 0, target.log(), 0.0)).sum(-1)

@@ -103,8 +103,9 @@ class TrainConfig:
     rank_stride: int = 16
     #: attention-rank: the future attention is summed over every N-th query (x N), 1/N the cost
     rank_query_step: int = 4
-    #: attention-rank: one list per KV head ("head") or per layer, the heads side by side
-    #: ("layer": calibrates heads against each other, for budget_scope="layer" caches)
+    #: attention-rank: one list per KV head ("head"), per layer, the heads side by side
+    #: ("layer": calibrates heads against each other, for budget_scope="layer" caches) or per
+    #: model, every layer's heads ("model": for budget_scope="global")
     rank_scope: str = "head"
     bf16: bool = True
     grad_checkpointing: bool = False
@@ -120,9 +121,9 @@ class TrainConfig:
                 raise ConfigError(name, f"{name} must be a positive integer, got {value!r}.")
         if not self.lr > 0:
             raise ConfigError("lr", f"lr must be > 0, got {self.lr!r}.")
-        if self.rank_scope not in ("head", "layer"):
-            raise ConfigError("rank_scope", f"rank_scope must be 'head' or 'layer', got "
-                                            f"{self.rank_scope!r}.")
+        if self.rank_scope not in ("head", "layer", "model"):
+            raise ConfigError("rank_scope", f"rank_scope must be 'head', 'layer' or 'model', "
+                                            f"got {self.rank_scope!r}.")
         if not self.position_lr_scale > 0:
             raise ConfigError("position_lr_scale", f"position_lr_scale must be > 0, got "
                                                    f"{self.position_lr_scale!r}.")
@@ -480,11 +481,17 @@ class Trainer:
             self.model.base_model(input_ids=ids, attention_mask=att)
         log_betas = [rank_of(m)[0] for m in self.gated]
         parts = [rank_loss_of(m) for m in self.gated]
-        rank = torch.stack([p[0] for p in parts]).mean()
+        if self.cfg.rank_scope == "model":  # one list over every gated layer
+            from kvbound.train.rank_loss import join_lists, listnet
+
+            rank, kl = listnet(join_lists(parts))
+        else:
+            rank, kl = torch.stack([p[0] for p in parts]).mean(), sum(p[1] for p in parts) / len(
+                parts)
         cap = self._capacity_loss(log_betas, att, budget)
         loss = rank + self.cfg.lambda_cap * cap
         (loss / self.cfg.grad_accum).backward()
-        return {"loss": float(loss.detach()), "kl": sum(p[1] for p in parts) / len(parts),
+        return {"loss": float(loss.detach()), "kl": kl,
                 "rank": float(rank.detach()), "cap": float(cap.detach()),
                 "tokens": int(att.sum()), **gate_summary(self.gates, log_betas)}
 
