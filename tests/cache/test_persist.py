@@ -99,6 +99,8 @@ def test_load_refuses_another_model_other_gates_and_bad_files(tmp_path):
     with pytest.raises(KVBoundError, match="another model"):
         EvictionCache.load(path, other)
     detach(model)
+    with pytest.raises(KVBoundError, match="the model has none attached"):
+        EvictionCache.load(path, model)
     RetentionGates.for_model(model, bias_init=2.0, init_std=0.5, seed=5).attach(model)
     with pytest.raises(KVBoundError, match="built with gates"):
         EvictionCache.load(path, model)

@@ -155,6 +155,21 @@ def test_per_head_view_scores_snapkv_as_the_head_scope_does(scope):
         assert (pos[:, :, 1:] >= pos[:, :, :-1]).logical_or(pos[:, :, 1:] < 0).all()
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_head_counts_are_the_real_tokens_of_each_head(scope):
+    """With room for everything every head of a row holds each real token once, from position 0
+    on: head_counts is the row's length less its padding, for every head."""
+    model = _model()
+    ids = _ids(2, 21, seed=12)
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0
+    cache = EvictionCache(model, "trimkv", budget=64, buffer=8, budget_scope=scope, sinks=0)
+    _feed(model, ids, cache, 7, mask=mask)
+    h = model.config.num_key_value_heads
+    for layer in cache.eviction_layers:
+        assert layer.head_counts().tolist() == [[21] * h, [16] * h]
+
+
 def _real(layer):
     """Per row: sorted (position, head) of the real tokens a pooled layer holds."""
     pos, heads = layer.positions[:, 0], layer.slot_heads
