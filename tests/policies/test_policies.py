@@ -536,6 +536,22 @@ def test_policy_settings_accept_their_smallest_values_and_refuse_below():
     RKVPolicy(block=1)
     with pytest.raises(KVBoundError, match="must be >= 1"):
         RKVPolicy(block=0)
+    for mix in (0.0, 1.0):  # both ends of [0, 1]
+        RKVPolicy(mix_lambda=mix)
+    for mix in (-0.01, 1.01):
+        with pytest.raises(KVBoundError, match="mix_lambda must be in"):
+            RKVPolicy(mix_lambda=mix)
+    PyramidKVPolicy(beta=1.0)
+    with pytest.raises(KVBoundError, match="beta must be >= 1"):
+        PyramidKVPolicy(beta=0.99)
+    H2OPolicy(block=1)
+    for ratio in (0.0, 1.0):
+        H2OPolicy(recent_ratio=ratio)
+    with pytest.raises(KVBoundError, match="block must be >= 1"):
+        H2OPolicy(block=0)
+    for ratio in (-0.01, 1.01):
+        with pytest.raises(KVBoundError, match="recent_ratio must be in"):
+            H2OPolicy(recent_ratio=ratio)
 
 
 def test_rkv_redundancy_is_the_softmax_of_mean_similarity():
