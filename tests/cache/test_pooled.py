@@ -309,6 +309,54 @@ def test_min_per_head_keeps_every_head_alive():
     assert h > 1
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_min_per_head_keeps_each_heads_best_tokens(scope):
+    """min_per_head = m: every eviction keeps, in every head, the m real tokens its policy scores
+    highest (checked against the raw scores before the eviction, position 0 included), whatever
+    the other heads' scores; sinks 0, so nothing else protects the first token."""
+    model = _model(seed=3)
+    m = 3
+    cache = EvictionCache(model, "trimkv", budget=4, buffer=2, budget_scope=scope, sinks=0,
+                          min_per_head=m)
+    checked = []
+
+    def best(layers):
+        out = set()
+        for i, layer in enumerate(layers):
+            raw, pos, heads = layer.policy_scores()[:, 0], layer.positions[:, 0], layer.slot_heads
+            for b in range(raw.shape[0]):
+                for k in range(layer.kv_heads):
+                    mine = [j for j in range(layer.n) if heads[b, j] == k and pos[b, j] >= 0]
+                    top = sorted(mine, key=lambda j: (-float(raw[b, j]), -int(pos[b, j])))[:m]
+                    out |= {(i, b, int(pos[b, j]), k) for j in top}
+        return out
+
+    def held(layers):
+        return {(i, b, p, k) for i, layer in enumerate(layers)
+                for b, pairs in enumerate(_real(layer)) for p, k in pairs}
+
+    layers = cache.eviction_layers
+    if scope == "global":
+        original = cache.evict_global
+
+        def spy(keep):
+            want = best(layers)
+            original(keep)
+            assert want <= held(layers)
+            checked.append(any(p == 0 for _, _, p, _ in want))
+        cache.evict_global = spy
+    else:
+        for layer in layers:
+            def spy(keep, layer=layer, original=layer.evict):
+                want = best([layer])
+                original(keep)
+                assert want <= held([layer])
+                checked.append(any(p == 0 for _, _, p, _ in want))
+            layer.evict = spy
+    _feed(model, _ids(2, 40, seed=13), cache, 2)
+    assert len(checked) >= 4 and any(checked)  # position 0 among some head's best
+
+
 def test_storage_holds_only_the_kept_tokens():
     """Packed storage: bytes allocated follow the tokens kept, plus bounded slack."""
     model = _model()
