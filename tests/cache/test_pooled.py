@@ -357,6 +357,22 @@ def test_min_per_head_keeps_each_heads_best_tokens(scope):
     assert len(checked) >= 4 and any(checked)  # position 0 among some head's best
 
 
+def test_global_scope_fills_the_pool_and_one_buffer_per_head_before_evicting():
+    """Global scope: decoding token by token, the model's slots climb to exactly M x H x L plus
+    one buffer per head (b x H x L) before an eviction brings them back to the pool."""
+    model = _model()
+    budget, buffer = 5, 3
+    cache = EvictionCache(model, "trimkv", budget=budget, buffer=buffer, budget_scope="global",
+                          sinks=0)
+    layers = cache.eviction_layers
+    heads = model.config.num_key_value_heads * len(layers)
+    totals = []
+    _feed(model, _ids(1, 40, seed=14), cache, 1,
+          each=lambda c: totals.append(sum(int(layer.head_counts().sum()) for layer in layers)))
+    assert max(totals) == (budget + buffer) * heads
+    assert min(totals[20:]) == budget * heads + heads  # right after an eviction, plus the new one
+
+
 def test_storage_holds_only_the_kept_tokens():
     """Packed storage: bytes allocated follow the tokens kept, plus bounded slack."""
     model = _model()

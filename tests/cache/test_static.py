@@ -113,8 +113,17 @@ def test_compiled_static_decoding_matches_eager_without_recompiling():
 
 def test_static_refuses_what_it_cannot_do():
     model = _model()
+    for policy in ("h2o", "tova", "snapkv", "rkv"):  # reads queries, keeps state, or both
+        with pytest.raises(KVBoundError, match="tracks attention"):
+            EvictionCache(model, policy, budget=8, static=True)
+    from kvbound.policies.knorm import KNormPolicy
+
+    class Tracking(KNormPolicy):  # keeps per-token state from every forward, reads no query
+        def on_update(self, layer, new_queries):
+            return None
+
     with pytest.raises(KVBoundError, match="tracks attention"):
-        EvictionCache(model, "h2o", budget=8, static=True)
+        EvictionCache(model, Tracking(), budget=8, static=True)
     from kvbound.policies.streaming import StreamingPolicy
 
     class Uneven(StreamingPolicy):
