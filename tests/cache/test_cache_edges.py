@@ -44,6 +44,10 @@ def test_reported_kv_bytes_are_the_stored_bytes(model):
     resident = sum(st.resident_tokens.values())
     assert st.kv_bytes == 2 * resident * 3 * 2 * 16 * 4  # K+V, batch 3, 2 KV heads, dim 16, fp32
     assert st.kv_bytes == sum(stored_kv_bytes_resident(layer) for layer in cache.layers)
+    # the peak: each layer's most resident tokens, the first forward's 20 before any eviction
+    assert st.peak_kv_bytes == 2 * 20 * len(cache.eviction_layers) * 3 * 2 * 16 * 4
+    layer = cache.eviction_layers[0]
+    assert torch.equal(layer.valid, layer.positions >= 0) and bool(layer.valid[..., 0].all())
     # what the buffers hold, capacity included: K and V of every slot
     assert stored_kv_bytes(cache) == sum(2 * 3 * 2 * layer.capacity * 16 * 4
                                          for layer in cache.eviction_layers)
