@@ -92,6 +92,10 @@ def test_oracle_with_room_for_everything_is_the_full_cache(model):
 
 def test_oracle_refuses_tables_of_other_ids(model):
     policy = oracle_policy(model, _ids(1, 24), stride=4)
+    assert model.config.num_key_value_heads != 1  # rows and heads told apart
+    fine = EvictionCache(model, policy, budget=8, buffer=4, sinks=0)
+    bounded_logprobs(model, _ids(1, 24), fine, protocol="decode", buffer=4)  # its own ids: fine
+    assert fine.stats().evictions > 0
     cache = EvictionCache(model, policy, budget=8, buffer=4, sinks=0)
     with pytest.raises(KVBoundError, match="tables hold 1 rows"):
         bounded_logprobs(model, _ids(2, 24), cache, protocol="decode", buffer=4)
