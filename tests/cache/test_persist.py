@@ -94,6 +94,9 @@ def test_load_refuses_another_model_other_gates_and_bad_files(tmp_path):
     path = cache.save(tmp_path / "c.safetensors")
     meta = read_metadata(path)
     assert meta["settings"]["policy"]["policy"] == "trimkv" and meta["seen_total"] == 20
+    assert meta["extra"] == {}
+    with_extra = cache.save(tmp_path / "e.safetensors", extra={"turns": 3, "who": ["a", "b"]})
+    assert read_metadata(with_extra)["extra"] == {"turns": 3, "who": ["a", "b"]}
     assert TrimKVCache.load(path, model).stats().seen_tokens == 20
     other = _model(seed=1)
     with pytest.raises(KVBoundError, match="another model"):

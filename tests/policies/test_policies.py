@@ -542,6 +542,10 @@ def test_policy_settings_accept_their_smallest_values_and_refuse_below():
         with pytest.raises(KVBoundError, match="mix_lambda must be in"):
             RKVPolicy(mix_lambda=mix)
     PyramidKVPolicy(beta=1.0)
+    assert PyramidKVPolicy().budgets(1, 8) == [8]  # one evicted layer: the whole budget
+    from kvbound.policies.base import window_for
+
+    assert [window_for(b, 32) for b in (1, 2, 3, 4, 64, 65)] == [1, 1, 1, 2, 32, 32]
     with pytest.raises(KVBoundError, match="beta must be >= 1"):
         PyramidKVPolicy(beta=0.99)
     H2OPolicy(block=1)
