@@ -121,8 +121,10 @@ class TrainConfig:
                 raise ConfigError(name, f"{name} must be a positive integer, got {value!r}.")
         if not self.lr > 0:
             raise ConfigError("lr", f"lr must be > 0, got {self.lr!r}.")
-        if self.rank_scope not in ("head", "layer", "model"):
-            raise ConfigError("rank_scope", f"rank_scope must be 'head', 'layer' or 'model', "
+        from kvbound.train.rank_loss import SCOPES
+
+        if self.rank_scope not in SCOPES:
+            raise ConfigError("rank_scope", f"rank_scope must be one of {', '.join(SCOPES)}, "
                                             f"got {self.rank_scope!r}.")
         if not self.position_lr_scale > 0:
             raise ConfigError("position_lr_scale", f"position_lr_scale must be > 0, got "
