@@ -51,6 +51,7 @@ DEFAULT_TARGETS = [f"{p}:*" for p in ENGINE]
 # every test of the engine on tiny models (a mutant runs those of them that execute its
 # function); the compile tests are left out for time
 DEFAULT_TESTS = ["tests/cache", "tests/policies", "tests/eval/test_oracle.py",
+                 "tests/gates/test_gates.py", "tests/gates/test_gate_positions.py",
                  "-k", "not compile and not compiled"]
 LOG = ROOT / "docs" / "data" / "mutation.jsonl"
 EXPLAINED = ROOT / "benchmarks" / "mutation_explained.json"

@@ -34,6 +34,33 @@ def test_budget_one_is_the_smallest(model):
         EvictionCache(model, "streaming", budget=0, buffer=0)
 
 
+def test_a_frozen_cache_grows_like_a_full_cache_until_thawed(model):
+    """Frozen, the cache keeps every token (the logits of a full cache), growing its storage
+    only when a chunk does not fit; thawed, it evicts back to M."""
+    from transformers import DynamicCache
+
+    ids = _ids(18)
+    chunks = [(0, 3), (3, 4), (4, 5), (5, 17), (17, 18)]
+    cache = EvictionCache(model, "streaming", budget=4, buffer=2)
+    cache.freeze()
+    full = DynamicCache(config=model.config)
+    layer = cache.eviction_layers[0]
+    with torch.no_grad():
+        for s, e in chunks:
+            ptr = layer.keys.data_ptr() if layer.is_initialized else None
+            got = model(ids[:, s:e], cache=cache).logits
+            want = model(ids[:, s:e], cache=full).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            if (s, e) == (5, 17):  # 5 + 12 tokens > 4 + 2 + 3 slots: grown to M + buffer + 12
+                assert layer.capacity == 18
+            elif ptr is not None:  # everything else fit where it was, the last slot included
+                assert layer.keys.data_ptr() == ptr
+        assert cache.stats().resident_tokens[0] == 18  # nothing evicted while frozen
+        cache.freeze(False)
+        model(_ids(1, 20), cache=cache)
+    assert cache.stats().resident_tokens[0] == 4 + 1  # back to M, plus this step's token
+
+
 def test_reported_kv_bytes_are_the_stored_bytes(model):
     cache = EvictionCache(model, "streaming", budget=8, buffer=4)
     with torch.no_grad():
@@ -51,6 +78,7 @@ def test_reported_kv_bytes_are_the_stored_bytes(model):
     # what the buffers hold, capacity included: K and V of every slot
     assert stored_kv_bytes(cache) == sum(2 * 3 * 2 * layer.capacity * 16 * 4
                                          for layer in cache.eviction_layers)
+    assert st.allocated_kv_bytes == stored_kv_bytes(cache)
 
 
 def stored_kv_bytes_resident(layer) -> int:
@@ -150,6 +178,14 @@ def test_padding_read_from_generates_4d_masks(as_bool):
         mask4d = torch.where(mask4d, 0.0, torch.finfo(torch.float32).min)
     valid, all_valid = _incoming_validity(mask4d, 2, 3, "cpu")
     assert valid.tolist() == [[False, True, True], [True, True, True]] and not all_valid
+    # a chunk of two new tokens, the first of them padding (a 2-token prefill chunk)
+    mask4d = mask4d.clone()
+    mask4d[0, ..., 2] = mask4d[0, ..., 1]
+    valid, all_valid = _incoming_validity(mask4d, 2, 2, "cpu")
+    assert valid.tolist() == [[False, True], [True, True]] and not all_valid
+    # one new token is a decode step: always a real token, whatever the mask
+    valid, all_valid = _incoming_validity(mask4d, 2, 1, "cpu")
+    assert valid.all() and all_valid
     valid, all_valid = _incoming_validity(None, 2, 3, "cpu")
     assert valid.all() and all_valid
 
@@ -201,3 +237,53 @@ def test_batch_repeat_then_decode_equals_a_batch_prefilled_whole(model, method):
     with torch.no_grad():
         model(_ids(1).expand(2, 1), cache=cache)
     assert int(cache.resident_positions(0).max()) == 20 + 7
+
+
+def test_gate_staging_runs_the_gate_once_per_full_buffer():
+    """Decode tokens' gate inputs wait in a buffer of ``buffer`` rows: the gate runs when log
+    beta is read or the buffer is full, and a new batch size or dtype starts a new buffer."""
+    from kvbound.cache.gate_staging import GateStaging
+
+    staging = GateStaging(buffer=3)
+    calls = []
+
+    def gate(hidden):  # (B, p, D) -> (B, 1, p): each token's sum
+        calls.append(tuple(hidden.shape))
+        return hidden.float().sum(-1)[:, None]
+
+    staging.gate = gate
+    flushed = []
+
+    def flush():
+        flushed.append(staging.run())
+
+    token = lambda b, v, dtype=torch.float32: torch.full((b, 1, 4), float(v), dtype=dtype)  # noqa: E731
+    for v in (1, 2):
+        staging.stage(token(2, v), flush)
+    assert calls == [] and staging.pending == 2
+    assert staging.run().tolist() == [[[4.0, 8.0]]] * 2 and calls == [(2, 2, 4)]
+    for v in (1, 2, 3, 4):  # the fourth finds the buffer full: one run of three rows
+        staging.stage(token(2, v), flush)
+    assert calls[1:] == [(2, 3, 4)] and flushed[-1].tolist() == [[[4.0, 8.0, 12.0]]] * 2
+    staging.stage(token(3, 5), flush)  # batch of 3: the pending row is run first, then a new buffer
+    assert calls[2:] == [(2, 1, 4)] and staging.inputs.shape == (3, 3, 4)
+    staging.stage(token(3, 6, torch.bfloat16), flush)  # new dtype: the same
+    assert calls[3:] == [(3, 1, 4)] and staging.inputs.dtype == torch.bfloat16
+    assert staging.run().tolist() == [[[24.0]]] * 3 and staging.run() is None
+
+
+@pytest.mark.parametrize("scope", ["head", "global"])
+def test_compress_now_evicts_to_the_budget_once(model, scope):
+    """compress_now (the context protocol's one compression) brings a frozen, grown cache down
+    to M per head, and does nothing to a cache already within it."""
+    cache = EvictionCache(model, "streaming", budget=6, buffer=4, budget_scope=scope)
+    layers = len(cache.eviction_layers)
+    cache.freeze()
+    with torch.no_grad():
+        model(_ids(20), cache=cache)
+    cache.compress_now()
+    st = cache.stats()
+    assert st.resident_tokens == dict.fromkeys(cache.evicted, 6)
+    assert st.evicted_tokens == 14 * layers
+    cache.compress_now()  # already at M: nothing to do, no eviction counted
+    assert cache.stats().evictions == st.evictions and cache.stats().evicted_tokens == 14 * layers

@@ -99,8 +99,9 @@ def test_load_refuses_another_model_other_gates_and_bad_files(tmp_path):
     assert read_metadata(with_extra)["extra"] == {"turns": 3, "who": ["a", "b"]}
     assert TrimKVCache.load(path, model).stats().seen_tokens == 20
     other = _model(seed=1)
-    with pytest.raises(KVBoundError, match="another model"):
+    with pytest.raises(KVBoundError, match="another model") as err:
         EvictionCache.load(path, other)
+    assert "'weights'" in str(err.value) and "num_layers" not in str(err.value)  # only the diff
     detach(model)
     with pytest.raises(KVBoundError, match="the model has none attached"):
         EvictionCache.load(path, model)

@@ -309,12 +309,13 @@ def test_min_per_head_keeps_every_head_alive():
     assert h > 1
 
 
+@pytest.mark.parametrize("kv_heads", [2, 4])
 @pytest.mark.parametrize("scope", SCOPES)
-def test_min_per_head_keeps_each_heads_best_tokens(scope):
+def test_min_per_head_keeps_each_heads_best_tokens(scope, kv_heads):
     """min_per_head = m: every eviction keeps, in every head, the m real tokens its policy scores
     highest (checked against the raw scores before the eviction, position 0 included), whatever
     the other heads' scores; sinks 0, so nothing else protects the first token."""
-    model = _model(seed=3)
+    model = _model(seed=3, num_key_value_heads=kv_heads)
     m = 3
     cache = EvictionCache(model, "trimkv", budget=4, buffer=2, budget_scope=scope, sinks=0,
                           min_per_head=m)
@@ -357,6 +358,40 @@ def test_min_per_head_keeps_each_heads_best_tokens(scope):
     assert len(checked) >= 4 and any(checked)  # position 0 among some head's best
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_peak_tokens_per_head_is_the_fullest_head_ever(scope):
+    """stats().peak_tokens_per_head: the most tokens any head of any layer held after a forward
+    (no padding here, so slots are tokens), from the first forward on."""
+    model = _model()
+    cache = EvictionCache(model, "trimkv", budget=5, buffer=3, budget_scope=scope, sinks=0)
+    fullest = []
+
+    def record(c):
+        fullest.append(max(int(layer.head_counts().max()) for layer in c.eviction_layers))
+        assert c.stats().peak_tokens_per_head == max(fullest)
+
+    _feed(model, _ids(2, 7, seed=15), cache, 7, each=record)  # one prompt, before any eviction
+    assert fullest == [7]
+    _feed(model, _ids(2, 30, seed=16), cache, 3, each=record)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_layer_scope_evicts_when_the_pool_and_buffers_are_full(chunk):
+    """Layer scope: a layer's slots climb to at most M x H plus H buffers (plus the chunk being
+    added), never beyond, and an eviction brings them back to M x H."""
+    model = _model()
+    budget, buffer = 5, 3
+    cache = EvictionCache(model, "trimkv", budget=budget, buffer=buffer, budget_scope="layer",
+                          sinks=0)
+    h = model.config.num_key_value_heads
+    sizes = []
+    _feed(model, _ids(1, 60, seed=14), cache, chunk,
+          each=lambda c: sizes.append(int(c.eviction_layers[0].head_counts().sum())))
+    limit = budget * h + buffer * h
+    assert limit - chunk * h < max(sizes) <= limit
+    assert min(sizes[len(sizes) // 2:]) == budget * h + chunk * h  # right after an eviction
+
+
 def test_global_scope_fills_the_pool_and_one_buffer_per_head_before_evicting():
     """Global scope: decoding token by token, the model's slots climb to exactly M x H x L plus
     one buffer per head (b x H x L) before an eviction brings them back to the pool."""
@@ -390,6 +425,22 @@ def test_storage_holds_only_the_kept_tokens():
     assert all(isinstance(layer, PooledEvictionLayer) for layer in cache.eviction_layers)
 
 
+@pytest.mark.parametrize("scope", ("head",) + SCOPES)
+def test_timings_are_the_time_spent(scope):
+    """Eviction time is charged within cache bookkeeping, and no timing exceeds the wall time."""
+    import time
+
+    model = _model()
+    cache = EvictionCache(model, "trimkv", budget=4, buffer=2, budget_scope=scope)
+    t0 = time.perf_counter()
+    _feed(model, _ids(2, 30, seed=9), cache, 3)
+    wall = time.perf_counter() - t0
+    t = cache.timings
+    assert cache.stats().evictions > 0
+    assert 0 < t["evict"] <= t["cache_bookkeeping"] < wall
+    assert 0 < t["scoring_inputs"] < wall
+
+
 def test_trimkv_cache_takes_the_scope():
     from kvbound.cache import TrimKVCache
 
@@ -398,6 +449,7 @@ def test_trimkv_cache_takes_the_scope():
     _feed(model, _ids(1, 30, seed=8), cache, 4)
     assert cache.settings()["budget_scope"] == "global"
     assert cache.settings()["min_per_head"] == 2
+    assert cache.policy.lookahead == 1  # the paper's one-step score by default
     assert min(c for v in cache.stats().kept_per_head.values() for c in v) >= 2
 
 
@@ -414,6 +466,7 @@ def test_scope_errors_say_what_to_do():
         EvictionCache(model, "trimkv", budget=8, budget_scope="layer", positions="rolling")
     with pytest.raises(KVBoundError, match="cannot exceed"):
         EvictionCache(model, "trimkv", budget=8, budget_scope="layer", min_per_head=9)
+    EvictionCache(model, "trimkv", budget=8, budget_scope="layer", min_per_head=8)  # the limit
     with pytest.raises(KVBoundError, match="applies to budget_scope"):
         EvictionCache(model, "trimkv", budget=8, min_per_head=2)
     cache = EvictionCache(model, "trimkv", budget=8, budget_scope="global")

@@ -135,3 +135,9 @@ def test_rolling_refuses_what_it_cannot_do(model):
     with pytest.raises(KVBoundError, match="sliding-window"):
         EvictionCache(gemma, "streaming", budget=16, positions="rolling")
     assert EvictionCache(gemma, "streaming", budget=16, positions="auto").rolling is None
+    # one rotary embedding with one inv_freq is needed: Gemma3's has one per layer type
+    from kvbound.cache.positions import rope_inverse_frequencies
+
+    assert torch.equal(rope_inverse_frequencies(model), model.model.rotary_emb.inv_freq)
+    with pytest.raises(KVBoundError, match=r"one rotary embedding \(found 0\)"):
+        rope_inverse_frequencies(gemma)

@@ -134,6 +134,7 @@ def test_static_refuses_what_it_cannot_do():
         EvictionCache(model, Uneven(), budget=8, static=True)
     with pytest.raises(KVBoundError, match="freeze"):
         EvictionCache(model, "trimkv", budget=8, static=True).freeze()
+    EvictionCache(model, "trimkv", budget=8, static=True).freeze(False)  # already evicting: fine
     gemma = _model("gemma3")
     with pytest.raises(KVBoundError, match="sliding-window"):
         EvictionCache(gemma, "trimkv", budget=8, static=True)

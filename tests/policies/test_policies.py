@@ -160,6 +160,10 @@ def test_recent_query_positions_follow_chunks_and_padding(model):
         assert layer.queries.pos.tolist() == [[4, 5, 6, 7], [-1, -1, -1, 0], [-1] * 4]
         assert layer.queries.valid.tolist() == [[True] * 4, [False] * 3 + [True],
                                                      [False] * 4]
+        from kvbound.policies.attention_rows import recent_probs
+
+        # the query at position 0 is a real one: it counts
+        assert recent_probs(layer)[1].tolist() == layer.queries.valid.tolist()
         model(ids[:, 8:], attention_mask=mask, cache=cache)
     assert layer.queries.pos.tolist() == [list(range(n - 4, n)) for n in (30, 23, 10)]
     assert layer.queries.queries.shape[2] == 4 and layer.queries.valid.all()
@@ -292,6 +296,16 @@ def test_snapkv_keeps_window_and_pooled_top(pooling):
     assert torch.isinf(scores[13:]).all() and torch.isfinite(scores[:13]).all()
     layer.evict(6)
     assert _kept(layer) == [[6, 7, 8, 13, 14, 15]]
+
+
+def test_pooling_spreads_a_peak_by_half_the_kernel():
+    from kvbound.policies.attention_rows import pool1d
+
+    x = torch.tensor([[0.0, 0.0, 3.0, 0.0, 0.0, 0.0]])
+    assert pool1d(x, 3, "max").tolist() == [[0.0, 3.0, 3.0, 3.0, 0.0, 0.0]]
+    assert pool1d(x, 3, "avg").tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0, 0.0]]
+    assert pool1d(x, 5, "max").tolist() == [[3.0, 3.0, 3.0, 3.0, 3.0, 0.0]]
+    assert torch.equal(pool1d(x, 1, "max"), x)
 
 
 def test_pyramidkv_budgets_fall_with_depth_and_keep_the_total():
@@ -576,3 +590,34 @@ def test_rkv_redundancy_is_the_softmax_of_mean_similarity():
     expected = torch.softmax(sim.sum(0) / 5, dim=-1)
     got = RKVPolicy(threshold=0.5).redundancy(layer)[0, 0]
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_rkv_similarity_threshold_is_strict():
+    """Only keys with S > threshold are "similar": at threshold 1, exact duplicates (S = 1) are
+    not, so no similarity is zeroed."""
+    from types import SimpleNamespace
+
+    keys = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    layer = SimpleNamespace(keys_=keys[None, None], positions=torch.arange(3)[None, None])
+    sim = keys @ keys.T
+    sim.fill_diagonal_(0.0)
+    assert sim[0, 1] == 1.0
+    got = RKVPolicy(threshold=1.0).redundancy(layer)[0, 0]
+    assert torch.allclose(got, torch.softmax(sim.sum(0) / 3, dim=-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])
+def test_rkv_score_mixes_importance_and_redundancy(mix):
+    """z = lambda * importance - (1 - lambda) * redundancy outside the window, +inf inside."""
+    from kvbound.policies.attention_rows import recent_window
+
+    keys = torch.randn(1, 2, 14, 8, generator=gen(570))
+    queries = torch.randn(1, 4, 14, 8, generator=gen(571))
+    policy = RKVPolicy(window=3, mix_lambda=mix)
+    layer = _layer(policy, budget=8)
+    _feed(layer, keys, queries)
+    window = recent_window(layer, 3)
+    imp, red = policy.importance(layer, window), policy.redundancy(layer)
+    assert imp[~window].abs().sum() > 0 and red.abs().sum() > 0
+    want = (mix * imp - (1 - mix) * red).masked_fill(window, math.inf)
+    assert torch.allclose(policy.score(layer), want, atol=1e-7)
