@@ -29,7 +29,7 @@ PARTIAL = ROOT / "runs" / "fidelity_sweep.partial.json"
 LEVERS = ("init_gates", "train_sinks", "gate_positions", "position_lr_scale",
           "train_position_only", "freeze_positions", "evict_aware", "evict_tau",
           "evict_scale", "evict_budgets", "evict_decay", "objective", "rank_horizon",
-          "rank_stride", "rank_query_step", "lambda_cap",
+          "rank_stride", "rank_query_step", "rank_scope", "lambda_cap",
           "memory_size", "seq_len", "intermediate_size", "data", "steps", "lr")
 #: levers whose default is True: named only when switched off
 SHOWN_WHEN_FALSE = ("evict_decay",)
@@ -38,7 +38,7 @@ HIDDEN_AT = {"position_lr_scale": 1.0, "objective": "distill", "lambda_cap": 1.0
 #: levers that only mean something with the eviction-aware objective
 EVICT_ONLY = ("evict_tau", "evict_scale", "evict_budgets", "evict_decay")
 #: levers that only mean something with the attention-rank objective
-RANK_ONLY = ("rank_horizon", "rank_stride", "rank_query_step")
+RANK_ONLY = ("rank_horizon", "rank_stride", "rank_query_step", "rank_scope")
 
 
 def _run_record(directory: Path) -> dict:
