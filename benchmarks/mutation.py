@@ -324,7 +324,8 @@ def main() -> None:
     ap.add_argument("--log", type=Path, default=LOG)
     ap.add_argument("--resume", action="store_true", help="skip mutants decided in --log")
     ap.add_argument("--rerun-survivors", action="store_true",
-                    help="with --resume: run the logged survivors again (after new tests)")
+                    help="with --resume: run the logged survivors again (after new tests), "
+                         "except those explained as equivalent, benign or compile-only")
     ap.add_argument("--report-only", action="store_true",
                     help="render the mutants decided in --log (e.g. of a stopped run), run none")
     ap.add_argument("--write-results", action="store_true")
@@ -345,8 +346,10 @@ def main() -> None:
         return
     if not args.resume and args.log.exists():
         args.log.unlink()
+    # survivors explained as unkillable (equivalent, benign, compile-only) are not run again
+    settled = {k for k, v in _explained().items() if v["kind"] != "killed-later"}
     again = [m for m in mutants if args.rerun_survivors and m.digest in logged
-             and logged[m.digest]["outcome"] == "survived"]
+             and logged[m.digest]["outcome"] == "survived" and m.key not in settled]
     todo = [m for m in mutants if m.digest not in logged]
     # seeded random order: a run stopped part-way has decided a random sample of the mutants
     random.Random(0).shuffle(todo)

@@ -34,14 +34,15 @@ def test_budget_one_is_the_smallest(model):
         EvictionCache(model, "streaming", budget=0, buffer=0)
 
 
-def test_a_frozen_cache_grows_like_a_full_cache_until_thawed(model):
+@pytest.mark.parametrize("scope", ["head", "layer"])
+def test_a_frozen_cache_grows_like_a_full_cache_until_thawed(model, scope):
     """Frozen, the cache keeps every token (the logits of a full cache), growing its storage
     only when a chunk does not fit; thawed, it evicts back to M."""
     from transformers import DynamicCache
 
-    ids = _ids(18)
-    chunks = [(0, 3), (3, 4), (4, 5), (5, 17), (17, 18)]
-    cache = EvictionCache(model, "streaming", budget=4, buffer=2)
+    ids = _ids(22)
+    chunks = [(0, 3), (3, 4), (4, 5), (5, 17), (17, 18), (18, 22)]
+    cache = EvictionCache(model, "streaming", budget=4, buffer=2, budget_scope=scope)
     cache.freeze()
     full = DynamicCache(config=model.config)
     layer = cache.eviction_layers[0]
@@ -51,13 +52,17 @@ def test_a_frozen_cache_grows_like_a_full_cache_until_thawed(model):
             got = model(ids[:, s:e], cache=cache).logits
             want = model(ids[:, s:e], cache=full).logits
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            if (s, e) == (5, 17):  # 5 + 12 tokens > 4 + 2 + 3 slots: grown to M + buffer + 12
+            if scope != "head":  # packed heads: storage grows too (sizes checked in test_pooled)
+                assert layer.capacity >= layer.n
+            elif (s, e) == (5, 17):  # 5 + 12 tokens > 4 + 2 + 3 slots: M + buffer + 12
                 assert layer.capacity == 18
+            elif (s, e) == (18, 22):  # grown again, to what the chunk needs
+                assert layer.capacity == 22
             elif ptr is not None:  # everything else fit where it was, the last slot included
                 assert layer.keys.data_ptr() == ptr
-        assert cache.stats().resident_tokens[0] == 18  # nothing evicted while frozen
+        assert cache.stats().resident_tokens[0] == 22  # nothing evicted while frozen
         cache.freeze(False)
-        model(_ids(1, 20), cache=cache)
+        model(_ids(1, 30), cache=cache)
     assert cache.stats().resident_tokens[0] == 4 + 1  # back to M, plus this step's token
 
 
@@ -278,12 +283,31 @@ def test_compress_now_evicts_to_the_budget_once(model, scope):
     to M per head, and does nothing to a cache already within it."""
     cache = EvictionCache(model, "streaming", budget=6, buffer=4, budget_scope=scope)
     layers = len(cache.eviction_layers)
+    assert cache.stats().allocated_kv_bytes == 0  # nothing allocated before the first forward
     cache.freeze()
     with torch.no_grad():
-        model(_ids(20), cache=cache)
+        model(_ids(12), cache=cache)
+        model(_ids(8, 2), cache=cache)  # frozen: a full layer evicts nothing
+    assert cache.stats().evictions == 0
+    assert cache.stats().kept_per_head == dict.fromkeys(cache.evicted, [20.0, 20.0])
     cache.compress_now()
     st = cache.stats()
     assert st.resident_tokens == dict.fromkeys(cache.evicted, 6)
-    assert st.evicted_tokens == 14 * layers
+    assert st.evicted_tokens == 14 * layers and st.evictions == layers
     cache.compress_now()  # already at M: nothing to do, no eviction counted
     assert cache.stats().evictions == st.evictions and cache.stats().evicted_tokens == 14 * layers
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_small_chunks_with_room_for_everything_are_the_full_cache(model, chunk):
+    """Decode steps may skip the mask (SDPA's own causal path); chunks of 2+ tokens may not."""
+    from transformers import DynamicCache
+
+    ids = _ids(20, seed=5)
+    cache = EvictionCache(model, "streaming", budget=32, buffer=4)
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        for s in range(0, 20, chunk):
+            got = model(ids[:, s : s + chunk], cache=cache).logits
+            want = model(ids[:, s : s + chunk], cache=full).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -28,14 +28,16 @@ def _greedy(model, ids, cache, new, mask=None):
                           max_new_tokens=new, prefill_chunk_size=8)
 
 
-@pytest.mark.parametrize(("arch", "policy"), [("llama", "trimkv"), ("llama", "h2o"),
-                                              ("llama", "snapkv"), ("gemma3", "trimkv")])
-def test_reloaded_cache_continues_with_the_uninterrupted_tokens(tmp_path, arch, policy):
+@pytest.mark.parametrize(("arch", "policy", "positions"), [
+    ("llama", "trimkv", "auto"), ("llama", "h2o", "auto"), ("llama", "snapkv", "auto"),
+    ("gemma3", "trimkv", "auto"), ("llama", "trimkv", "rolling")])
+def test_reloaded_cache_continues_with_the_uninterrupted_tokens(tmp_path, arch, policy,
+                                                                positions):
     """Generate 30 tokens in one go, or 12, save, load into a fresh cache and generate 18 more:
     the same tokens (greedy), and the reloaded cache has the same statistics."""
     model = _model(arch)
     ids = torch.randint(3, 100, (1, 37), generator=gen(7))
-    kw = dict(budget=16, buffer=4, sinks=2)
+    kw = dict(budget=16, buffer=4, sinks=2, positions=positions)
     whole = _greedy(model, ids, EvictionCache(model, policy, **kw), 30)
     cache = EvictionCache(model, policy, **kw)
     first = _greedy(model, ids, cache, 12)

@@ -50,7 +50,10 @@ def test_room_for_everything_is_the_full_cache(arch, scope):
     full = _feed(model, ids, DynamicCache(config=model.config), 8)
     cache = EvictionCache(model, "trimkv", budget=64, buffer=8, budget_scope=scope)
     torch.testing.assert_close(_feed(model, ids, cache, 8), full, atol=2e-5, rtol=1e-4)
-    assert cache.stats().evicted_tokens == 0
+    st = cache.stats()
+    assert st.evicted_tokens == 0 and st.evictions == 0
+    assert st.kv_footprint == 1.0  # every token seen is held
+    assert st.kept_per_head == dict.fromkeys(cache.evicted, [40.0] * model.config.num_key_value_heads)
     gen_full = model.generate(ids, max_new_tokens=12, do_sample=False,
                               cache=DynamicCache(config=model.config))
     gen_pool = model.generate(ids, max_new_tokens=12, do_sample=False,
@@ -432,8 +435,10 @@ def test_timings_are_the_time_spent(scope):
 
     model = _model()
     cache = EvictionCache(model, "trimkv", budget=4, buffer=2, budget_scope=scope)
+    ids = _ids(2, 30, seed=9)
     t0 = time.perf_counter()
-    _feed(model, _ids(2, 30, seed=9), cache, 3)
+    _feed(model, ids[:, :6], cache, 6)
+    _feed(model, ids[:, 6:], cache, 1)  # decode steps: staged gate inputs (head scope)
     wall = time.perf_counter() - t0
     t = cache.timings
     assert cache.stats().evictions > 0

@@ -77,6 +77,16 @@ def test_auto_is_absolute_inside_the_context(model):
             outs.append(model(ids, cache=cache).logits)
             outs.append(model(ids[:, :1], cache=cache).logits)
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    # exactly max_position_embeddings (64) tokens, after evictions: still absolute
+    outs = []
+    for positions in ("auto", "absolute"):
+        cache = EvictionCache(model, "trimkv", budget=16, buffer=4, positions=positions)
+        with torch.no_grad():
+            model(ids[:, :56], cache=cache)
+            outs.append(model(ids[:, 56:60], cache=cache).logits)
+            outs.append(model(torch.cat([ids, ids], 1)[:, 60:64], cache=cache).logits)
+        assert cache.rolling is None or not cache.rolling.active
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
 
 
 def test_auto_switches_to_rolling_past_the_context_without_a_warning(model):

@@ -104,3 +104,7 @@ def test_oracle_refuses_tables_of_other_ids(model):
         bounded_logprobs(model, _ids(2, 24), cache, protocol="decode", buffer=4)
     with pytest.raises(KVBoundError, match="horizon must be"):
         future_attention_tables(model, _ids(1, 24), horizon=0)
+    # more tokens than the tables cover: refused, not read from the wrong place
+    longer = EvictionCache(model, policy, budget=8, buffer=4, sinks=0)
+    with pytest.raises(KVBoundError, match="cover 24 tokens"):
+        bounded_logprobs(model, _ids(1, 40), longer, protocol="decode", buffer=4)

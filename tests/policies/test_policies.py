@@ -305,6 +305,7 @@ def test_pooling_spreads_a_peak_by_half_the_kernel():
     assert pool1d(x, 3, "max").tolist() == [[0.0, 3.0, 3.0, 3.0, 0.0, 0.0]]
     assert pool1d(x, 3, "avg").tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0, 0.0]]
     assert pool1d(x, 5, "max").tolist() == [[3.0, 3.0, 3.0, 3.0, 3.0, 0.0]]
+    assert pool1d(x, 2, "max").tolist() == [[0.0, 0.0, 3.0, 3.0, 0.0, 0.0]]  # even: shifted left
     assert torch.equal(pool1d(x, 1, "max"), x)
 
 
@@ -338,6 +339,16 @@ def test_keydiff_drops_key_most_similar_to_mean():
     assert torch.allclose(scores, torch.tensor([-0.5, -0.5, -0.5, -0.5, -1.0]), atol=1e-5)
     layer.evict(4)
     assert _kept(layer) == [[0, 1, 2, 3]]
+
+
+def test_keydiff_is_minus_the_cosine_to_the_mean_unit_key():
+    keys = torch.randn(2, 2, 9, 8, generator=gen(330)) * torch.linspace(0.5, 4, 9)[:, None]
+    layer = _layer(KeyDiffPolicy())
+    _feed(layer, keys)
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    mean = unit.mean(2, keepdim=True)
+    want = -(keys * mean).sum(-1) / (keys.norm(dim=-1) * mean.norm(dim=-1))
+    assert torch.allclose(layer.policy.score(layer), want, atol=1e-6)
 
 
 def test_rkv_drops_duplicated_keys_before_unique_ones():
@@ -491,6 +502,12 @@ def test_pyramid_budgets_fall_even_with_one_prefix_token(layers, budget, window)
     assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1]
 
 
+def test_pyramid_budgets_are_exact_where_the_arithmetic_is():
+    """Prefix 4 over 5 layers at beta 4/3: the line 5, 4.5, 4, 3.5, 3 (3 is 4 / (4/3) in exact
+    arithmetic, not in floats); floors 5, 4, 4, 3, 3, the one token left to the first layer."""
+    assert PyramidKVPolicy(window=2, beta=4 / 3).budgets(5, 6) == [8, 6, 6, 5, 5]
+
+
 def test_trimkv_score_is_the_papers_log_retention():
     """TRIM-KV keeps the tokens of largest beta_i^(t - i): score = (t - i) * log beta_i
     (arXiv 2512.03324, eq. 3), t the tokens seen by the row, i the token's position."""
@@ -518,7 +535,7 @@ def test_trimkv_lookahead_scores_retention_over_the_next_n_queries():
     log_beta = -torch.tensor([[[0.001, 0.3, 0.2, 1.0]]])
     layer = SimpleNamespace(positions=pos, log_beta=log_beta, row_seen=torch.tensor([10]))
     age = (10 - pos).double()
-    for n in (1, 4, 32):
+    for n in (1, 2, 4, 32):
         direct = torch.log(sum(torch.exp((age + k) * log_beta.double()) for k in range(n)))
         assert torch.allclose(RetentionPolicy(lookahead=n).score(layer).double(), direct,
                               rtol=1e-5, atol=1e-5), n

@@ -54,7 +54,7 @@ def _gates_ref(model) -> str | None:
 
     state = get_state(model)
     gates = getattr(state, "gates", None)
-    return gates.ref() if gates is not None and hasattr(gates, "ref") else None
+    return gates.ref() if gates is not None else None
 
 
 def save_cache(cache, path: str | os.PathLike, extra: dict | None = None) -> Path:

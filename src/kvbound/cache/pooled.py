@@ -119,13 +119,6 @@ class PerHeadView:
     def row_seen(self) -> torch.Tensor:
         return self._layer.row_seen
 
-    @property
-    def log_beta(self) -> torch.Tensor:
-        return self.state("log_beta")
-
-    def state(self, name: str) -> torch.Tensor:
-        return self._take(self._layer.state(name)[..., None])[..., 0]
-
     def to_slots(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, H, m) scores of the view -> (B, 1, n) scores of the packed slots."""
         b = scores.shape[0]

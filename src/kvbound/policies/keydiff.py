@@ -26,5 +26,5 @@ class KeyDiffPolicy(Policy):
         keys = layer.keys_.float()
         valid = (layer.positions >= 0)[..., None].float()
         unit = F.normalize(keys, p=2, dim=-1) * valid
-        anchor = unit.sum(2, keepdim=True) / valid.sum(2, keepdim=True).clamp(min=1)
+        anchor = unit.sum(2, keepdim=True)  # the mean unit key's direction (cosine: no scale)
         return -F.cosine_similarity(keys, anchor, dim=-1)

@@ -42,15 +42,18 @@ class FutureAttentionOracle(Policy):
         if table is None:
             raise KVBoundError(f"The oracle has no future-attention table for layer "
                                f"{layer.layer_idx}: build it from the ids this cache is fed.")
-        b, h, j_max, t_max = table.shape
+        b, h, _, t_max = table.shape
         pos = layer.positions  # (B, H, n), -1 = padding (the cache scores it -inf anyway)
         if pos.shape[0] != b or pos.shape[1] != h:
             raise KVBoundError(f"The oracle's tables hold {b} rows x {h} KV heads; the cache "
                                f"holds {pos.shape[0]} x {pos.shape[1]}.")
         seen = layer.row_seen  # (B,) the next token's position = the decision time
-        j = ((seen + self.stride - 1) // self.stride).clamp(max=j_max - 1)
+        if int(seen.max()) > t_max:  # one host read per eviction: evaluation only
+            raise KVBoundError(f"The oracle's tables cover {t_max} tokens; the cache has seen "
+                               f"{int(seen.max())}: build them from the ids this cache is fed.")
+        j = (seen + self.stride - 1) // self.stride  # < J: the tables end at time T
         rows = table[torch.arange(b, device=table.device), :, j]  # (B, H, T)
-        return rows.gather(-1, pos.clamp(0, t_max - 1)).float()
+        return rows.gather(-1, pos.clamp(min=0)).float()
 
     def describe(self) -> dict:
         return {"policy": self.name, "stride": self.stride, "horizon": self.horizon}

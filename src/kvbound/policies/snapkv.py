@@ -56,10 +56,7 @@ class SnapKVPolicy(WindowedPolicy):
     def score(self, layer) -> torch.Tensor:
         probs, valid = recent_probs(layer)  # (B, H_kv, g, w, n)
         window = recent_window(layer, self.window_at(layer.budget))
-        if probs.shape[3] == 0:
-            attn = probs.sum(-2)  # zeros (B, H_kv, g, n)
-        else:
-            attn = mean_over_queries(probs, valid)
+        attn = mean_over_queries(probs, valid)  # zeros while no query is buffered
         attn = attn.masked_fill(window[:, :, None], 0.0)  # pool the prefix only
         scores = pool1d(attn, self.kernel, self.pooling).mean(2)
         return scores.masked_fill(window, math.inf)
