@@ -121,3 +121,33 @@ def test_cpu_nan_check_raises_in_the_step(monkeypatch):
     with torch.no_grad(), pytest.raises(KVBoundError, match="NaN eviction scores"):
         for s in range(0, 16, 4):
             model(ids[:, s:s + 4], cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("method", ["trimkv", "h2o", "snapkv", "streaming"])
+def test_deferred_path_computes_what_the_host_path_does(monkeypatch, method):
+    """The accelerator path (no host reads: masks always built, NaN flagged for later) gives
+    the logits of the CPU path on a left-padded batch, prefill and evicting decode steps."""
+    model = tiny_model("llama", seed=0)
+    ids = torch.randint(3, 100, (2, 24), generator=gen(5))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+
+    def run():
+        cache, gates = _cache(model, method)
+        out, m = [], mask
+        try:
+            with torch.no_grad():
+                out.append(model(ids, attention_mask=m, cache=cache, use_cache=True).logits)
+                for i in range(9):
+                    m = torch.cat([m, m.new_ones(m.shape[0], 1)], 1)
+                    out.append(model(ids[:, i : i + 1], attention_mask=m, cache=cache,
+                                     use_cache=True).logits)
+            assert cache.stats().evictions > 0
+        finally:
+            if gates is not None:
+                gates.detach(model)
+        return torch.cat(out, 1)
+
+    host = run()
+    monkeypatch.setattr(layer_module, "defer_host_checks", lambda device: True)
+    torch.testing.assert_close(run(), host, rtol=1e-5, atol=1e-5)

@@ -298,6 +298,18 @@ def test_snapkv_keeps_window_and_pooled_top(pooling):
     assert _kept(layer) == [[6, 7, 8, 13, 14, 15]]
 
 
+def test_mean_over_queries_counts_only_valid_queries():
+    from kvbound.policies.attention_rows import mean_over_queries
+
+    rows = torch.arange(24.0).view(2, 1, 3, 4)  # (B, H, w, n)
+    valid = torch.tensor([[True, True, True], [False, True, True]])
+    got = mean_over_queries(rows * valid[:, None, :, None], valid)
+    assert torch.equal(got[0, 0], rows[0, 0].mean(0))
+    assert torch.equal(got[1, 0], rows[1, 0, 1:].mean(0))
+    none = mean_over_queries(torch.zeros(1, 2, 0, 5), torch.zeros(1, 0, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(1, 2, 5))
+
+
 def test_pooling_spreads_a_peak_by_half_the_kernel():
     from kvbound.policies.attention_rows import pool1d
 
