@@ -3,6 +3,8 @@ the tables rank highest, and at a budget that holds everything it is the full ca
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -108,3 +110,10 @@ def test_oracle_refuses_tables_of_other_ids(model):
     longer = EvictionCache(model, policy, budget=8, buffer=4, sinks=0)
     with pytest.raises(KVBoundError, match="cover 24 tokens"):
         bounded_logprobs(model, _ids(1, 40), longer, protocol="decode", buffer=4)
+    # a decision once all 24 tokens are in (time T) is covered: nothing attends any more
+    at_end = SimpleNamespace(layer_idx=0, row_seen=torch.tensor([24]),
+                             positions=torch.arange(8).view(1, 1, 8).repeat(1, 2, 1))
+    assert torch.equal(policy.score(at_end), torch.zeros(1, 2, 8))
+    at_end.row_seen += 1
+    with pytest.raises(KVBoundError, match="has seen 25"):
+        policy.score(at_end)
