@@ -359,6 +359,7 @@ def render(result: dict, command: str = "", machine: str = "", title: str = "",
         kv = [tk[length]["peak_kv_bytes"] for length in sorted(tk)]
         lines.append(f"- TRIM-KV peak KV bytes over lengths {sorted(tk)}: "
                      f"{', '.join(f'{x / 1e6:.2f} MB' for x in kv)}")
+    lines.extend(_scope_lines(recs))
     cost = _kv_cost_line(list(full.values()))
     if cost:
         lines.append(cost)
@@ -366,6 +367,27 @@ def render(result: dict, command: str = "", machine: str = "", title: str = "",
         lines.append("")
         lines.append(f"![decode step latency vs position](img/{image})")
     return "\n".join(lines)
+
+
+def _scope_lines(recs: list[dict]) -> list[str]:
+    """A method run with a shared budget (``METHOD@layer`` / ``METHOD@global``, issue 18) against
+    the same method per head at each length: step time and the KV bytes held and allocated."""
+    head = {(r["method"], r["length"]): r for r in recs if "@" not in r["method"]}
+    out = []
+    for r in recs:
+        name, plus, mode = r["method"].partition("+")
+        base, at, _scope = name.partition("@")
+        ref = head.get((base + plus + mode, r["length"]))
+        if not at or ref is None:
+            continue
+        out.append(
+            f"- L={r['length']}: {r['method']} step {r['step_ms_mean']:.1f} ms vs {ref['method']} "
+            f"(per head) {ref['step_ms_mean']:.1f} ms "
+            f"({100 * (r['step_ms_mean'] / ref['step_ms_mean'] - 1):+.1f}%); peak KV "
+            f"{r['peak_kv_bytes'] / 1e6:.2f} vs {ref['peak_kv_bytes'] / 1e6:.2f} MB, allocated "
+            f"{r.get('allocated_kv_bytes', 0) / 1e6:.2f} vs "
+            f"{ref.get('allocated_kv_bytes', 0) / 1e6:.2f} MB")
+    return [""] + out if out else []
 
 
 def _kv_cost_line(fulls: list[dict]) -> str:

@@ -191,3 +191,50 @@ def test_scope_sweep_pairs_each_scope_with_the_published_per_head_rows():
                                            *head["regimes"]["0"]["results"][1:]]}}}
     with pytest.raises(KVBoundError, match="other windows"):
         s.paired_rows(res, other)
+
+
+def test_paired_rows_join_a_candidate_run_with_the_sweep_and_the_scope_store(tmp_path):
+    """A candidate's own run pairs with the published sweep's rows and the scope store's groups
+    (concatenated in group order), refusing rows that scored other windows."""
+    import json
+
+    import pytest
+
+    from kvbound.errors import KVBoundError
+
+    p = load_benchmark("paired_rows")
+
+    def row(label, budget, kls, nll, src="a"):
+        return {"label": label, "budget": budget, "kl_per_window": kls,
+                "nll_full_per_window": nll, "source_per_window": [src] * len(kls)}
+
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"regimes": {"0": {"results": [
+        row("trimkv", 32, [0.4, 0.5, 0.6, 0.7], [1, 2, 3, 4]),
+        row("tova", 64, [0.1, 0.2, 0.3, 0.4], [5, 6, 7, 8])]}}}))
+    store = tmp_path / "store.json"  # groups of two windows, written out of order
+    store.write_text(json.dumps({"done": {
+        "group/1/0/trimkv@global": {"results": [row("trimkv@global", 32, [0.9, 0.8], [3, 4])]},
+        "group/0/0/trimkv@global": {"results": [row("trimkv@global", 32, [0.7, 0.6], [1, 2])]},
+        "group/0/4/trimkv@global": {"results": [row("trimkv@global", 32, [9, 9], [1, 2])]}}}))
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"regimes": {"0": {"results": [
+        row("full", 32, [0, 0, 0, 0], [1, 2, 3, 4]),
+        row("cand", 32, [0.3, 0.6, 0.5, 0.5], [1, 2, 3, 4]),
+        row("odd", 32, [0.3, 0.6, 0.5, 0.5], [1, 2, 3, 9]),
+        row("elsewhere", 64, [0.3, 0.6, 0.5, 0.5], [5, 6, 7, 8], src="b")]}}}))
+    rows = p.load_rows("0", sweep, [store], [run])
+    assert rows[("trimkv@global", 32)]["kl_per_window"] == [0.7, 0.6, 0.9, 0.8]
+    d = p.pair(rows, ("cand", 32), ("trimkv", 32))
+    assert abs(d["mean"] + 0.075) < 1e-9 and d["wins"] == 3 and d["n"] == 4
+    assert abs(d["a"] - 0.475) < 1e-9 and abs(d["b"] - 0.55) < 1e-9
+    d = p.pair(rows, ("cand", 32), ("trimkv@global", 32))
+    assert abs(d["mean"] + 0.275) < 1e-9 and (d["wins"], d["ties"]) == (3, 1)
+    d = p.pair(rows, ("cand", 32), ("tova", 64))  # across budgets: sources must agree
+    assert abs(d["mean"] - 0.225) < 1e-9 and d["wins"] == 0
+    with pytest.raises(KVBoundError, match="full-cache NLL differs"):
+        p.pair(rows, ("odd", 32), ("trimkv", 32))
+    with pytest.raises(KVBoundError, match="other sources"):
+        p.pair(rows, ("elsewhere", 64), ("tova", 64))
+    with pytest.raises(KVBoundError, match="no row gone:32"):
+        p.pair(rows, ("gone", 32), ("tova", 64))

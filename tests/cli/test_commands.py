@@ -225,6 +225,14 @@ def test_bench_runs_each_method_in_its_own_process(env, capsys):
     pooled = next(r for r in recs if r["method"] == "trimkv@global")
     assert pooled["budget_scope"] == pooled["settings"]["budget_scope"] == "global"
     assert pooled["allocated_kv_bytes"] > 0 and pooled["peak_kv_bytes"] > 0
+    from kvbound.bench import render
+
+    md = render(json.loads(out.read_text()), image=None)
+    (line,) = [x for x in md.splitlines() if x.startswith("- L=48: trimkv@global step")]
+    want = (f"vs trimkv (per head) {trim['step_ms_mean']:.1f} ms "
+            f"({100 * (pooled['step_ms_mean'] / trim['step_ms_mean'] - 1):+.1f}%); peak KV "
+            f"{pooled['peak_kv_bytes'] / 1e6:.2f} vs {trim['peak_kv_bytes'] / 1e6:.2f} MB")
+    assert want in line
 
 
 @pytest.fixture(scope="module")
