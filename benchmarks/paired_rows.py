@@ -49,11 +49,13 @@ def load_rows(regime: str, sweep: Path, stores: list[Path], runs: list[Path]) ->
     return rows
 
 
-def pair(rows: dict, a: tuple[str, int], b: tuple[str, int]) -> dict:
-    for key in (a, b):
-        if key not in rows:
+def pair(rows: dict, a: tuple[str, int], b: tuple[str, int], rows_b: dict | None = None) -> dict:
+    """Row ``a`` of ``rows`` minus row ``b`` of ``rows_b`` (default ``rows``), window by window."""
+    rows_b = rows if rows_b is None else rows_b
+    for key, where in ((a, rows), (b, rows_b)):
+        if key not in where:
             raise KVBoundError(f"no row {key[0]}:{key[1]} in the given runs")
-    ra, rb = rows[a], rows[b]
+    ra, rb = rows[a], rows_b[b]
     n = min(len(ra["kl_per_window"]), len(rb["kl_per_window"]))
     if ra["source_per_window"][:n] != rb["source_per_window"][:n]:
         raise KVBoundError(f"{a} and {b} scored windows from other sources")
@@ -72,6 +74,9 @@ def _key(text: str) -> tuple[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--regime", default="0", help="protected sinks of the rows paired")
+    ap.add_argument("--regime-b", default=None,
+                    help="protected sinks of the right-hand rows (default: --regime), e.g. "
+                         "TRIM-KV with 0 sinks against the baselines with 4")
     ap.add_argument("--sweep", type=Path, default=DATA / "fidelity_sweep.json")
     ap.add_argument("--store", type=Path, action="append", default=None,
                     help="scope sweep stores (default: docs/data/scope_sweep*.partial.json)")
@@ -80,16 +85,20 @@ def main() -> None:
     args = ap.parse_args()
     stores = args.store if args.store is not None else sorted(DATA.glob("scope_sweep*.partial.json"))
     rows = load_rows(args.regime, args.sweep, stores, args.runs)
+    regime_b = args.regime if args.regime_b is None else args.regime_b
+    rows_b = rows if regime_b == args.regime else load_rows(regime_b, args.sweep, stores,
+                                                             args.runs)
     for item in args.pair:
         left, sep, right = item.partition("=")
         if not sep:
             ap.error(f"--pair takes A:M=B:N, got {item!r}")
         try:
             a, b = _key(left), _key(right)
-            d = pair(rows, a, b)
+            d = pair(rows, a, b, rows_b)
         except (KVBoundError, ValueError) as e:
             ap.error(str(e))
-        print(f"sinks {args.regime}: {a[0]} M={a[1]} {d['a']:.4f} vs {b[0]} M={b[1]} {d['b']:.4f}: "
+        print(f"{a[0]} M={a[1]} sinks {args.regime} {d['a']:.4f} vs {b[0]} M={b[1]} sinks "
+              f"{regime_b} {d['b']:.4f}: "
               f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], lower in "
               f"{d['wins']}/{d['n']} windows")
 

@@ -22,6 +22,12 @@ from kvbound.models import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: what one ListNet list ranks, per ``--rank-scope``
+_RANK_LISTS = {"head": "KV head", "layer": "layer (all its KV heads' keys)",
+               "model": "decision time over every gated layer's keys (the ranking a global "
+                        "budget needs)"}
+
+
 def main(run: str, name: str) -> None:
     run_dir = Path(run)
     model, _ = load_model(name)
@@ -49,7 +55,8 @@ def main(run: str, name: str) -> None:
         "- objective: " + ("attention-rank (the gates' eviction ranking fitted to the frozen "
                            f"model's future attention: horizon {cfg['rank_horizon']}, decision "
                            f"every {cfg['rank_stride']} tokens, every {cfg['rank_query_step']}th "
-                           "query; kvbound.train.rank_loss)"
+                           f"query, one list per {_RANK_LISTS[cfg.get('rank_scope', 'head')]}; "
+                           "kvbound.train.rank_loss)"
                            if cfg.get("objective") == "attention-rank" else
                            "distillation through the soft decay (the paper's)"),
         f"- training memory M = {cfg['memory_size']}, gate width I = {cfg['intermediate_size']}, "

@@ -72,6 +72,12 @@ def _run_record(directory: Path) -> dict:
     }
 
 
+def _per_head(row: dict) -> bool:
+    """The table's columns are per-head budgets: rows of a shared budget (a ``--set
+    LABEL.budget_scope=...`` variant, same gates) are left out."""
+    return (row.get("settings") or {}).get("budget_scope", "head") == "head"
+
+
 def _sweep_rows(ref: str, extra: tuple[Path, ...] = ()) -> dict:
     """{sinks: {budget: (kl_mean, windows)}} of the rows run with gates ``ref``, in the finished
     sweep, the ``extra`` finished sweeps (e.g. a run of fewer budgets) or the partial sweep
@@ -83,7 +89,7 @@ def _sweep_rows(ref: str, extra: tuple[Path, ...] = ()) -> dict:
         res = json.loads(path.read_text())
         for sinks, regime in res.get("regimes", {}).items():
             for r in regime["results"]:
-                if r.get("gates") != ref:
+                if r.get("gates") != ref or not _per_head(r):
                     continue
                 cell = out.setdefault(str(sinks), {})
                 if r["windows"] >= cell.get(str(r["budget"]), [0, 0])[1]:
@@ -99,7 +105,8 @@ def _sweep_rows(ref: str, extra: tuple[Path, ...] = ()) -> dict:
                 by_regime.setdefault(sinks, []).append((int(group), part))
         for sinks, parts in by_regime.items():
             merged = merge_results([p for _, p in sorted(parts)])
-            got = {str(r["budget"]): [r["kl_mean"], r["windows"]] for r in merged["results"]}
+            got = {str(r["budget"]): [r["kl_mean"], r["windows"]] for r in merged["results"]
+                   if _per_head(r)}
             if sum(v[1] for v in got.values()) >= sum(v[1] for v in out.get(sinks, {}).values()):
                 out[sinks] = got
     return out

@@ -238,3 +238,21 @@ def test_paired_rows_join_a_candidate_run_with_the_sweep_and_the_scope_store(tmp
         p.pair(rows, ("elsewhere", 64), ("tova", 64))
     with pytest.raises(KVBoundError, match="no row gone:32"):
         p.pair(rows, ("gone", 32), ("tova", 64))
+
+
+def test_training_runs_table_takes_per_head_rows_only(tmp_path, monkeypatch):
+    """A candidate's sweep may hold its gates with a shared budget too (same digest): the
+    table's per-head columns must not take those rows."""
+    import json
+
+    t = load_benchmark("training_runs")
+    monkeypatch.setattr(t, "PARTIAL", tmp_path / "none.json")
+    run = tmp_path / "run.json"
+
+    def row(scope, kl):
+        return {"gates": "m@cand", "budget": 32, "kl_mean": kl, "windows": 32,
+                "settings": {"budget_scope": scope}}
+
+    run.write_text(json.dumps({"regimes": {"0": {"results": [
+        row("head", 0.3), row("layer", 0.2), row("global", 0.1)]}}}))
+    assert t._sweep_rows("m@cand", (run,)) == {"0": {"32": [0.3, 32]}}
