@@ -71,11 +71,15 @@ def generate(
         1.0, min=0.0, help="> 1 discourages repeating tokens already seen (1 = off)."),
     seed: int = typer.Option(0, min=0),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = typer.Option(
+        "auto", help="auto: bfloat16 where the hardware computes it natively (GPU, or a CPU with "
+        "AVX512-BF16 or AMX), float32 elsewhere."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Generate text with the full cache or a bounded one."""
     from kvbound.generation import generate as run
     from kvbound.models import load_model
+    from kvbound.models.dtype import resolve_dtype
 
     try:
         text = _prompt(prompt, prompt_file)
@@ -88,7 +92,7 @@ def generate(
             raise arg.OptionError("--min-new-tokens", f"must be <= --max-new-tokens "
                                                       f"({max_new_tokens}).")
         arg.gates_source(gates, "--gates")
-        m, tok = load_model(arg.model_name(model, "--model"))
+        m, tok = load_model(arg.model_name(model, "--model"), dtype=resolve_dtype(dtype))
         result = run(m, tok, text, method=method, gates=gates, budget=budget, buffer=buffer,
                      chunk=chunk, sinks=sinks, max_new_tokens=max_new_tokens, sample=sample,
                      temperature=temperature, top_p=top_p,
@@ -357,13 +361,15 @@ def demo(
     budget: int = typer.Option(64, min=8, help="Tight budget M for the bounded methods."),
     quick: bool = typer.Option(False, help="Shorter run (for tests)."),
     out: Path = typer.Option(Path("demo_out"), help="Where the plot and pictures go."),
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = typer.Option(
+        "auto", help="auto: bfloat16 where the hardware computes it natively, float32 elsewhere."),
 ):
     """The main job: TRIM-KV vs the full cache and baselines on the embedded model."""
     from kvbound.demo import run_demo
 
     try:
         arg.writable(out, "--out", directory=True)
-        run_demo(budget=budget, quick=quick, out=out)
+        run_demo(budget=budget, quick=quick, out=out, dtype=dtype)
     except KVBoundError as exc:
         _fail(exc)
 

@@ -42,7 +42,8 @@ def _prefix(reference: list[int], tokens: list[int]) -> int:
 
 
 def run_demo(*, budget: int = 64, buffer: int = 16, quick: bool = False,
-             out: Path = Path("demo_out"), model_name: str | None = None) -> dict:
+             out: Path = Path("demo_out"), model_name: str | None = None,
+             dtype: str = "auto") -> dict:
     from kvbound.analysis import gate_log_betas, median_half_life
     from kvbound.eval.fidelity import make_windows, run_fidelity
     from kvbound.eval.textpool import eval_text_pool
@@ -52,7 +53,9 @@ def run_demo(*, budget: int = 64, buffer: int = 16, quick: bool = False,
 
     console = Console()
     console.print(f"[bold]kvbound demo[/]: budget M={budget}, buffer b={buffer}")
-    model, tok = load_model(model_name)
+    from kvbound.models.dtype import resolve_dtype
+
+    model, tok = load_model(model_name, dtype=resolve_dtype(dtype))
     try:
         gates = resolve_gates(model, None)
         gates_note = f"shipped gates {gates.ref()}"
@@ -62,7 +65,8 @@ def run_demo(*, budget: int = 64, buffer: int = 16, quick: bool = False,
         gates = RetentionGates.for_model(model)
         gates_note = "UNTRAINED gates (no gates shipped for this model)"
     gates.attach(model)
-    console.print(f"model: {getattr(model, 'kvbound_model_name', '?')}; {gates_note}")
+    console.print(f"model: {getattr(model, 'kvbound_model_name', '?')} "
+                  f"({str(model.dtype).removeprefix('torch.')}); {gates_note}")
     methods = [m for m in DEMO_METHODS if m == "full" or m in POLICIES]
     seq_len, n_windows, new_tokens = (256, 1, 48) if quick else (768, 4, 320)
     budget_eff = min(budget, seq_len // 2)

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from kvbound.cli import main
+from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGates
 from kvbound.io import read_versioned
 from kvbound.models import load_model
@@ -42,10 +43,41 @@ def _run(capsys, *argv) -> str:
 
 
 def _gen(capsys, env, *extra) -> dict:
+    # float32 unless a test asks otherwise: results are compared with the Python API's (float32)
+    dtype = () if "--dtype" in extra else ("--dtype", "float32")
     out = _run(capsys, "generate", "--model", env["model"], "--gates", env["gates"],
                "--prompt-file", env["prompt"], "--max-new-tokens", 12, "--min-new-tokens", 12,
-               "--json", *extra)
+               "--json", *dtype, *extra)
     return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_generate_dtype_auto_is_bf16_only_where_native(env, capsys, monkeypatch, native):
+    """`--dtype auto` (the default) loads bf16 where the hardware computes it natively (measured
+    faster at equal fidelity, docs/RESULTS.md "bf16 vs fp32 on CPU"), float32 elsewhere."""
+    import torch
+
+    import kvbound.models
+    from kvbound.models import dtype as dtypes
+
+    loaded = []
+    real = kvbound.models.load_model
+
+    def spy(name, dtype=torch.float32, **kw):
+        loaded.append(dtype)
+        return real(name, dtype=dtype, **kw)
+
+    monkeypatch.setattr(kvbound.models, "load_model", spy)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert dtypes.native_bf16("cpu") is native
+    out = _gen(capsys, env, "--method", "trimkv", "--budget", 16, "--buffer", 4, "--no-chat",
+               "--dtype", "auto")
+    assert out["new_tokens"] == 12
+    _gen(capsys, env, "--method", "full", "--no-chat", "--dtype", "float16")
+    assert loaded == [torch.bfloat16 if native else torch.float32, torch.float16]
+    with pytest.raises(KVBoundError, match="Unknown dtype 'int8'"):
+        dtypes.resolve_dtype("int8")
 
 
 def test_generate_options_reach_the_cache(env, capsys):

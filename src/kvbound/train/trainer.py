@@ -211,12 +211,9 @@ def lr_lambda(cfg: TrainConfig):
 def _bf16_ok(device: torch.device) -> bool:
     """bf16 autocast only where the hardware computes bf16 natively: on a CPU without AVX512-BF16
     or AMX (e.g. AVX2-only machines) bf16 matmuls are emulated and ~20x slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    cpu = torch.cpu
-    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    from kvbound.models.dtype import native_bf16
+
+    return native_bf16(device)
 
 
 def warm_start(gates: RetentionGates, source: str, model) -> dict:
