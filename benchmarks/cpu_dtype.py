@@ -145,7 +145,8 @@ def verdict(res: dict) -> str:
     if decode > 1 and prefill >= 1 and same:
         return (f"Verdict: bf16 decodes faster ({decode:.2f}x or more) and prefills no slower "
                 f"here at equal quality ({quality}); on CPUs like this one it should be the "
-                "default.")
+                "default, and is: `generate` and `demo` take `--dtype auto`, bf16 where the CPU "
+                "has AVX512-BF16 or AMX.")
     if decode > 1 and same:
         return (f"Verdict: the CPU default stays float32 here: bf16 decodes faster "
                 f"({decode:.2f}x or more) at equal quality ({quality}) but prefills at "
