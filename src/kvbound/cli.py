@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 _DEBUG = {"on": False}
+#: ``--dtype`` of ``generate`` and ``demo`` (resolved by ``kvbound.models.dtype.resolve_dtype``)
+RunDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @app.callback()
@@ -71,7 +73,7 @@ def generate(
         1.0, min=0.0, help="> 1 discourages repeating tokens already seen (1 = off)."),
     seed: int = typer.Option(0, min=0),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = typer.Option(
+    dtype: RunDtype = typer.Option(
         "auto", help="auto: bfloat16 where the hardware computes it natively (GPU, or a CPU with "
         "AVX512-BF16 or AMX), float32 elsewhere."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -361,7 +363,7 @@ def demo(
     budget: int = typer.Option(64, min=8, help="Tight budget M for the bounded methods."),
     quick: bool = typer.Option(False, help="Shorter run (for tests)."),
     out: Path = typer.Option(Path("demo_out"), help="Where the plot and pictures go."),
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = typer.Option(
+    dtype: RunDtype = typer.Option(
         "auto", help="auto: bfloat16 where the hardware computes it natively, float32 elsewhere."),
 ):
     """The main job: TRIM-KV vs the full cache and baselines on the embedded model."""
