@@ -36,7 +36,7 @@ from _results import command, machine, write_section  # noqa: E402
 
 from kvbound.eval.fidelity import make_windows  # noqa: E402
 from kvbound.eval.report import fidelity_plots  # noqa: E402
-from kvbound.eval.sweep import fidelity_sweep  # noqa: E402
+from kvbound.eval.sweep import fidelity_sweep, replace_rows  # noqa: E402
 from kvbound.eval.textpool import eval_text_pool, self_generated_eval_texts  # noqa: E402
 from kvbound.models import load_model  # noqa: E402
 from kvbound.policies import METHODS  # noqa: E402
@@ -114,11 +114,26 @@ def main() -> None:
     ap.add_argument("--from-json", action="store_true")
     ap.add_argument("--fresh", action="store_true",
                     help="forget the (regime, method) results saved by a stopped run")
+    ap.add_argument("--replace", default=None, metavar="METHOD",
+                    help="re-measure only METHOD (e.g. trimkv with new gates) and put its rows "
+                         "into the published --json run (same windows, checked), every other "
+                         "row kept")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
     if args.json is None:
         args.json = (ROOT / "docs" / "data" if args.write_results or args.from_json
                      else ROOT / "runs") / "fidelity_sweep.json"
+    published = None
+    if args.replace:
+        if args.from_json or not args.json.is_file():
+            ap.error(f"--replace needs the published run in --json ({args.json} not found) and "
+                     "no --from-json")
+        published = json.loads(args.json.read_text())
+        args.methods = f"full,{args.replace}"
+        args.budgets = ",".join(str(b) for b in published["budgets"])
+        args.regimes = ",".join(published["regimes"])
+        args.buffer, args.protocol = published["buffer"], published["protocol"]
+        args.seq_len, args.weak_windows = published["seq_len"], None
     if args.from_json:
         res = json.loads(args.json.read_text())
     else:
@@ -167,6 +182,11 @@ def main() -> None:
                              batch_size=args.batch_size, variants=variants, focus=args.focus)
         res.update(command=command(), machine=machine(), windows_per_domain=taken,
                    protocol=args.protocol, seq_len=args.seq_len)
+        if published is not None:
+            rows = [r for reg in res["regimes"].values() for r in reg["results"]]
+            gates = sorted({r.get("gates") or "-" for r in rows if r["label"] == args.replace})
+            res = replace_rows(published, res, args.replace, note={
+                "command": res["command"], "machine": res["machine"], "gates": gates})
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1))
     md = render(res)
@@ -237,6 +257,9 @@ def render(res: dict) -> str:
         "",
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']}  ",
+        *(f"Rows of {r['method']} (gates {', '.join(r['gates'])}) re-measured on the same "
+          f"windows by `{r['command']}` on {r['machine']}; the full cache's NLL matched the run "
+          "above window by window.  " for r in res.get("replaced", [])),
         f"{any_regime['windows']} windows of {res['seq_len']} tokens from text training never "
         f"saw: {domains}. Buffer {res['buffer']}; every method in a regime has the same protected "
         "sinks, buffer, positions and budget accounting (checked by `check_same_rules`); SnapKV "

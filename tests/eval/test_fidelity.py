@@ -297,3 +297,46 @@ def test_sweep_variant_with_a_policy_setting_runs_under_it():
     assert rows["la"]["settings"]["policy"] == {"policy": "trimkv", "lookahead": 8}
     assert rows["trimkv"]["settings"]["policy"] == {"policy": "trimkv", "lookahead": 1}
     assert rows["la"]["gates"] == rows["trimkv"]["gates"] == gates.ref()
+
+
+def test_replace_rows_swaps_one_method_and_recomputes_the_comparisons(model):
+    """fidelity_sweep.py --replace: a method re-measured on the same windows takes the place of
+    its published rows, every other row is kept, comparisons follow; other windows are refused."""
+    from kvbound.eval import sweep
+
+    kw = dict(budgets=[8, 16], buffer=4, progress=False, regimes=(0, 4))
+    published = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2),
+                                     methods=["full", "trimkv", "streaming"], **kw)
+    fresh = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(2),
+                                 methods=["full", "trimkv"], **kw)
+    for regime in fresh["regimes"].values():  # stand-in for new gates: other per-window KLs
+        for r in regime["results"]:
+            if r["label"] == "trimkv":
+                r["kl_per_window"] = [v * 0.5 for v in r["kl_per_window"]]
+                r["kl_mean"] *= 0.5
+    out = sweep.replace_rows(published, fresh, "trimkv", note={"command": "c"})
+    for sinks in ("0", "4"):
+        rows = out["regimes"][sinks]["results"]
+        assert [r["label"] for r in rows] == [r["label"]
+                                              for r in published["regimes"][sinks]["results"]]
+        new = {r["budget"]: r for r in fresh["regimes"][sinks]["results"]
+               if r["label"] == "trimkv"}
+        for r in rows:
+            if r["label"] == "trimkv":
+                assert r == new[r["budget"]]
+            else:
+                assert r in published["regimes"][sinks]["results"]
+        assert out["regimes"][sinks]["comparisons"] == sweep.compare_to_best(rows, [8, 16],
+                                                                              "trimkv")
+        assert (out["regimes"][sinks]["comparisons"]
+                != published["regimes"][sinks]["comparisons"])
+    assert out["across"]["comparisons"] == sweep.compare_across(
+        out["regimes"]["0"]["results"], out["regimes"]["4"]["results"], [8, 16], "trimkv")
+    assert out["replaced"] == [{"method": "trimkv", "command": "c"}]
+    assert "replaced" not in published  # the published run is not modified
+    other = sweep.fidelity_sweep(model, ByteTokenizer(), _windows(3),
+                                 methods=["full", "trimkv"], **kw)
+    with pytest.raises(KVBoundError, match="not the published ones"):
+        sweep.replace_rows(published, other, "trimkv", note={})
+    with pytest.raises(KVBoundError, match="no 'knorm' rows"):
+        sweep.replace_rows(published, fresh, "knorm", note={})

@@ -196,3 +196,52 @@ def compare_across(mine: list[dict], theirs: list[dict], budgets: list[int],
     windows), e.g. TRIM-KV without sinks against baselines given 4 protected sinks."""
     return compare_to_best([r for r in mine if r["label"] == focus]
                            + [r for r in theirs if r["label"] != focus], budgets, focus)
+
+
+def replace_rows(published: dict, fresh: dict, method: str, *, note: dict,
+                 atol: float = 1e-3) -> dict:
+    """The sweep ``published`` with the rows of ``method`` (e.g. ``trimkv`` with newly shipped
+    gates) taken from ``fresh``, a sweep of ``full`` and ``method`` on the same windows, so that
+    one method is re-measured without re-running every baseline. The windows must be the same:
+    each regime's full-cache NLL must match ``published`` window by window (``atol`` nats: other
+    kernels or batch sizes move the last digits). Comparisons and the cross-regime table are
+    recomputed; ``note`` (e.g. command, machine, gates) is recorded under ``replaced``."""
+    out = json.loads(json.dumps(published))  # a deep copy; the published dict stays as it was
+    for sinks, regime in out["regimes"].items():
+        new = fresh["regimes"].get(sinks)
+        if new is None:
+            raise KVBoundError(f"The new run has no sinks-{sinks} regime; run every regime of "
+                               f"the published sweep ({', '.join(out['regimes'])}).")
+        _check_same_windows(regime["results"], new["results"], sinks, atol)
+        mine = {r["budget"]: r for r in new["results"] if r["label"] == method}
+        budgets = sorted({r["budget"] for r in regime["results"] if r["label"] == method})
+        if not budgets:
+            raise KVBoundError(f"The published sweep has no {method!r} rows to replace.")
+        if missing := [b for b in budgets if b not in mine]:
+            raise KVBoundError(f"The new run has no {method!r} rows at M={missing}; run the "
+                               f"published budgets {budgets}.")
+        regime["results"] = [mine[r["budget"]] if r["label"] == method else r
+                             for r in regime["results"]]
+        regime["comparisons"] = compare_to_best(regime["results"], out["budgets"],
+                                                out.get("focus", "trimkv"))
+    if "across" in out:
+        a, b = str(out["across"]["focus_sinks"]), str(out["across"]["others_sinks"])
+        out["across"]["comparisons"] = compare_across(
+            out["regimes"][a]["results"], out["regimes"][b]["results"], out["budgets"],
+            out.get("focus", "trimkv"))
+    out["replaced"] = [r for r in out.get("replaced", []) if r["method"] != method]
+    out["replaced"].append({"method": method, **note})
+    return out
+
+
+def _check_same_windows(old: list[dict], new: list[dict], sinks: str, atol: float) -> None:
+    full_old = next((r for r in old if r["label"] == "full"), None)
+    full_new = next((r for r in new if r["label"] == "full"), None)
+    if full_old is None or full_new is None:
+        raise KVBoundError("Both sweeps need their full-cache rows to check that the windows "
+                           "are the same; run the new one with --methods full,METHOD.")
+    a, b = full_old["nll_per_window"], full_new["nll_per_window"]
+    if len(a) != len(b) or any(abs(x - y) > atol for x, y in zip(a, b)):
+        raise KVBoundError(f"Sinks {sinks}: the new run's windows are not the published ones "
+                           "(full-cache NLL differs); use the published --seq-len, --windows, "
+                           "--per-domain and text.")
