@@ -8,7 +8,10 @@ command again after a stop and it continues where it was (``--fresh`` starts ove
 run the regimes in two one-thread processes, each with its own ``--store`` and ``--regimes``, then
 the whole command with ``--merge-store A --merge-store B``: it takes their finished results. The finished
 run, every window's values included, is kept in the repository (``docs/data/fidelity_sweep.json``)
-so that any clone can re-render, check or extend it.
+so that any clone can re-render, check or extend it. New gates for TRIM-KV need only its rows:
+``--replace trimkv --write-results`` runs the full cache and TRIM-KV on the published windows
+(the full cache's NLL must match the published run window by window), puts the new rows in
+place of the old ones, keeps every baseline's and recomputes the comparisons.
 
 Text: windows of ``--seq-len`` tokens from three domains training never used (docs/TRAINING.md):
 the held-out half of the pydoc topics, libpng's manual (``/usr/share/doc/libpng16-16``) and text
