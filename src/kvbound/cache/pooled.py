@@ -146,6 +146,7 @@ class PooledEvictionLayer(EvictionLayer):
         self._head_max = self._head_peak = 0  # tokens of the fullest head, now and at peak
         #: the last decode step's mask and the slot layout it was built for (attention_mask)
         self._decode_mask: tuple | None = None
+        self._decode_heads: torch.Tensor | None = None
 
     @property
     def heads_per_slot(self) -> int:
@@ -207,10 +208,10 @@ class PooledEvictionLayer(EvictionLayer):
         self.values.narrow(2, n, new).copy_(value_states.reshape(b, 1, new, -1))
         pos = pending["pos"]  # (B, q)
         self._pos.narrow(2, n, new).copy_(pos[:, None, :].expand(b, h, q).reshape(b, 1, new))
-        heads = torch.arange(h, device=self.device).repeat_interleave(q)
-        for tensor in self._state.values():
-            tensor[:, :, n:end] = 0.0
-        self._state[HEAD_STATE][:, 0, n:end] = heads.float()
+        for name, tensor in self._state.items():  # log beta is written below or when staged
+            if name not in (HEAD_STATE, "log_beta"):
+                tensor[:, :, n:end] = 0.0
+        self._state[HEAD_STATE][:, 0, n:end] = self._slot_heads(q)
         if pending["hidden"] is not None:
             if q == 1 and self.buffer > 0:  # a decode token: staged, run with the next ones
                 self.gates.stage(pending["hidden"], self.flush_gates)
@@ -235,6 +236,14 @@ class PooledEvictionLayer(EvictionLayer):
         keys = self.keys.narrow(2, 0, end)
         values = self.values.narrow(2, 0, end)
         return keys.expand(b, h, end, d), values.expand(b, h, end, values.shape[-1])
+
+    def _slot_heads(self, q: int) -> torch.Tensor:
+        """(H q,) the KV head of each new slot, head-major (kept for decode steps)."""
+        if q != 1:
+            return torch.arange(self.kv_heads, device=self.device).repeat_interleave(q).float()
+        if self._decode_heads is None:
+            self._decode_heads = torch.arange(self.kv_heads, device=self.device).float()
+        return self._decode_heads
 
     def flush_gates(self) -> None:
         """Run the gate over the staged decode tokens: the trailing ``H x pending`` slots, one
