@@ -428,6 +428,34 @@ def test_storage_holds_only_the_kept_tokens():
     assert all(isinstance(layer, PooledEvictionLayer) for layer in cache.eviction_layers)
 
 
+def test_pooled_mask_is_block_diagonal_over_heads_and_causal_over_new_slots():
+    """Element by element against the rule: a query head sees a resident slot iff the slot is
+    real and belongs to its KV head, and a new slot iff it is its KV head's, real and not later
+    than the query (left-padded rows, a few slots already evicted)."""
+    model = _model(kv_heads=2)
+    ids, mask = _ids(2, 21, seed=12), torch.ones(2, 21, dtype=torch.long)
+    ids[1, :5], mask[1, :5] = 0, 0
+    cache = EvictionCache(model, "trimkv", budget=4, buffer=2, budget_scope="layer", sinks=0)
+    _feed(model, ids[:, :18], cache, 6, mask=mask[:, :18])
+    layer = cache.eviction_layers[0]
+    h, g = layer.kv_heads, layer.q_heads // layer.kv_heads
+    assert layer.evictions > 0 and g > 1
+    new_valid = torch.tensor([[True, True, True], [True, False, True]])
+    got = layer.attention_mask(new_valid, torch.float32) == 0  # allowed
+    n, heads, pos = layer.n, layer.slot_heads, layer.positions[:, 0]
+    want = torch.zeros_like(got)
+    for b in range(2):
+        for hq in range(h * g):
+            for i in range(3):
+                for j in range(n):
+                    want[b, hq, i, j] = bool(heads[b, j] == hq // g and pos[b, j] >= 0)
+                for k in range(h):
+                    for j in range(3):
+                        want[b, hq, i, n + k * 3 + j] = bool(
+                            k == hq // g and j <= i and new_valid[b, j])
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("scope", SCOPES)
 def test_decode_shortcuts_change_nothing(scope, monkeypatch):
     """Pooled decode steps stage the gate inputs (one gate call per ``buffer`` steps) and extend

@@ -338,24 +338,25 @@ class PooledEvictionLayer(EvictionLayer):
         return self._build_mask(new_valid, dtype)
 
     def _build_mask(self, new_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The mask of :meth:`attention_mask`, written once into its (B, H, g, q, S) memory:
+        each KV head's resident row broadcast over its query heads and queries, and each
+        head's causal block of new slots (a prompt chunk's mask is large: no temporaries)."""
         b, q = new_valid.shape
-        h, g = self.kv_heads, self.q_heads // self.kv_heads
+        h, g, n = self.kv_heads, self.q_heads // self.kv_heads, self.n
         dev = new_valid.device
-        ks = torch.arange(h, device=dev)
-        if self.n:
-            resident = ((self.slot_heads[:, None, :] == ks[None, :, None])
-                        & (self._pos[:, 0, None, : self.n] >= 0))  # (B, H, n)
-            resident = resident[:, :, None, :].expand(b, h, q, self.n)
-        else:
-            resident = torch.zeros(b, h, q, 0, dtype=torch.bool, device=dev)
-        causal = torch.ones(q, q, dtype=torch.bool, device=dev).tril()
-        same = torch.eye(h, dtype=torch.bool, device=dev)  # (H, H') query's head vs slot's
-        new = (same[None, :, None, :, None] & causal[None, None, :, None, :]
-               & new_valid[:, None, None, None, :])  # (B, H, q, H', q)
-        allowed = torch.cat([resident, new.reshape(b, h, q, h * q)], dim=-1)
-        allowed = allowed.repeat_interleave(g, dim=1)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        low = torch.finfo(dtype).min
+        out = torch.empty(b, h, g, q, n + h * q, dtype=dtype, device=dev)
+        if n:
+            mine = ((self.slot_heads[:, None, :] == torch.arange(h, device=dev)[None, :, None])
+                    & (self._pos[:, 0, None, :n] >= 0))  # (B, H, n)
+            row = torch.zeros(b, h, n, dtype=dtype, device=dev).masked_fill_(~mine, low)
+            out[..., :n] = row[:, :, None, None, :]
+        seen = torch.ones(q, q, dtype=torch.bool, device=dev).tril() & new_valid[:, None, :]
+        block = torch.zeros(b, q, q, dtype=dtype, device=dev).masked_fill_(~seen, low)
+        for k in range(h):  # query heads of KV head k see only k's new slots, causally
+            out[:, k, :, :, n:].fill_(low)
+            out[:, k, :, :, n + k * q : n + (k + 1) * q] = block[:, None]
+        return out.view(b, h * g, q, n + h * q)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.n + self.kv_heads * query_length, 0
