@@ -322,19 +322,26 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         self.flush_gates()
         q = hidden.shape[1]
         log_beta = self.gates.apply(hidden, self._pos[:, 0, self.n : self.n + q])
-        self._state["log_beta"][:, :, self.n : self.n + q] = log_beta.detach()
+        self._store_chunk_log_beta(log_beta.detach())
+
+    def _store_chunk_log_beta(self, log_beta: torch.Tensor) -> None:
+        """Log beta (B, H, q) of the chunk being appended at slot ``n``."""
+        self._state["log_beta"][:, :, self.n : self.n + log_beta.shape[-1]] = log_beta
 
     def flush_gates(self) -> None:
-        """Run the gate over the staged decode tokens (the trailing ``pending`` slots) and store
-        their log beta."""
+        """Run the gate over the staged decode tokens and store their log beta."""
         p = self.gates.pending
         if not p:
             return
         t0 = time.perf_counter()
-        self._state["log_beta"][:, :, self.n - p : self.n] = self.gates.run(
-            self._pos[:, 0, self.n - p : self.n])
+        self._store_staged_log_beta(p)
         if self.timings is not None:
             self.timings["scoring_inputs"] += time.perf_counter() - t0
+
+    def _store_staged_log_beta(self, p: int) -> None:
+        """The gate over the ``p`` staged tokens: the trailing ``p`` slots."""
+        n = self.n
+        self._state["log_beta"][:, :, n - p : n] = self.gates.run(self._pos[:, 0, n - p : n])
 
     # ---------------------------------------------------------------- eviction
     def evict(self, keep: int) -> None:

@@ -25,7 +25,7 @@ tokens of every head +inf, ties to the most recent) and, with ``min_per_head``, 
 from __future__ import annotations
 
 import math
-import time
+from typing import NamedTuple
 
 import torch
 
@@ -72,6 +72,16 @@ def check_scope(scope: str, min_per_head: int, budget: int, policy, static: bool
     if positions == "rolling":
         raise KVBoundError(f"budget_scope {scope!r} keeps absolute positions; rolling positions "
                            "need budget_scope 'head'.")
+
+
+class DecodeMask(NamedTuple):
+    """A decode step's mask and the slot layout it was built for (see
+    :meth:`PooledEvictionLayer.attention_mask`)."""
+
+    pos: torch.Tensor  #: the layer's position tensor (replaced when rows are reordered)
+    layout: tuple  #: (evictions, slots it covers, dtype)
+    mask: torch.Tensor  #: (B, H_q, 1, slots)
+    block: torch.Tensor  #: (1, H_q, 1, H) the mask of one decode token's H new slots
 
 
 class PerHeadView:
@@ -145,7 +155,7 @@ class PooledEvictionLayer(EvictionLayer):
         self.add_state(HEAD_STATE)
         self._head_max = self._head_peak = 0  # tokens of the fullest head, now and at peak
         #: the last decode step's mask and the slot layout it was built for (attention_mask)
-        self._decode_mask: tuple | None = None
+        self._decode_mask: DecodeMask | None = None
         self._decode_heads: torch.Tensor | None = None
 
     @property
@@ -213,12 +223,7 @@ class PooledEvictionLayer(EvictionLayer):
                 tensor[:, :, n:end] = 0.0
         self._state[HEAD_STATE][:, 0, n:end] = self._slot_heads(q)
         if pending["hidden"] is not None:
-            if q == 1 and self.buffer > 0:  # a decode token: staged, run with the next ones
-                self.gates.stage(pending["hidden"], self.flush_gates)
-            else:  # a prompt chunk: through the gate at once
-                self.flush_gates()
-                log_beta = self.gates.apply(pending["hidden"], pos).detach()  # (B, H, q)
-                self._state["log_beta"][:, :, n:end] = log_beta.reshape(b, 1, new).float()
+            self._gate_log_beta(pending["hidden"])
         self.n = end
         self.seen += q
         if pending["all_valid"]:
@@ -245,20 +250,18 @@ class PooledEvictionLayer(EvictionLayer):
             self._decode_heads = torch.arange(self.kv_heads, device=self.device).float()
         return self._decode_heads
 
-    def flush_gates(self) -> None:
-        """Run the gate over the staged decode tokens: the trailing ``H x pending`` slots, one
-        step's H heads after another (:class:`~kvbound.cache.gate_staging.GateStaging`)."""
-        p = self.gates.pending
-        if not p:
-            return
-        t0 = time.perf_counter()
+    def _store_chunk_log_beta(self, log_beta: torch.Tensor) -> None:
+        """Log beta (B, H, q) of a chunk appended at slot ``n``: H x q slots, head-major."""
+        self._state["log_beta"][:, 0, self.n : self.n + log_beta[0].numel()] = log_beta.flatten(1)
+
+    def _store_staged_log_beta(self, p: int) -> None:
+        """The gate over the ``p`` staged decode tokens: the trailing H x p slots, one step's H
+        heads after another (each token was appended as a chunk of one)."""
         h, n = self.kv_heads, self.n
         b = self._pos.shape[0]
         pos = self._pos[:, 0, n - h * p : n].view(b, p, h)[:, :, 0]  # (B, p): a step's heads
         log_beta = self.gates.run(pos)  # (B, H, p)
-        self._state["log_beta"][:, 0, n - h * p : n] = log_beta.transpose(1, 2).reshape(b, -1)
-        if self.timings is not None:
-            self.timings["scoring_inputs"] += time.perf_counter() - t0
+        self._state["log_beta"][:, 0, n - h * p : n] = log_beta.transpose(1, 2).flatten(1)
 
     # ---------------------------------------------------------------- eviction
     def evict_if_full(self, q: int) -> None:
@@ -324,15 +327,15 @@ class PooledEvictionLayer(EvictionLayer):
         no row reordering; otherwise it is rebuilt."""
         if new_valid.shape[1] == 1 and all_valid and self.is_initialized:
             last = self._decode_mask
-            if (last is not None and last[0] is self._pos
-                    and last[1:4] == (self.evictions, self.n, dtype)):
-                block = last[5].expand(new_valid.shape[0], -1, -1, -1)
-                mask = torch.cat([last[4], block], -1)
+            if (last is not None and last.pos is self._pos
+                    and last.layout == (self.evictions, self.n, dtype)):
+                block = last.block
+                mask = torch.cat([last.mask, block.expand(new_valid.shape[0], -1, -1, -1)], -1)
             else:
                 mask = self._build_mask(new_valid, dtype)
                 block = mask[:1, :, :, -self.kv_heads :].clone()  # every step's new slots
-            self._decode_mask = (self._pos, self.evictions, self.n + self.kv_heads, dtype,
-                                 mask, block[:1])
+            self._decode_mask = DecodeMask(self._pos, (self.evictions, self.n + self.kv_heads,
+                                                       dtype), mask, block)
             return mask
         self._decode_mask = None
         return self._build_mask(new_valid, dtype)
