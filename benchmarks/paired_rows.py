@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kvbound.errors import KVBoundError
 from kvbound.eval.stats import paired_difference
+from kvbound.eval.sweep import same_windows
 
 DATA = Path(__file__).resolve().parents[1] / "docs" / "data"
 
@@ -59,8 +60,8 @@ def pair(rows: dict, a: tuple[str, int], b: tuple[str, int], rows_b: dict | None
     n = min(len(ra["kl_per_window"]), len(rb["kl_per_window"]))
     if ra["source_per_window"][:n] != rb["source_per_window"][:n]:
         raise KVBoundError(f"{a} and {b} scored windows from other sources")
-    if a[1] == b[1] and any(abs(x - y) > 1e-4 * max(1.0, abs(y)) for x, y in
-                            zip(ra["nll_full_per_window"][:n], rb["nll_full_per_window"][:n])):
+    if a[1] == b[1] and not same_windows(ra["nll_full_per_window"][:n],
+                                         rb["nll_full_per_window"][:n]):
         raise KVBoundError(f"{a} and {b} scored other windows (full-cache NLL differs)")
     ka, kb = ra["kl_per_window"][:n], rb["kl_per_window"][:n]
     return {"a": sum(ka) / n, "b": sum(kb) / n, **paired_difference(ka, kb)}

@@ -29,6 +29,7 @@ from _results import command, machine, write_section  # noqa: E402
 from fidelity_sweep import domain_texts, windows_per_domain  # noqa: E402
 
 from kvbound.errors import KVBoundError  # noqa: E402
+from kvbound.eval import sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "data"
@@ -39,9 +40,7 @@ def same_windows(mine: list[dict], theirs: list[dict]) -> None:
     a = next(r for r in mine if r["label"] == "full")
     b = next(r for r in theirs if r["label"] == "full")
     n = len(a["nll_full_per_window"])
-    if n != len(b["nll_full_per_window"][:n]) or any(
-            abs(x - y) > 1e-4 * max(1.0, abs(y))
-            for x, y in zip(a["nll_full_per_window"], b["nll_full_per_window"][:n], strict=True)):
+    if not sweep.same_windows(a["nll_full_per_window"], b["nll_full_per_window"][:n]):
         raise KVBoundError("the head-scope rows were scored on other windows (the full cache's "
                            "NLL per window differs): rerun the fidelity sweep with these settings "
                            "or give its JSON with --head-json.")

@@ -198,13 +198,12 @@ def compare_across(mine: list[dict], theirs: list[dict], budgets: list[int],
                            + [r for r in theirs if r["label"] != focus], budgets, focus)
 
 
-def replace_rows(published: dict, fresh: dict, method: str, *, note: dict,
-                 atol: float = 1e-3) -> dict:
+def replace_rows(published: dict, fresh: dict, method: str, *, note: dict) -> dict:
     """The sweep ``published`` with the rows of ``method`` (e.g. ``trimkv`` with newly shipped
     gates) taken from ``fresh``, a sweep of ``full`` and ``method`` on the same windows, so that
     one method is re-measured without re-running every baseline. The windows must be the same:
-    each regime's full-cache NLL must match ``published`` window by window (``atol`` nats: other
-    kernels or batch sizes move the last digits). Comparisons and the cross-regime table are
+    each regime's full-cache NLL must match ``published`` window by window (:func:`same_windows`).
+    Comparisons and the cross-regime table are
     recomputed; ``note`` (e.g. command, machine, gates) is recorded under ``replaced``."""
     out = json.loads(json.dumps(published))  # a deep copy; the published dict stays as it was
     for sinks, regime in out["regimes"].items():
@@ -212,7 +211,7 @@ def replace_rows(published: dict, fresh: dict, method: str, *, note: dict,
         if new is None:
             raise KVBoundError(f"The new run has no sinks-{sinks} regime; run every regime of "
                                f"the published sweep ({', '.join(out['regimes'])}).")
-        _check_same_windows(regime["results"], new["results"], sinks, atol)
+        _check_same_windows(regime["results"], new["results"], sinks)
         mine = {r["budget"]: r for r in new["results"] if r["label"] == method}
         budgets = sorted({r["budget"] for r in regime["results"] if r["label"] == method})
         if not budgets:
@@ -234,14 +233,20 @@ def replace_rows(published: dict, fresh: dict, method: str, *, note: dict,
     return out
 
 
-def _check_same_windows(old: list[dict], new: list[dict], sinks: str, atol: float) -> None:
+def same_windows(nll_a: list[float], nll_b: list[float]) -> bool:
+    """Whether two runs scored the same windows: their full-cache NLL per window agrees (to
+    1e-4, relative above 1 nat; other kernels or batch sizes move the last digits)."""
+    return len(nll_a) == len(nll_b) and not any(
+        abs(x - y) > 1e-4 * max(1.0, abs(y)) for x, y in zip(nll_a, nll_b))
+
+
+def _check_same_windows(old: list[dict], new: list[dict], sinks: str) -> None:
     full_old = next((r for r in old if r["label"] == "full"), None)
     full_new = next((r for r in new if r["label"] == "full"), None)
     if full_old is None or full_new is None:
         raise KVBoundError("Both sweeps need their full-cache rows to check that the windows "
                            "are the same; run the new one with --methods full,METHOD.")
-    a, b = full_old["nll_per_window"], full_new["nll_per_window"]
-    if len(a) != len(b) or any(abs(x - y) > atol for x, y in zip(a, b)):
+    if not same_windows(full_new["nll_full_per_window"], full_old["nll_full_per_window"]):
         raise KVBoundError(f"Sinks {sinks}: the new run's windows are not the published ones "
                            "(full-cache NLL differs); use the published --seq-len, --windows, "
                            "--per-domain and text.")
