@@ -176,8 +176,29 @@ def test_init_gates_starts_from_trained_gates_and_adds_positions(tmp_path):
     saved = RetentionGates.load(tmp_path / "b" / "run", model)
     assert saved.metadata.training["init_gates"]["steps"] == 2
     with pytest.raises(KVBoundError, match="--intermediate-size 8"):
-        Trainer(_cfg(tmp_path / "c", intermediate_size=16, init_gates=str(tmp_path / "a" / "run")),
+        Trainer(_cfg(tmp_path / "c", intermediate_size=4, init_gates=str(tmp_path / "a" / "run")),
                 model, ByteTokenizer(), progress=False)._setup()
+
+
+def test_init_gates_widens_function_preservingly_and_the_new_units_train(tmp_path):
+    """--init-gates with a larger --intermediate-size: step 0 computes exactly what the source
+    does (source units copied, extra units silent), the extra units then learn, and the
+    provenance says the gates were widened."""
+    model = tiny_model("llama", seed=0)
+    source, _ = _train(_cfg(tmp_path / "a", steps=2), model=model)
+    trainer = Trainer(_cfg(tmp_path / "w", steps=3, intermediate_size=24, gate_positions=True,
+                           init_gates=str(tmp_path / "a" / "run")),
+                      model, ByteTokenizer(), progress=False)
+    trainer._setup()
+    x = torch.randn(2, 12, model.config.hidden_size, generator=gen(59))
+    positions = torch.arange(12)[None].expand(2, 12)
+    with torch.no_grad():
+        assert torch.allclose(trainer.gates(0, x, positions), source(0, x), atol=1e-6)
+    assert trainer.gates[0].linear2.weight[:, 8:].abs().max() == 0
+    wide = trainer.run()
+    assert wide.config.intermediate_size == 24
+    assert wide[0].linear2.weight[:, 8:].abs().max() > 0  # the extra units took part
+    assert wide.metadata.training["init_gates"]["widened_from"] == 8
 
 
 def test_evict_aware_student_sees_top_m_eviction(tmp_path):

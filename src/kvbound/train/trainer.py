@@ -219,26 +219,42 @@ def _bf16_ok(device: torch.device) -> bool:
 def warm_start(gates: RetentionGates, source: str, model) -> dict:
     """Copy the weights of trained gates ``source`` into the fresh ``gates`` (fine-tuning).
 
-    Both sets must gate the same layers with the same width; a position input that ``gates`` has
-    and ``source`` lacks keeps its zero init (the warm start then computes exactly what the source
-    does). Returns the provenance recorded in the new gates' metadata."""
+    Both sets must gate the same layers. A position input that ``gates`` has and ``source`` lacks
+    keeps its zero init; a wider ``gates`` (larger intermediate size) is widened function-
+    preservingly (Net2Net, Chen et al. 2016): the source's hidden units are copied into the first
+    ones, the extra units keep their random input weights and get zero output weights. Either way
+    step 0 computes exactly what the source does. Returns the provenance recorded in the new
+    gates' metadata."""
     src = RetentionGates.load(source, model)
     mine, theirs = gates.config, src.config
-    if (mine.gated_layers, mine.intermediate_size) != (theirs.gated_layers, theirs.intermediate_size):
+    if mine.gated_layers != theirs.gated_layers or mine.intermediate_size < theirs.intermediate_size:
         raise KVBoundError(
             f"--init-gates {source}: those gates have width {theirs.intermediate_size} on layers "
             f"{theirs.gated_layers}, this run {mine.intermediate_size} on {mine.gated_layers}. "
-            f"Pass --intermediate-size {theirs.intermediate_size} to fine-tune them.")
+            f"Pass --intermediate-size {theirs.intermediate_size} (or wider) to fine-tune them.")
     if theirs.position_input and not mine.position_input:
         raise KVBoundError(f"--init-gates {source}: those gates read token positions; add "
                            "--gate-positions to fine-tune them.")
-    missing, unexpected = gates.load_state_dict(src.state_dict(), strict=False)
-    if unexpected or not all(".position." in k for k in missing):
+    own = gates.state_dict()
+    unexpected = [k for k in src.state_dict() if k not in own]
+    if unexpected:
         raise KVBoundError(f"--init-gates {source}: weights do not match this gate layout "
-                           f"(missing {missing}, unexpected {unexpected}).")
+                           f"(unexpected {unexpected}).")
+    width = theirs.intermediate_size
+    with torch.no_grad():
+        for name, value in src.state_dict().items():
+            target = own[name]
+            if name.endswith("linear2.weight"):  # (H_kv, I): extra units add nothing
+                target.zero_()
+                target[:, :width] = value
+            elif name.endswith(("linear1.weight", "linear1.bias", "position.weight")):
+                target[:width] = value  # (I, ...): extra units keep their init
+            else:
+                target.copy_(value)
     return {"source": str(source), "ref": src.ref(),
             "steps": src.metadata.training.get("steps_done"),
-            "command": src.metadata.training.get("command")}
+            "command": src.metadata.training.get("command"),
+            **({"widened_from": width} if mine.intermediate_size > width else {})}
 
 
 def gate_summary(gates: RetentionGates, log_betas: list[torch.Tensor]) -> dict:
