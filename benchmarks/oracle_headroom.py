@@ -5,7 +5,8 @@ full model's later queries attend to least: the attention-rank objective's targe
 It runs under the fidelity sweep's rules (same windows, buffer, decode protocol, both sink
 regimes), and its KL is set beside TRIM-KV's and the best baseline's from the committed sweep
 (``docs/data/fidelity_sweep.json``), window by window. Two horizons: all later queries, and the
-next 256 (the training objective's). Issue 17's goal 2 asks TRIM-KV at M to match the best
+next 256 (the training objective's). ``--variants fit-256,...`` adds the fitted-retention oracle:
+TRIM-KV's score with per-token log beta fitted to the future, the ceiling of any gate. Issue 17's goal 2 asks TRIM-KV at M to match the best
 baseline at 2M; the table shows how close even perfect knowledge of future attention gets, and
 what share of the gap between the best baseline and the oracle TRIM-KV has closed.
 
@@ -30,7 +31,21 @@ from _results import command, machine, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "docs" / "data" / "fidelity_sweep.json"
-HORIZONS = {"oracle": None, "oracle-256": 256}
+#: the oracles a run can score (``--variants``): label -> overrides of the oracle entry
+#: (:data:`kvbound.eval.fidelity.ORACLE_SETTINGS`). The
+#: ``fit-*`` variants are TRIM-KV's score with per-token log beta fitted to the future attention
+#: of the next 256 queries (:func:`kvbound.eval.oracle.fit_retention`): the ceiling of any gate
+VARIANTS = {
+    "oracle": {"horizon": None},
+    "oracle-256": {"horizon": 256},
+    "fit-256": {"horizon": 256, "fit": "trimkv"},
+    "fit-256+offset": {"horizon": 256, "fit": "trimkv+offset"},
+}
+DEFAULT_VARIANTS = "oracle,oracle-256"
+FIT_NOTE = (" `fit-256` is TRIM-KV's own score, `(t - i) log beta_i`, with each token's log beta "
+            "fitted (300 Adam steps of the attention-rank objective, per KV head) to the next "
+            "256 queries' attention: the best any retention gate of this form could do. "
+            "`+offset` fits `a_i + (t - i) log beta_i`, a per-token offset beside the decay.")
 
 
 def sweep_windows(model, tok, sweep: dict):
@@ -58,7 +73,7 @@ def run(args, sweep: dict) -> dict:
     windows = sweep_windows(model, tok, sweep)
     out = {"regimes": {}, "budgets": args.budgets, "buffer": sweep["buffer"]}
     for sinks in args.regimes:
-        methods = [(label, ORACLE, {"horizon": h}) for label, h in HORIZONS.items()]
+        methods = [(label, ORACLE, VARIANTS[label]) for label in args.variants]
         res = run_fidelity(model, tok, windows, methods=methods, budgets=args.budgets,
                            buffer=sweep["buffer"], sinks=sinks, batch_size=args.batch_size)
         out["regimes"][str(sinks)] = res["results"]
@@ -123,7 +138,8 @@ def render(res: dict) -> str:
         "and sinks as the fidelity sweep above; TRIM-KV and the baselines are the sweep's "
         "(`docs/data/fidelity_sweep.json`), the best baseline taken among those scored on every "
         "window. Horizon: `oracle` sums the attention of all later queries, `oracle-256` of the "
-        "next 256. 'Closed' = (best baseline - TRIM-KV) / (best baseline - oracle) at the same M.",
+        "next 256. 'Closed' = (best baseline - TRIM-KV) / (best baseline - oracle) at the same M."
+        + (FIT_NOTE if any(r["oracle"].startswith("fit") for r in rows) else ""),
         "",
         "| sinks | oracle | M | oracle KL [95% CI] | TRIM-KV | best baseline at M | closed | "
         "best baseline at 2M | oracle - it [95% CI] | oracle wins | TRIM-KV - oracle [95% CI] |",
@@ -165,6 +181,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--budgets", default="32,64,128")
     ap.add_argument("--regimes", default="0,4")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help=f"comma-separated oracles to score, of {', '.join(VARIANTS)}")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", type=Path, default=None,
                     help="the run's JSON (default: docs/data/oracle_headroom.json with "
@@ -175,6 +193,10 @@ def main() -> None:
     args = ap.parse_args()
     args.budgets = [int(b) for b in args.budgets.split(",")]
     args.regimes = [int(s) for s in args.regimes.split(",")]
+    args.variants = args.variants.split(",")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"Unknown --variants {', '.join(unknown)}; choose among {', '.join(VARIANTS)}.")
     if args.json is None:
         args.json = ROOT / ("docs/data" if args.write_results else "runs") / "oracle_headroom.json"
     sweep = json.loads(SWEEP.read_text())
@@ -183,7 +205,10 @@ def main() -> None:
         commands = []
         for f in args.merge:
             part = json.loads(f.read_text())
-            res["regimes"].update(part["regimes"])
+            for sinks, rows in part["regimes"].items():  # later runs' rows replace earlier ones
+                have = res["regimes"].setdefault(sinks, [])
+                new = {(r["label"], r["budget"]) for r in rows}
+                have[:] = [r for r in have if (r["label"], r["budget"]) not in new] + rows
             res["seconds"] += part["seconds"]
             res["buffer"], res["budgets"] = part["buffer"], part["budgets"]
             commands.append(part["command"])

@@ -143,6 +143,10 @@ def train(
     bias_init: float = typer.Option(8.0, help="Initial gate bias (beta ~ sigmoid(b))."),
     gate_positions: bool = typer.Option(False, "--gate-positions",
                                         help="Gates also see how early a token is."),
+    gate_log_alpha: bool = typer.Option(False, "--gate-log-alpha",
+                                        help="Gates also give each token an initial importance "
+                                        "(score log alpha + age x log beta); needs "
+                                        "--objective attention-rank."),
     position_lr_scale: float = typer.Option(1.0, min=0.0, help="With --gate-positions: learning-"
                                             "rate multiplier of the position input."),
     train_position_only: bool = typer.Option(False, "--train-position-only",
@@ -197,7 +201,8 @@ def train(
         model=model, out=str(out), memory_size=memory_size, seq_len=seq_len, steps=steps,
         data=data, seed=seed, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, intermediate_size=intermediate_size,
-        bias_init=bias_init, gate_positions=gate_positions, position_lr_scale=position_lr_scale,
+        bias_init=bias_init, gate_positions=gate_positions, gate_log_alpha=gate_log_alpha,
+        position_lr_scale=position_lr_scale,
         train_position_only=train_position_only, freeze_positions=freeze_positions,
         init_gates=init_gates,
         lambda_cap=lambda_cap,

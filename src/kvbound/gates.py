@@ -36,6 +36,10 @@ LEGACY_FORMATS = ("trimkv-gates",)
 FORMAT_VERSION = 1
 
 
+#: per-token outputs a gate may give the cache (per KV head): log retention, and with
+#: ``log_alpha`` gates the log initial importance (:class:`RetentionGate`)
+GATE_OUTPUTS = ("log_beta", "log_alpha")
+
 #: scales s of the gate's optional position features 1 / (1 + p / s): large for the first tokens
 #: of a sequence, ~0 far from its start, so they tell a gate "this token is early" without
 #: letting it extrapolate a trend past the lengths it was trained on
@@ -66,6 +70,16 @@ class RetentionGate(nn.Module):
         (a kvbound extension, not in the paper: the layer-0 gate otherwise sees only the token
         embedding and cannot tell the first token, the attention sink, from any other).
         Zero-initialised, so a fresh gate computes exactly what it would without it.
+    log_alpha:
+        Also output a log initial importance ``log alpha_i`` per KV head (a kvbound extension,
+        not in the paper): a token's importance at step ``t`` becomes ``alpha_i beta_i^(t - i)``
+        instead of ``beta_i^(t - i)``, i.e. the cache scores ``log alpha_i + (t - i) log beta_i``.
+        With the paper's form every token starts equally important and only its decay rate
+        differs, so a token that matters briefly but much and one that matters little but long
+        cannot both be ranked right; fitted to the future attention, the two-number form ranks
+        almost exactly as the future does (``benchmarks/oracle_headroom.py --variants
+        fit-256,fit-256+offset``). A linear read-out of the gate's hidden layer,
+        zero-initialised (log alpha = 0: exactly the paper's score).
     """
 
     def __init__(
@@ -76,6 +90,7 @@ class RetentionGate(nn.Module):
         bias_init: float = 8.0,
         init_std: float = 0.02,
         position_input: bool = False,
+        log_alpha: bool = False,
     ) -> None:
         super().__init__()
         self.linear1 = nn.Linear(hidden_size, intermediate_size, bias=True)
@@ -88,31 +103,49 @@ class RetentionGate(nn.Module):
         if position_input:
             self.position = nn.Linear(len(POSITION_SCALES), intermediate_size, bias=False)
             nn.init.zeros_(self.position.weight)
+        self.alpha = None
+        if log_alpha:
+            self.alpha = nn.Linear(intermediate_size, num_kv_heads, bias=True)
+            nn.init.zeros_(self.alpha.weight)
+            nn.init.zeros_(self.alpha.bias)
 
     @property
     def uses_positions(self) -> bool:
         return self.position is not None
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The per-token values this gate gives the cache (names of :data:`GATE_OUTPUTS`)."""
+        return GATE_OUTPUTS if self.alpha is not None else GATE_OUTPUTS[:1]
+
     def forward(self, hidden_states: torch.Tensor,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """Return log beta, shape (B, H_kv, S), float32, computed with autocast off.
         ``positions`` (B, S) are needed when the gate has a position input."""
+        return self.retention(hidden_states, positions)["log_beta"]
+
+    def retention(self, hidden_states: torch.Tensor,
+                  positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every output of :attr:`outputs` by name, each (B, H_kv, S) float32."""
         if self.position is not None and positions is None:
             raise KVBoundError("This retention gate reads token positions: pass positions "
                                "(B, S) with the hidden states.")
         if torch.is_autocast_enabled(hidden_states.device.type):
             with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-                return self._log_beta(hidden_states, positions)
-        return self._log_beta(hidden_states, positions)
+                return self._retention(hidden_states, positions)
+        return self._retention(hidden_states, positions)
 
-    def _log_beta(self, hidden_states: torch.Tensor,
-                  positions: torch.Tensor | None) -> torch.Tensor:
+    def _retention(self, hidden_states: torch.Tensor,
+                   positions: torch.Tensor | None) -> dict[str, torch.Tensor]:
         x = hidden_states.to(self.linear1.weight.dtype)
         h = self.linear1(x)
         if self.position is not None:
             h = h + self.position(position_features(positions).to(h.dtype))
-        logits = F.linear(F.silu(h), self.linear2.weight, self.bias)
-        return F.logsigmoid(logits).transpose(1, 2)
+        h = F.silu(h)
+        out = {"log_beta": F.logsigmoid(F.linear(h, self.linear2.weight, self.bias)).transpose(1, 2)}
+        if self.alpha is not None:
+            out["log_alpha"] = self.alpha(h).transpose(1, 2)
+        return out
 
 
 @dataclass
@@ -129,6 +162,7 @@ class GateConfig:
     init_std: float = 0.02
     base_model: str | None = None
     position_input: bool = False
+    log_alpha: bool = False
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -162,6 +196,7 @@ class RetentionGates(nn.Module):
                     config.bias_init,
                     config.init_std,
                     config.position_input,
+                    config.log_alpha,
                 )
                 for i in config.gated_layers
             }
@@ -178,9 +213,10 @@ class RetentionGates(nn.Module):
         init_std: float = 0.02,
         seed: int | None = 0,
         position_input: bool = False,
+        log_alpha: bool = False,
     ) -> RetentionGates:
         """Fresh (untrained) gates shaped for ``model``; deterministic for a given ``seed``
-        (``position_input``: see :class:`RetentionGate`)."""
+        (``position_input``, ``log_alpha``: see :class:`RetentionGate`)."""
         fp = model_fingerprint(model)
         config = GateConfig(
             model_type=fp["model_type"],
@@ -194,6 +230,7 @@ class RetentionGates(nn.Module):
             base_model=getattr(model, "kvbound_model_name", None)
             or getattr(model.config, "_name_or_path", None),
             position_input=position_input,
+            log_alpha=log_alpha,
         )
         if seed is None:
             return cls(config)
@@ -211,9 +248,19 @@ class RetentionGates(nn.Module):
     def uses_positions(self) -> bool:
         return self.config.position_input
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The per-token values these gates give the cache (:attr:`RetentionGate.outputs`)."""
+        return GATE_OUTPUTS if self.config.log_alpha else GATE_OUTPUTS[:1]
+
     def forward(self, layer_idx: int, hidden_states: torch.Tensor,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.gates[str(layer_idx)](hidden_states, positions)
+
+    def retention(self, layer_idx: int, hidden_states: torch.Tensor,
+                  positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every output of layer ``layer_idx``'s gate by name (:meth:`RetentionGate.retention`)."""
+        return self.gates[str(layer_idx)].retention(hidden_states, positions)
 
     # ------------------------------------------------------------------ model wiring
     def check_compatible(self, model: nn.Module) -> None:

@@ -252,21 +252,25 @@ def test_gate_staging_runs_the_gate_once_per_full_buffer():
     staging = GateStaging(buffer=3)
     calls = []
 
-    def gate(hidden):  # (B, p, D) -> (B, 1, p): each token's sum
-        calls.append(tuple(hidden.shape))
-        return hidden.float().sum(-1)[:, None]
+    class SumGate:  # (B, p, D) -> log beta (B, 1, p): each token's sum
+        outputs = ("log_beta",)
 
-    staging.gate = gate
+        def retention(self, hidden, positions=None):
+            calls.append(tuple(hidden.shape))
+            return {"log_beta": hidden.float().sum(-1)[:, None]}
+
+    staging.gate = SumGate()
     flushed = []
 
     def flush():
-        flushed.append(staging.run())
+        out = staging.run()
+        flushed.append(None if out is None else out["log_beta"])
 
     token = lambda b, v, dtype=torch.float32: torch.full((b, 1, 4), float(v), dtype=dtype)  # noqa: E731
     for v in (1, 2):
         staging.stage(token(2, v), flush)
     assert calls == [] and staging.pending == 2
-    assert staging.run().tolist() == [[[4.0, 8.0]]] * 2 and calls == [(2, 2, 4)]
+    assert staging.run()["log_beta"].tolist() == [[[4.0, 8.0]]] * 2 and calls == [(2, 2, 4)]
     for v in (1, 2, 3, 4):  # the fourth finds the buffer full: one run of three rows
         staging.stage(token(2, v), flush)
     assert calls[1:] == [(2, 3, 4)] and flushed[-1].tolist() == [[[4.0, 8.0, 12.0]]] * 2
@@ -274,7 +278,7 @@ def test_gate_staging_runs_the_gate_once_per_full_buffer():
     assert calls[2:] == [(2, 1, 4)] and staging.inputs.shape == (3, 3, 4)
     staging.stage(token(3, 6, torch.bfloat16), flush)  # new dtype: the same
     assert calls[3:] == [(3, 1, 4)] and staging.inputs.dtype == torch.bfloat16
-    assert staging.run().tolist() == [[[24.0]]] * 3 and staging.run() is None
+    assert staging.run()["log_beta"].tolist() == [[[24.0]]] * 3 and staging.run() is None
 
 
 @pytest.mark.parametrize("scope", ["head", "global"])

@@ -529,9 +529,13 @@ def test_trimkv_score_is_the_papers_log_retention():
 
     pos = torch.tensor([[[0, 3, 5, 9], [1, 2, 6, 8]]])  # (B=1, H=2, n=4)
     log_beta = -torch.tensor([[[0.5, 0.01, 0.2, 1.0], [0.05, 0.3, 0.02, 0.4]]])
-    layer = SimpleNamespace(positions=pos, log_beta=log_beta, row_seen=torch.tensor([10]))
+    layer = SimpleNamespace(positions=pos, log_beta=log_beta, row_seen=torch.tensor([10]),
+                            log_alpha=None)
     expected = (10 - pos).float() * log_beta
     assert torch.allclose(RetentionPolicy().score(layer), expected)
+    # gates with an initial importance: log alpha_i + (t - i) log beta_i
+    layer.log_alpha = torch.tensor([[[0.0, -3.0, 1.0, 0.5], [2.0, 0.0, -1.0, 0.0]]])
+    assert torch.allclose(RetentionPolicy().score(layer), expected + layer.log_alpha)
 
 
 def test_trimkv_lookahead_scores_retention_over_the_next_n_queries():
@@ -545,7 +549,8 @@ def test_trimkv_lookahead_scores_retention_over_the_next_n_queries():
 
     pos = torch.tensor([[[0, 3, 5, 9]]])
     log_beta = -torch.tensor([[[0.001, 0.3, 0.2, 1.0]]])
-    layer = SimpleNamespace(positions=pos, log_beta=log_beta, row_seen=torch.tensor([10]))
+    layer = SimpleNamespace(positions=pos, log_beta=log_beta, row_seen=torch.tensor([10]),
+                            log_alpha=None)
     age = (10 - pos).double()
     for n in (1, 2, 4, 32):
         direct = torch.log(sum(torch.exp((age + k) * log_beta.double()) for k in range(n)))
@@ -557,7 +562,7 @@ def test_trimkv_lookahead_scores_retention_over_the_next_n_queries():
     assert torch.allclose(bonus, torch.tensor([math.log(8), math.log(8), 0.0]), atol=1e-5)
     # same score now (age 1 at log beta -1.0 vs age 10 at -0.1), the slow one wins with lookahead
     two = SimpleNamespace(positions=torch.tensor([[[0, 9]]]), row_seen=torch.tensor([10]),
-                          log_beta=torch.tensor([[[-0.1, -1.0]]]))
+                          log_beta=torch.tensor([[[-0.1, -1.0]]]), log_alpha=None)
     plain, ahead = RetentionPolicy().score(two)[0, 0], RetentionPolicy(lookahead=16).score(two)[0, 0]
     assert torch.isclose(plain[0], plain[1]) and ahead[0] > ahead[1] + 1.0
     for bad in (0, -1, 2.5, True):

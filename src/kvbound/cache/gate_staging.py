@@ -4,7 +4,7 @@ A decode step appends one token per layer. Running the layer's retention gate (T
 2512.03324) on that single token costs its dispatch overhead, not its FLOPs, so the layer only
 copies the token's hidden state into a ``(B, rows, hidden)`` buffer; the gate runs once over all
 staged tokens when log beta is next read (at the next eviction, every ``buffer`` steps). The
-result is the same log beta as per-token gate calls (tested).
+result is the same log beta (and log alpha) as per-token gate calls (tested).
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ class GateStaging:
         """Traceable variant for static decode steps: the row is a (1,) tensor index."""
         self.inputs.index_copy_(1, row, hidden.detach().to(self.inputs.dtype))
 
-    def run(self, positions: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Log beta (B, H_kv, p) of the ``p`` staged tokens, or ``None`` if none is staged;
-        ``positions`` (B, p) are theirs, read by gates with a position input."""
+    def run(self, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
+        """The gate's outputs (:meth:`apply`) for the ``p`` staged tokens, or ``None`` if none
+        is staged; ``positions`` (B, p) are theirs, read by gates with a position input."""
         p = self.pending
         if not p:
             return None
@@ -55,9 +55,17 @@ class GateStaging:
         with torch.no_grad():
             return self.apply(self.inputs[:, :p], positions)
 
-    def apply(self, hidden: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """Log beta (B, H_kv, q) of ``hidden`` (B, q, hidden); ``positions`` (B, q) go to gates
-        with a position input only."""
-        if getattr(self.gate, "uses_positions", False):
-            return self.gate(hidden, positions)
-        return self.gate(hidden)
+    def apply(self, hidden: torch.Tensor, positions: torch.Tensor | None
+              ) -> dict[str, torch.Tensor]:
+        """Log beta (and log alpha, for gates that give it) by name, each (B, H_kv, q), of
+        ``hidden`` (B, q, hidden); ``positions`` (B, q) go to gates with a position input only."""
+        return self.gate.retention(hidden, positions if self.uses_positions else None)
+
+    @property
+    def uses_positions(self) -> bool:
+        return getattr(self.gate, "uses_positions", False)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Names of the per-token states the gate fills (``log_beta`` [, ``log_alpha``])."""
+        return self.gate.outputs

@@ -22,6 +22,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvbound.cache.gate_staging import GateStaging
 from kvbound.errors import KVBoundError
+from kvbound.gates import GATE_OUTPUTS
 from kvbound.policies import Policy
 
 #: relative tolerance under which two eviction scores count as tied (see :func:`keep_order`)
@@ -201,6 +202,14 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         self.flush_gates()
         return self._state["log_beta"][:, :, : self.n]
 
+    @property
+    def log_alpha(self) -> torch.Tensor | None:
+        """(B, H, n) log initial importance from gates that give one, else ``None``."""
+        if "log_alpha" not in self._state:
+            return None
+        self.flush_gates()
+        return self._state["log_alpha"][:, :, : self.n]
+
     def state(self, name: str) -> torch.Tensor:
         return self._state[name][:, :, : self.n]
 
@@ -258,9 +267,10 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         self.evict_if_full(q)
         if gate is not None:
             self.gates.gate = gate
-            self._state.setdefault("log_beta", None)
-            if self.is_initialized and self._state["log_beta"] is None:
-                self._state["log_beta"] = torch.zeros_like(self._pos, dtype=torch.float32)
+            for name in self.gates.outputs:
+                self._state.setdefault(name, None)
+                if self.is_initialized and self._state[name] is None:
+                    self._state[name] = torch.zeros_like(self._pos, dtype=torch.float32)
         self._pending = {"valid": new_valid, "pos": new_pos, "count": new_count,
                          "all_valid": all_valid, "hidden": hidden if gate is not None else None,
                          "queries": queries}
@@ -292,7 +302,7 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         if pending["hidden"] is not None:
             self._gate_log_beta(pending["hidden"])
         for name, tensor in self._state.items():
-            if name != "log_beta":
+            if name not in GATE_OUTPUTS:
                 tensor[:, :, self.n : end] = 0.0
         self._advance(q, pending["count"], pending["all_valid"])
         self.policy.on_update(self, pending["queries"])
@@ -314,19 +324,23 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         self.seen_sum += self.seen
 
     def _gate_log_beta(self, hidden: torch.Tensor) -> None:
-        """Log beta for the tokens being appended at slots ``n : n + q``: a decode token is
-        staged (:class:`GateStaging`), a prompt chunk goes through the gate at once."""
+        """Log beta (and log alpha) for the tokens being appended at slots ``n : n + q``: a
+        decode token is staged (:class:`GateStaging`), a prompt chunk goes through the gate at
+        once."""
         if hidden.shape[1] == 1 and self.buffer > 0:
             self.gates.stage(hidden, self.flush_gates)
             return
         self.flush_gates()
         q = hidden.shape[1]
-        log_beta = self.gates.apply(hidden, self._pos[:, 0, self.n : self.n + q])
-        self._store_chunk_log_beta(log_beta.detach())
+        with torch.no_grad():
+            outputs = self.gates.apply(hidden, self._pos[:, 0, self.n : self.n + q])
+        for name, value in outputs.items():
+            self._store_chunk_log_beta(value, name)
 
-    def _store_chunk_log_beta(self, log_beta: torch.Tensor) -> None:
-        """Log beta (B, H, q) of the chunk being appended at slot ``n``."""
-        self._state["log_beta"][:, :, self.n : self.n + log_beta.shape[-1]] = log_beta
+    def _store_chunk_log_beta(self, log_beta: torch.Tensor, name: str = "log_beta") -> None:
+        """Log beta (or another gate output ``name``) (B, H, q) of the chunk being appended at
+        slot ``n``."""
+        self._state[name][:, :, self.n : self.n + log_beta.shape[-1]] = log_beta
 
     def flush_gates(self) -> None:
         """Run the gate over the staged decode tokens and store their log beta."""
@@ -341,7 +355,8 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
     def _store_staged_log_beta(self, p: int) -> None:
         """The gate over the ``p`` staged tokens: the trailing ``p`` slots."""
         n = self.n
-        self._state["log_beta"][:, :, n - p : n] = self.gates.run(self._pos[:, 0, n - p : n])
+        for name, value in self.gates.run(self._pos[:, 0, n - p : n]).items():
+            self._state[name][:, :, n - p : n] = value
 
     # ---------------------------------------------------------------- eviction
     def evict(self, keep: int) -> None:

@@ -31,6 +31,7 @@ import torch
 
 from kvbound.cache.layer import EvictionLayer
 from kvbound.errors import KVBoundError
+from kvbound.gates import GATE_OUTPUTS
 
 #: the per-slot state that names each slot's KV head
 HEAD_STATE = "kv_head"
@@ -218,8 +219,8 @@ class PooledEvictionLayer(EvictionLayer):
         self.values.narrow(2, n, new).copy_(value_states.reshape(b, 1, new, -1))
         pos = pending["pos"]  # (B, q)
         self._pos.narrow(2, n, new).copy_(pos[:, None, :].expand(b, h, q).reshape(b, 1, new))
-        for name, tensor in self._state.items():  # log beta is written below or when staged
-            if name not in (HEAD_STATE, "log_beta"):
+        for name, tensor in self._state.items():  # gate outputs: written below or when staged
+            if name != HEAD_STATE and name not in GATE_OUTPUTS:
                 tensor[:, :, n:end] = 0.0
         self._state[HEAD_STATE][:, 0, n:end] = self._slot_heads(q)
         if pending["hidden"] is not None:
@@ -250,9 +251,10 @@ class PooledEvictionLayer(EvictionLayer):
             self._decode_heads = torch.arange(self.kv_heads, device=self.device).float()
         return self._decode_heads
 
-    def _store_chunk_log_beta(self, log_beta: torch.Tensor) -> None:
-        """Log beta (B, H, q) of a chunk appended at slot ``n``: H x q slots, head-major."""
-        self._state["log_beta"][:, 0, self.n : self.n + log_beta[0].numel()] = log_beta.flatten(1)
+    def _store_chunk_log_beta(self, log_beta: torch.Tensor, name: str = "log_beta") -> None:
+        """Log beta (or another gate output ``name``) (B, H, q) of a chunk appended at slot
+        ``n``: H x q slots, head-major."""
+        self._state[name][:, 0, self.n : self.n + log_beta[0].numel()] = log_beta.flatten(1)
 
     def _store_staged_log_beta(self, p: int) -> None:
         """The gate over the ``p`` staged decode tokens: the trailing H x p slots, one step's H
@@ -260,8 +262,8 @@ class PooledEvictionLayer(EvictionLayer):
         h, n = self.kv_heads, self.n
         b = self._pos.shape[0]
         pos = self._pos[:, 0, n - h * p : n].view(b, p, h)[:, :, 0]  # (B, p): a step's heads
-        log_beta = self.gates.run(pos)  # (B, H, p)
-        self._state["log_beta"][:, 0, n - h * p : n] = log_beta.transpose(1, 2).flatten(1)
+        for name, value in self.gates.run(pos).items():  # each (B, H, p)
+            self._state[name][:, 0, n - h * p : n] = value.transpose(1, 2).flatten(1)
 
     # ---------------------------------------------------------------- eviction
     def evict_if_full(self, q: int) -> None:

@@ -38,6 +38,8 @@ TOKENS_PER_BATCH = 16384
 #: the future-attention oracle (:mod:`kvbound.policies.oracle`): a method of fidelity runs only,
 #: since it reads the text's future (its ``horizon`` override sets the tables' horizon)
 ORACLE = "oracle"
+#: overrides an oracle entry may set (:func:`kvbound.eval.oracle.oracle_policy`)
+ORACLE_SETTINGS = ("horizon", "fit", "fit_steps")
 
 
 @dataclass
@@ -172,7 +174,8 @@ def run_fidelity(
     ``methods`` entries may be plain method names or ``(label, method, overrides)`` tuples, where
     ``overrides`` may set ``gates``, ``sinks``, ``max_windows`` (score only the first N windows,
     for weaker baselines in long sweeps) and policy settings (e.g. ``window``) for that entry.
-    The method :data:`ORACLE` is the future-attention oracle, built from each group's ids.
+    The method :data:`ORACLE` is the future-attention oracle, built from each group's ids (its
+    overrides :data:`ORACLE_SETTINGS`: ``fit`` makes it the fitted-retention oracle).
     Every row records the cache's :meth:`~kvbound.cache.EvictionCache.settings` and its
     per-window values, in window order (so two rows pair window by window). ``reference`` (a
     dict) keeps the full-cache log-probs of each group between calls on the same windows.
@@ -232,12 +235,13 @@ def run_fidelity(
                         ours, peak = full[:, start:], ids.shape[1]
                         info = {"sinks": None, "gates": None, "settings": None}
                     elif method == ORACLE:
-                        okey = (memo, sub_ids.shape[0], over.get("horizon"))
+                        oracle_kw = {k: over[k] for k in ORACLE_SETTINGS if k in over}
+                        okey = (memo, sub_ids.shape[0], tuple(sorted(oracle_kw.items())))
                         if okey not in oracles:
                             if any(k[0] != memo for k in oracles):
-                                oracles.clear()  # one group at a time (every horizon kept)
+                                oracles.clear()  # one group at a time (every variant kept)
                             oracles[okey] = oracle_policy(model, sub_ids, stride=max(buffer, 1),
-                                                          horizon=over.get("horizon"))
+                                                          **oracle_kw)
                         cache = EvictionCache(model, oracles[okey], budget=budget, buffer=buffer,
                                               sinks=over.get("sinks", sinks))
                         ours = bounded_logprobs(model, sub_ids, cache, protocol=protocol,

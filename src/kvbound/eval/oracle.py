@@ -14,7 +14,10 @@ import torch
 
 from kvbound.architectures import attention_modules, evicted_layers
 from kvbound.errors import KVBoundError, check_int
-from kvbound.policies.oracle import FutureAttentionOracle
+from kvbound.policies.oracle import FittedRetentionOracle, FutureAttentionOracle
+
+#: what :func:`fit_retention` fits: the TRIM-KV form ``(t - i) log beta_i``, or with an offset
+FITS = ("trimkv", "trimkv+offset")
 
 CAPTURE_NAME = "kvbound_capture"
 _SINK_ATTR = "_kvbound_capture"
@@ -85,9 +88,61 @@ def future_attention_tables(model, ids: torch.Tensor, *, stride: int = 16,
     return tables
 
 
-def oracle_policy(model, ids: torch.Tensor, *, stride: int = 16,
-                  horizon: int | None = None) -> FutureAttentionOracle:
-    """The oracle policy for a cache that will be fed exactly ``ids``."""
-    return FutureAttentionOracle(tables=future_attention_tables(model, ids, stride=stride,
-                                                                horizon=horizon),
-                                 stride=stride, horizon=horizon)
+def oracle_policy(model, ids: torch.Tensor, *, stride: int = 16, horizon: int | None = None,
+                  fit: str | None = None, fit_steps: int = 300
+                  ) -> FutureAttentionOracle | FittedRetentionOracle:
+    """The oracle policy for a cache that will be fed exactly ``ids``: the future-attention
+    oracle, or (``fit`` one of :data:`FITS`) the best per-token retention fitted to its tables."""
+    tables = future_attention_tables(model, ids, stride=stride, horizon=horizon)
+    if fit is None:
+        return FutureAttentionOracle(tables=tables, stride=stride, horizon=horizon)
+    log_beta, offset, kl = fit_retention(tables, stride, form=fit, steps=fit_steps)
+    return FittedRetentionOracle(log_beta=log_beta, offset=offset,
+                                 fit={"form": fit, "horizon": horizon,
+                                      "stride": stride, "steps": fit_steps, "listwise_kl": kl})
+
+
+def fit_retention(tables: dict[int, torch.Tensor], stride: int, *, form: str = "trimkv",
+                  steps: int = 300, lr: float = 0.05
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], float]:
+    """Per-token ``log beta`` (and offsets) whose scores best fit the future-attention tables.
+
+    The attention-rank objective (:mod:`kvbound.train.rank_loss`) with free per-token numbers in
+    place of a gate: at every tabled decision time ``t = j * stride`` the keys ``i < t`` are
+    ranked by ``s_t(i) = [a_i +] (t - i) log beta_i`` and ListNet's cross-entropy to the tables'
+    distribution is minimised (Adam, ``steps`` steps), one list per KV head (a per-head cache).
+    Returns ``(log_beta, offset, listwise_kl)``, ``offset`` empty for ``form="trimkv"``.
+    """
+    if form not in FITS:
+        raise KVBoundError(f"form must be one of {', '.join(FITS)}, got {form!r}.")
+    check_int("stride", stride, minimum=1)
+    check_int("steps", steps, minimum=1)
+    layers = sorted(tables)
+    b, h, j, t = tables[layers[0]].shape
+    times = torch.arange(0, j * stride, stride).clamp(max=t).to(tables[layers[0]].device)
+    keys = torch.arange(t, device=times.device)
+    cand = keys < times[:, None]  # (J, T)
+    age = (times[:, None] - keys).clamp(min=0).float()
+    flow = torch.stack([tables[k].float() for k in layers]) * cand  # (L, B, H, J, T)
+    mass = flow.sum(-1, keepdim=True)
+    target = flow / mass.clamp_min(1e-30)
+    weight = (mass > 0).float()
+    entropy = -(target * torch.where(target > 0, target.log(), 0.0)).sum(-1, keepdim=True)
+    norm = weight.sum().clamp_min(1.0)
+    with torch.enable_grad():
+        z = torch.full((len(layers), b, h, 1, t), 4.0, requires_grad=True)  # beta ~ 0.98
+        a = torch.zeros((len(layers), b, h, 1, t), requires_grad=form != "trimkv")
+        opt = torch.optim.Adam([z, a] if a.requires_grad else [z], lr=lr)
+        for _ in range(steps):
+            scores = (a + age * torch.nn.functional.logsigmoid(z)).masked_fill(~cand, -torch.inf)
+            logz = scores.logsumexp(-1, keepdim=True)
+            ce = -(target * (scores - logz).masked_fill(~cand, 0.0)).sum(-1, keepdim=True)
+            loss = (ce * weight).sum() / norm
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    kl = float(((ce - entropy).detach() * weight).sum() / norm)
+    log_beta = torch.nn.functional.logsigmoid(z.detach())[:, :, :, 0]
+    offset = a.detach()[:, :, :, 0] if form != "trimkv" else None
+    return ({k: log_beta[n] for n, k in enumerate(layers)},
+            {k: offset[n] for n, k in enumerate(layers)} if offset is not None else {}, kl)

@@ -47,6 +47,9 @@ class LayerView(Protocol):
     @property
     def log_beta(self) -> torch.Tensor: ...  # (B, H, n) retention gates' log beta (TRIM-KV)
 
+    @property
+    def log_alpha(self) -> torch.Tensor | None: ...  # (B, H, n) gates' log importance, if any
+
     def state(self, name: str) -> torch.Tensor: ...  # (B, H, n) per-token float32 state
 
     def add_state(self, name: str) -> None: ...  # declare a state compacted with the keys

@@ -12,6 +12,12 @@ bounded cache's own attention drifts from the full model's.
 
 The tables come from :func:`kvbound.eval.oracle.future_attention_tables` for the very token ids
 the cache is fed (no padding); decision times between two tabled times use the next one.
+
+:class:`FittedRetentionOracle` asks a narrower question: how good can a score of TRIM-KV's form,
+``(t - i) log beta_i`` fixed when token ``i`` is created, be at best? Its per-token ``log beta``
+are fitted to the same future-attention tables (:func:`kvbound.eval.oracle.fit_retention`), so
+its KL is the ceiling of any retention gate, however large or well trained, under the same rules;
+``offset`` adds a second per-token number, ``a_i + (t - i) log beta_i``, the next richer form.
 """
 
 from __future__ import annotations
@@ -57,3 +63,36 @@ class FutureAttentionOracle(Policy):
 
     def describe(self) -> dict:
         return {"policy": self.name, "stride": self.stride, "horizon": self.horizon}
+
+
+@dataclass
+class FittedRetentionOracle(Policy):
+    """TRIM-KV's score with per-token ``log beta`` fitted to the future (evaluation only)."""
+
+    name: ClassVar[str] = "oracle-fit"
+    #: layer index -> (B, H_kv, T) fitted log beta of every position of the text
+    log_beta: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: layer index -> (B, H_kv, T) fitted offsets ``a_i`` (empty: the plain TRIM-KV form)
+    offset: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: what the fit was made for, recorded in results
+    fit: dict = field(default_factory=dict)
+
+    def score(self, layer) -> torch.Tensor:
+        lb = self.log_beta.get(layer.layer_idx)
+        if lb is None:
+            raise KVBoundError(f"The fitted oracle has no log beta for layer {layer.layer_idx}.")
+        pos = layer.positions
+        if pos.shape[:2] != lb.shape[:2] or int(layer.row_seen.max()) > lb.shape[-1]:
+            raise KVBoundError(f"The fitted oracle holds {tuple(lb.shape)} (rows, KV heads, "
+                               f"tokens); the cache has {tuple(pos.shape[:2])} and has seen "
+                               f"{int(layer.row_seen.max())} tokens: fit it on the ids this "
+                               "cache is fed.")
+        idx = pos.clamp(min=0)
+        age = (layer.row_seen.view(-1, 1, 1) - pos).float()
+        score = age * lb.gather(-1, idx)
+        if self.offset:
+            score = score + self.offset[layer.layer_idx].gather(-1, idx)
+        return score
+
+    def describe(self) -> dict:
+        return {"policy": self.name, **self.fit}

@@ -3,6 +3,8 @@
 Each token carries the log retention ``log beta_i`` its layer's gate predicted when it was
 created; at step t its importance is ``beta_i^(t - pos_i)``. Score = (t - pos_i) * log beta_i,
 where t is the position of the next token, so the token with the smallest decayed retention goes.
+Gates that also give a log initial importance (``log_alpha``, a kvbound extension,
+:class:`kvbound.gates.RetentionGate`) add it: the importance is ``alpha_i beta_i^(t - pos_i)``.
 
 ``lookahead=n`` (the official code's ``lookahead_steps``, DBTrimKV's "future utility") scores a
 token by its retention summed over the next n queries instead:
@@ -42,6 +44,9 @@ class RetentionPolicy(Policy):
         score = age * layer.log_beta
         if self.lookahead > 1:
             score = score + lookahead_bonus(layer.log_beta, self.lookahead)
+        log_alpha = layer.log_alpha
+        if log_alpha is not None:  # gates with an initial importance: alpha beta^age
+            score = score + log_alpha
         return score
 
 

@@ -29,7 +29,7 @@ def hand_off(module: nn.Module, mode: str, gates: nn.Module | None, hidden: torc
     attention; in ``"rank"`` mode the model attends as the teacher and the attention function
     scores the gate's ranking against it (``rank``: the keyword arguments of
     :func:`kvbound.train.rank_loss.attention_rank_loss`)."""
-    log_beta = None
+    log_beta = log_alpha = None
     layer_idx = module.layer_idx
     module.__dict__.pop(RANK_LOSS_ATTR, None)
     if mode in ("student", "rank") and gates is not None and layer_idx in gates:
@@ -37,13 +37,17 @@ def hand_off(module: nn.Module, mode: str, gates: nn.Module | None, hidden: torc
         if getattr(gates, "uses_positions", False):  # right-padded batches: 0..T-1 per row
             positions = torch.arange(hidden.shape[1], device=hidden.device).expand(
                 hidden.shape[0], -1)
-        log_beta = gates(layer_idx, hidden, positions)
+        outputs = gates.retention(layer_idx, hidden, positions)
+        log_beta, log_alpha = outputs["log_beta"], outputs.get("log_alpha")
         if train_sinks:
             log_beta = log_beta.clone()
             log_beta[..., :train_sinks] = 0.0
     if mode == "rank":
         module.__dict__[LOG_BETA_ATTR] = None  # the model attends as the frozen teacher
-        module.__dict__[RANK_ATTR] = (log_beta, dict(rank or {})) if log_beta is not None else None
+        settings = dict(rank or {})
+        if log_alpha is not None:  # gates with an initial importance: scored with log beta
+            settings["log_alpha"] = log_alpha
+        module.__dict__[RANK_ATTR] = (log_beta, settings) if log_beta is not None else None
         module.__dict__[EVICT_ATTR] = {}
         return
     module.__dict__[RANK_ATTR] = None

@@ -74,7 +74,8 @@ def future_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, kee
 def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.Tensor,
                         scaling: float | None = None, attention_mask: torch.Tensor | None = None,
                         *, horizon: int = 256, stride: int = 16, start: int = 16,
-                        query_step: int = 4, scope: str = "head") -> tuple[torch.Tensor, float]:
+                        query_step: int = 4, scope: str = "head",
+                        log_alpha: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """ListNet loss of the retention ranking against the model's future attention.
 
     Parameters
@@ -89,6 +90,8 @@ def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.
         ``W`` of the module docstring; decision times ``start, start + stride, ... < T``.
     query_step : int
         Sum the future attention over every ``query_step``-th query (:func:`future_attention`).
+    log_alpha : Tensor (B, Hkv, T), optional
+        Gates with an initial importance: the scores are ``log_alpha_i + (t - i) log beta_i``.
     scope : str
         ``"head"``: one list per KV head; ``"layer"``: one list of all the layer's heads' keys;
         ``"model"``: this layer's part of one list over every gated layer, returned as
@@ -109,7 +112,7 @@ def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.
                            f"{start}.")
     with torch.autocast(query.device.type, enabled=False):  # fp32 throughout, bf16 run or not
         return _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, start,
-                        query_step, scope)
+                        query_step, scope, log_alpha)
 
 
 def _one_list_per_layer(x: torch.Tensor) -> torch.Tensor:
@@ -130,16 +133,17 @@ class RankLists(NamedTuple):
 
 
 def _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, start, query_step,
-             scope="head"):
+             scope="head", log_alpha=None):
     lists = rank_lists(query, key, log_beta, scaling, attention_mask, horizon, stride, start,
-                       query_step, per_layer=scope != "head")
+                       query_step, per_layer=scope != "head", log_alpha=log_alpha)
     return lists if scope == "model" else listnet(lists)
 
 
 def rank_lists(query, key, log_beta, scaling, attention_mask, horizon, stride, start, query_step,
-               per_layer: bool) -> RankLists:
+               per_layer: bool, log_alpha: torch.Tensor | None = None) -> RankLists:
     """The lists of one layer: one per KV head and decision time, or (``per_layer``) the heads'
-    keys side by side in one list per decision time."""
+    keys side by side in one list per decision time. ``log_alpha`` (B, Hkv, T): the gates'
+    initial importance, added to every score."""
     b, _, t, _ = query.shape
     times = torch.arange(start, t, stride, device=query.device)
     keep = _keep_mask(attention_mask, b, t, query.device)
@@ -147,7 +151,10 @@ def rank_lists(query, key, log_beta, scaling, attention_mask, horizon, stride, s
     cand = keep[:, :, times, :] & (torch.arange(t, device=query.device) < times[:, None])
     real = keep.diagonal(dim1=-2, dim2=-1)[:, :, times]  # (B, 1, n_times)
     age = (times[:, None] - torch.arange(t, device=query.device)).clamp(min=0).float()
-    scores = (age * log_beta.float()[:, :, None, :]).masked_fill(~cand, float("-inf"))
+    scores = age * log_beta.float()[:, :, None, :]
+    if log_alpha is not None:
+        scores = scores + log_alpha.float()[:, :, None, :]
+    scores = scores.masked_fill(~cand, float("-inf"))
     cand = cand.expand_as(scores)
     flow = torch.where(cand, flow, 0.0)
     if per_layer:

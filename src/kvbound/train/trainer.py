@@ -68,6 +68,9 @@ class TrainConfig:
     intermediate_size: int = 128
     bias_init: float = 8.0
     gate_positions: bool = False
+    #: gates also output a log initial importance per token (:class:`RetentionGate` log_alpha),
+    #: trained by the attention-rank objective
+    gate_log_alpha: bool = False
     #: learning-rate multiplier of the gates' position input (``gate_positions``): zero-initialised
     #: and read through the hidden layer, at the base rate it moves a first token's logit by
     #: ~lr x I per step, far too slow to learn "keep the attention sink" (beta ~ 1 - 1e-6,
@@ -148,6 +151,10 @@ class TrainConfig:
         if self.objective == "attention-rank" and self.seq_len <= 16:
             raise ConfigError("seq_len", f"seq_len must be > 16 for the attention-rank objective "
                               f"(its first decision time is token 16), got {self.seq_len}.")
+        if self.gate_log_alpha and self.objective != "attention-rank":
+            raise ConfigError("gate_log_alpha", "gate_log_alpha needs objective "
+                              "'attention-rank' (the distillation objective has no place for an "
+                              "initial importance).")
         if self.objective == "attention-rank" and self.evict_aware:
             raise ConfigError("evict_aware", "evict_aware shapes the student's attention, which "
                               "attention-rank training does not run; drop one of them.")
@@ -219,8 +226,8 @@ def _bf16_ok(device: torch.device) -> bool:
 def warm_start(gates: RetentionGates, source: str, model) -> dict:
     """Copy the weights of trained gates ``source`` into the fresh ``gates`` (fine-tuning).
 
-    Both sets must gate the same layers. A position input that ``gates`` has and ``source`` lacks
-    keeps its zero init; a wider ``gates`` (larger intermediate size) is widened function-
+    Both sets must gate the same layers. A position input or log-alpha output that ``gates`` has
+    and ``source`` lacks keeps its zero init; a wider ``gates`` (larger intermediate size) is widened function-
     preservingly (Net2Net, Chen et al. 2016): the source's hidden units are copied into the first
     ones, the extra units keep their random input weights and get zero output weights. Either way
     step 0 computes exactly what the source does. Returns the provenance recorded in the new
@@ -235,6 +242,9 @@ def warm_start(gates: RetentionGates, source: str, model) -> dict:
     if theirs.position_input and not mine.position_input:
         raise KVBoundError(f"--init-gates {source}: those gates read token positions; add "
                            "--gate-positions to fine-tune them.")
+    if theirs.log_alpha and not mine.log_alpha:
+        raise KVBoundError(f"--init-gates {source}: those gates give an initial importance; add "
+                           "--gate-log-alpha to fine-tune them.")
     own = gates.state_dict()
     unexpected = [k for k in src.state_dict() if k not in own]
     if unexpected:
@@ -244,7 +254,7 @@ def warm_start(gates: RetentionGates, source: str, model) -> dict:
     with torch.no_grad():
         for name, value in src.state_dict().items():
             target = own[name]
-            if name.endswith("linear2.weight"):  # (H_kv, I): extra units add nothing
+            if name.endswith(("linear2.weight", "alpha.weight")):  # (H_kv, I): extra units add 0
                 target.zero_()
                 target[:, :width] = value
             elif name.endswith(("linear1.weight", "linear1.bias", "position.weight")):
@@ -292,7 +302,7 @@ class Trainer:
         model.eval()
         self.gates = RetentionGates.for_model(
             model, intermediate_size=cfg.intermediate_size, bias_init=cfg.bias_init, seed=cfg.seed,
-            position_input=cfg.gate_positions,
+            position_input=cfg.gate_positions, log_alpha=cfg.gate_log_alpha,
         )
         self.init_source = None
         if cfg.init_gates:
