@@ -117,3 +117,64 @@ def test_oracle_refuses_tables_of_other_ids(model):
     at_end.row_seen += 1
     with pytest.raises(KVBoundError, match="has seen 25"):
         policy.score(at_end)
+
+
+def _tables_of_form(log_beta, log_alpha, stride, t):
+    """Tables whose distribution at each decision time is exactly softmax of the two-number
+    score over the keys before it: what a perfect fit recovers."""
+    j = -(-t // stride) + 1
+    times = torch.arange(0, j * stride, stride).clamp(max=t)
+    keys = torch.arange(t)
+    cand = keys < times[:, None]
+    age = (times[:, None] - keys).clamp(min=0).float()
+    score = (log_alpha[..., None, :] + age * log_beta[..., None, :]).masked_fill(~cand, -torch.inf)
+    return {0: torch.where(cand, score.softmax(-1).nan_to_num(0.0), 0.0)}
+
+
+def test_fit_retention_recovers_a_ranking_of_its_form():
+    """Tables made by a known score: the form with an offset fits them almost exactly, the
+    paper's form (no offset) only when the tables have none; the fitted scores rank the keys of
+    the last decision as the truth does."""
+    from kvbound.eval.oracle import fit_retention
+
+    t, stride = 48, 4
+    log_beta = -torch.rand(1, 2, t, generator=torch.Generator().manual_seed(1)) * 0.3
+    log_alpha = torch.randn(1, 2, t, generator=torch.Generator().manual_seed(2)) * 2
+    with_offset = _tables_of_form(log_beta, log_alpha, stride, t)
+    _, off, kl_off = fit_retention(with_offset, stride, form="trimkv+offset", steps=400, lr=0.1)
+    _, none, kl_plain = fit_retention(with_offset, stride, form="trimkv", steps=400, lr=0.1)
+    assert kl_off < 0.05 < kl_plain and none == {}
+    assert off[0].shape == (1, 2, t)
+    plain_tables = _tables_of_form(log_beta, torch.zeros_like(log_alpha), stride, t)
+    lb, _, kl = fit_retention(plain_tables, stride, form="trimkv", steps=400, lr=0.1)
+    assert kl < 0.05
+    truth = (t - torch.arange(t)) * log_beta[0, 0]
+    fitted = (t - torch.arange(t)) * lb[0][0, 0]
+    top = truth.topk(8).indices.sort().values
+    assert torch.equal(fitted.topk(8).indices.sort().values, top)
+    with pytest.raises(KVBoundError, match="form must be"):
+        fit_retention(plain_tables, stride, form="lookahead")
+
+
+def test_fitted_oracle_scores_with_its_fitted_numbers(model):
+    from kvbound.policies.oracle import FittedRetentionOracle
+
+    lb, a = -torch.rand(1, 2, 10), torch.randn(1, 2, 10)
+    pos = torch.tensor([[[0, 4, 7], [1, 2, 9]]])
+    layer = SimpleNamespace(layer_idx=3, row_seen=torch.tensor([10]), positions=pos)
+    policy = FittedRetentionOracle(log_beta={3: lb}, offset={3: a})
+    want = (10 - pos).float() * lb.gather(-1, pos) + a.gather(-1, pos)
+    assert torch.allclose(policy.score(layer), want)
+    assert torch.allclose(FittedRetentionOracle(log_beta={3: lb}).score(layer),
+                          (10 - pos).float() * lb.gather(-1, pos))
+    layer.row_seen = torch.tensor([11])
+    with pytest.raises(KVBoundError, match="has seen 11"):
+        policy.score(layer)
+    # a fidelity run: the fitted oracle is an oracle entry with its fit recorded
+    windows = [Window(f"w{i}", _ids(1, 40, seed=i)[0]) for i in range(2)]
+    res = run_fidelity(model, ByteTokenizer(), windows, budgets=[8], buffer=4, sinks=0,
+                       methods=[("fit", ORACLE, {"horizon": 8, "fit": "trimkv+offset",
+                                                 "fit_steps": 20})], progress=False)
+    (row,) = res["results"]
+    assert row["settings"]["policy"]["policy"] == "oracle-fit"
+    assert row["settings"]["policy"]["form"] == "trimkv+offset" and row["kl_mean"] > 0
