@@ -187,6 +187,10 @@ def train(
         "head", help="attention-rank: rank each KV head's keys alone (head), all the layer's "
         "heads' keys in one list (layer: for --budget-scope layer) or every layer's (model: for "
         "--budget-scope global)."),
+    rank_topm_weight: float = typer.Option(0.0, min=0.0, help="attention-rank with --rank-scope "
+                                           "model: weight of the attention a top-M cut loses "
+                                           "(M = --memory-size), beside ListNet."),
+    rank_topm_tau: float = typer.Option(1.0, min=1e-6, help="Temperature of that cut."),
     bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
                               "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
@@ -211,6 +215,7 @@ def train(
         evict_tau=evict_tau, evict_scale=evict_scale, bf16=bf16,
         evict_budgets=[], evict_decay=evict_decay, objective=objective,
         rank_horizon=rank_horizon, rank_stride=rank_stride, rank_scope=rank_scope,
+        rank_topm_weight=rank_topm_weight, rank_topm_tau=rank_topm_tau,
         grad_checkpointing=grad_checkpointing, save_every=save_every,
         extra={"resume": resume},
     )

@@ -275,3 +275,43 @@ def test_attention_rank_model_scope_trains(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert all(r["rank"] > 0 and r["kl"] >= 0 for r in log)
     assert gates.metadata.training["config"]["rank_scope"] == "model"
+
+
+def test_topm_lost_mass_is_the_attention_a_cut_throws_away():
+    """Hard value: the target share of the keys below the top-k cut; the soft loss tends to it
+    as tau -> 0; its gradient raises the high-attention key below the cut, lowers the
+    low-attention one at the cut, and sums to 0 (shifting every score changes nothing); lists
+    with <= k candidates lose nothing."""
+    from kvbound.train.rank_loss import RankLists, topm_lost_mass
+
+    flow = torch.tensor([[[[5.0, 1.0, 3.0, 0.5, 0.5, 0.0]]]])  # (B, 1, 1 time, K=6)
+    scores = torch.tensor([[[[4.0, 3.0, 1.0, 2.0, 0.0, float("-inf")]]]], requires_grad=True)
+    cand = torch.isfinite(scores.detach())
+    lists = RankLists(flow, scores, cand, torch.ones(1, 1, 1))
+    loss, hard = topm_lost_mass(lists, keep=3, tau=1e-3)
+    # kept: keys 0, 1, 3 (scores 4, 3, 2); lost: keys 2 and 4 -> (3 + 0.5) / 10
+    assert hard == pytest.approx(0.35) and float(loss) == pytest.approx(0.35, abs=1e-3)
+    loss, _ = topm_lost_mass(lists, keep=3, tau=1.0)
+    loss.backward()
+    grad = scores.grad[0, 0, 0]
+    assert torch.isfinite(grad).all() and float(grad.sum()) == pytest.approx(0.0, abs=1e-6)
+    assert grad[2] < 0 < grad[3]  # descent raises key 2 (3/10 of the attention), lowers key 3
+    none, hard_none = topm_lost_mass(lists, keep=5)
+    assert float(none) == 0.0 and hard_none == 0.0
+
+
+def test_topm_term_trains_with_the_model_wide_list(tmp_path):
+    from kvbound.errors import KVBoundError
+    from kvbound.testing import ByteTokenizer, tiny_model
+    from kvbound.train.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), memory_size=4, seq_len=48, steps=2,
+                      data="prose", seed=0, lr=1e-2, warmup_steps=1, intermediate_size=8,
+                      bias_init=3.0, save_every=2, bf16=False, train_sinks=0,
+                      objective="attention-rank", rank_horizon=16, rank_stride=8,
+                      rank_scope="model", rank_topm_weight=5.0)
+    Trainer(cfg, tiny_model("llama", seed=0), ByteTokenizer(), progress=False).run()
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 < r["topm_lost_hard"] < 1 and r["topm_lost"] > 0 for r in log)
+    with pytest.raises(KVBoundError, match="rank_scope 'model'"):
+        TrainConfig(**{**cfg.__dict__, "rank_scope": "head"}).validate()

@@ -171,6 +171,37 @@ def join_lists(parts: list[RankLists]) -> RankLists:
     return RankLists(flow, scores, cand, weight.float())
 
 
+def topm_lost_mass(lists: RankLists, keep: int, tau: float = 1.0) -> tuple[torch.Tensor, float]:
+    """The future attention a top-``keep`` cut of each list throws away, made differentiable.
+
+    ListNet weighs every key by its share of the future attention, so most of its gradient goes
+    to the few keys that take most of it (sinks, the newest tokens), which any cache keeps; what a
+    cache of budget M decides is the order around its M-th key. This term looks only there: with
+    ``theta`` the midpoint of the ``keep``-th and ``keep + 1``-th scores, key ``i``
+    counts as evicted with weight ``sigmoid((theta - s_i) / tau)``, and the loss is the attention
+    share of the evicted keys (soft top-k; DMS and the official eviction-aware variants use the
+    same relaxation). ``theta`` keeps its gradient, so the loss is shift-invariant like the
+    ranking itself (raising every score changes nothing; with a fixed ``theta`` it would push every
+    score up). Lists with at most ``keep`` candidates lose nothing and are left out.
+    Returns ``(loss, hard_lost)``: the soft loss (with gradient) and the share a hard cut loses.
+    """
+    flow, scores, cand, weight = lists
+    k = scores.shape[-1]
+    if keep >= k:
+        return scores.new_zeros(()), 0.0
+    top = scores.topk(keep + 1, dim=-1).values
+    theta = 0.5 * (top[..., keep - 1] + top[..., keep])
+    used = weight * (cand.sum(-1) > keep) * torch.isfinite(theta)
+    theta = torch.where(torch.isfinite(theta), theta, 0.0)[..., None]
+    target = flow / flow.sum(-1, keepdim=True).clamp_min(1e-30)
+    finite = torch.where(cand, scores, 0.0)
+    evicted = torch.where(cand, torch.sigmoid((theta - finite) / tau), 0.0)
+    norm = used.sum().clamp_min(1.0)
+    loss = ((target * evicted).sum(-1) * used).sum() / norm
+    hard = ((target * (cand & (finite < theta)).float()).sum(-1) * used).sum() / norm
+    return loss, float(hard)
+
+
 def listnet(lists: RankLists) -> tuple[torch.Tensor, float]:
     """ListNet cross-entropy (with gradient) and listwise KL (a float) of weighted lists."""
     flow, scores, cand, weight = lists

@@ -110,6 +110,12 @@ class TrainConfig:
     #: ("layer": calibrates heads against each other, for budget_scope="layer" caches) or per
     #: model, every layer's heads ("model": for budget_scope="global")
     rank_scope: str = "head"
+    #: attention-rank: weight of the top-M term (:func:`kvbound.train.rank_loss.topm_lost_mass`,
+    #: the future attention a cut at the step's budget M per KV head loses) beside ListNet;
+    #: 0 = ListNet alone. Needs rank_scope "model" (the cut is then M x heads x layers)
+    rank_topm_weight: float = 0.0
+    #: its temperature, in score units (log importance)
+    rank_topm_tau: float = 1.0
     bf16: bool = True
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -126,6 +132,12 @@ class TrainConfig:
             raise ConfigError("lr", f"lr must be > 0, got {self.lr!r}.")
         from kvbound.train.rank_loss import SCOPES
 
+        if not self.rank_topm_weight >= 0 or not self.rank_topm_tau > 0:
+            raise ConfigError("rank_topm_weight", "rank_topm_weight must be >= 0 and "
+                              "rank_topm_tau > 0.")
+        if self.rank_topm_weight and self.rank_scope != "model":
+            raise ConfigError("rank_topm_weight", "rank_topm_weight needs rank_scope 'model' "
+                              "(one list per decision time over every layer and head).")
         if self.rank_scope not in SCOPES:
             raise ConfigError("rank_scope", f"rank_scope must be one of {', '.join(SCOPES)}, "
                                             f"got {self.rank_scope!r}.")
@@ -506,10 +518,17 @@ class Trainer:
             self.model.base_model(input_ids=ids, attention_mask=att)
         log_betas = [rank_of(m)[0] for m in self.gated]
         parts = [rank_loss_of(m) for m in self.gated]
+        extra = {}
         if self.cfg.rank_scope == "model":  # one list over every gated layer
-            from kvbound.train.rank_loss import join_lists, listnet
+            from kvbound.train.rank_loss import join_lists, listnet, topm_lost_mass
 
-            rank, kl = listnet(join_lists(parts))
+            lists = join_lists(parts)
+            rank, kl = listnet(lists)
+            if self.cfg.rank_topm_weight:
+                keep = budget * self.gates.config.num_kv_heads * len(self.gated)
+                lost, hard = topm_lost_mass(lists, keep, self.cfg.rank_topm_tau)
+                rank = rank + self.cfg.rank_topm_weight * lost
+                extra = {"topm_lost": float(lost.detach()), "topm_lost_hard": hard}
         else:
             rank, kl = torch.stack([p[0] for p in parts]).mean(), sum(p[1] for p in parts) / len(
                 parts)
@@ -518,7 +537,7 @@ class Trainer:
         (loss / self.cfg.grad_accum).backward()
         return {"loss": float(loss.detach()), "kl": kl,
                 "rank": float(rank.detach()), "cap": float(cap.detach()),
-                "tokens": int(att.sum()), **gate_summary(self.gates, log_betas)}
+                "tokens": int(att.sum()), **extra, **gate_summary(self.gates, log_betas)}
 
     def _broadcast_gates(self) -> None:
         """Make rank 0's gate weights everyone's (they are seeded alike; this guarantees it)."""
