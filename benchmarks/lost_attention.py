@@ -15,6 +15,9 @@ It is a one-shot cut of the full history, not the cache's sequence of evictions 
 never comes back there), so it ranks scores quickly; the fidelity sweep measures the real thing.
 
     python benchmarks/lost_attention.py --windows 8 --budgets 32,64 --json runs/lost.json
+    python benchmarks/lost_attention.py --from-json docs/data/lost_attention.json --write-doc
+
+``--write-doc`` puts the table between the ``lost-attention`` markers of docs/TRAINING.md.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import command, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "TRAINING.md"
 
 
 def lost_share(table: torch.Tensor, score: torch.Tensor, budget: int, stride: int,
@@ -94,6 +98,41 @@ def fitted_scores(tables, stride: int, form: str, steps: int) -> dict[int, torch
             for k, lb in log_beta.items()}
 
 
+def render(res: dict) -> str:
+    """Markdown: one row per scorer, the mean lost share per budget and its excess over the
+    oracle's."""
+    from kvbound.eval.stats import bootstrap_mean_ci
+
+    budgets = sorted({r["budget"] for r in res["rows"]})
+    by = {(r["scorer"], r["budget"]): r for r in res["rows"]}
+    scorers = list(dict.fromkeys(r["scorer"] for r in res["rows"]))
+    lines = [f"Command: `{res['command']}`  ", f"{len(res['windows'])} windows, horizon "
+             f"{res['horizon']}, fits of {res['fit_steps']} Adam steps; mean over windows "
+             "[95% CI], and the excess over the oracle.", "",
+             "| scorer | " + " | ".join(f"lost at M={m} | over oracle" for m in budgets) + " |",
+             "|---|" + "---|---|" * len(budgets)]
+    for name in scorers:
+        cells = []
+        for m in budgets:
+            r = by[(name, m)]
+            lo, hi = bootstrap_mean_ci(r["lost_per_window"])
+            cells.append(f"{r['lost']:.4f} [{lo:.4f}, {hi:.4f}] | "
+                         f"{r['lost'] - by[('oracle', m)]['lost']:+.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_doc(md: str) -> None:
+    import re
+
+    text = DOC.read_text()
+    block = f"<!-- BEGIN lost-attention -->\n{md}\n<!-- END lost-attention -->"
+    pattern = re.compile(r"<!-- BEGIN lost-attention -->.*?<!-- END lost-attention -->", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{DOC} has no lost-attention markers")
+    DOC.write_text(pattern.sub(lambda _: block, text))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--windows", type=int, default=8, help="the sweep's first N windows")
@@ -103,7 +142,21 @@ def main() -> None:
                     help="gates to score (default: the shipped ones); repeatable")
     ap.add_argument("--fit-steps", type=int, default=300)
     ap.add_argument("--json", type=Path, default=ROOT / "runs" / "lost_attention.json")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="render this saved run instead of running")
+    ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args()
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+    else:
+        res = run(args)
+    md = render(res)
+    print(md)
+    if args.write_doc:
+        write_doc(md)
+
+
+def run(args) -> dict:
     from oracle_headroom import SWEEP, sweep_windows
 
     from kvbound.eval.oracle import future_attention_tables
@@ -137,6 +190,7 @@ def main() -> None:
            "machine": machine(), "seconds": round(time.perf_counter() - t0, 1)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1))
+    return res
 
 
 if __name__ == "__main__":

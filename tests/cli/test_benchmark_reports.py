@@ -256,3 +256,24 @@ def test_training_runs_table_takes_per_head_rows_only(tmp_path, monkeypatch):
     run.write_text(json.dumps({"regimes": {"0": {"results": [
         row("head", 0.3), row("layer", 0.2), row("global", 0.1)]}}}))
     assert t._sweep_rows("m@cand", (run,)) == {"0": {"32": [0.3, 32]}}
+
+
+def test_lost_attention_share_of_a_top_m_cut_and_its_table():
+    """lost_share: the future attention on the keys a top-M cut by the score drops, only at
+    decisions with more than M candidates; the oracle (scores = the attention) loses least."""
+    import torch
+
+    la = load_benchmark("lost_attention")
+    # one row, one head, decision times 0, 2, 4 (stride 2) over 4 keys
+    table = torch.tensor([[[[0.0, 0.0, 0.0, 0.0], [0.6, 0.4, 0.0, 0.0],
+                            [0.1, 0.2, 0.3, 0.4]]]])
+    assert float(la.lost_share(table, table, 1, 2, 0)) == 0.5 * (0.4 + 0.6)  # t=2: 0.4, t=4: .6
+    score = torch.tensor([[[[0.0] * 4, [0.0, 1.0, 0.0, 0.0], [4.0, 3.0, 2.0, 1.0]]]])
+    lost = float(la.lost_share(table, score, 2, 2, 0))  # only t=4 has > 2 candidates
+    assert abs(lost - (0.3 + 0.4) / 1.0) < 1e-6
+    assert float(la.lost_share(table, table, 2, 2, 0)) < lost
+    rows = [{"scorer": s, "budget": 32, "lost": v, "lost_per_window": [v, v]}
+            for s, v in (("oracle", 0.09), ("v4", 0.11))]
+    md = la.render({"rows": rows, "command": "cmd", "windows": ["a", "b"], "horizon": 256,
+                    "fit_steps": 200})
+    assert "| v4 | 0.1100 [0.1100, 0.1100] | +0.0200 |" in md
