@@ -47,18 +47,29 @@ def command() -> str:
     return "python " + shlex.join(sys.argv)
 
 
-def write_section(name: str, body: str) -> Path:
-    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+def replace_block(path: Path, name: str, body: str, *, default: str | None = None) -> Path:
+    """Put ``body`` between the ``<!-- BEGIN name -->`` / ``<!-- END name -->`` markers of the
+    document ``path`` (atomically). A document without them (or missing, read as ``default``)
+    gets the block appended when ``default`` is given; otherwise that is an error."""
+    text = path.read_text() if path.exists() else (default or "")
     block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n<!-- END {name} -->"
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->",
                          re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
-        text.rstrip() + "\n\n" + block + "\n")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    elif default is not None:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    else:
+        raise SystemExit(f"{path} has no {name} markers")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
-    tmp.replace(RESULTS)
-    return RESULTS
+    tmp.replace(path)
+    return path
+
+
+def write_section(name: str, body: str) -> Path:
+    return replace_block(RESULTS, name, body, default=HEADER)
 
 
 def publish(res: dict, json_path, section: str, render, write_results: bool) -> str:

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import command, machine  # noqa: E402
+from _results import command, machine, replace_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "TRAINING.md"
@@ -122,17 +122,6 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(md: str) -> None:
-    import re
-
-    text = DOC.read_text()
-    block = f"<!-- BEGIN lost-attention -->\n{md}\n<!-- END lost-attention -->"
-    pattern = re.compile(r"<!-- BEGIN lost-attention -->.*?<!-- END lost-attention -->", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{DOC} has no lost-attention markers")
-    DOC.write_text(pattern.sub(lambda _: block, text))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--windows", type=int, default=8, help="the sweep's first N windows")
@@ -153,7 +142,7 @@ def main() -> None:
     md = render(res)
     print(md)
     if args.write_doc:
-        write_doc(md)
+        replace_block(DOC, "lost-attention", md)
 
 
 def run(args) -> dict:

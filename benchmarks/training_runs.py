@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import replace_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "docs" / "training_runs.json"
@@ -147,12 +150,7 @@ def render(runs: dict) -> str:
 
 def write(runs: dict) -> None:
     RUNS.write_text(json.dumps(runs, indent=1) + "\n")
-    text = DOC.read_text()
-    block = f"<!-- BEGIN training-runs -->\n{render(runs)}\n<!-- END training-runs -->"
-    pattern = re.compile(r"<!-- BEGIN training-runs -->.*?<!-- END training-runs -->", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{DOC} has no training-runs markers")
-    DOC.write_text(pattern.sub(lambda _: block, text))
+    replace_block(DOC, "training-runs", render(runs))
 
 
 def main() -> None:
