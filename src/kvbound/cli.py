@@ -191,6 +191,11 @@ def train(
                                            "model: weight of the attention a top-M cut loses "
                                            "(M = --memory-size), beside ListNet."),
     rank_topm_tau: float = typer.Option(1.0, min=1e-6, help="Temperature of that cut."),
+    rank_topm_sequential: bool = typer.Option(False, "--rank-topm-sequential",
+                                              help="The cut sees only keys that survived the "
+                                              "earlier cuts (evictions are final)."),
+    rank_listnet_weight: float = typer.Option(1.0, min=0.0, help="attention-rank: weight of "
+                                              "the listwise loss."),
     bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
                               "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
@@ -216,6 +221,7 @@ def train(
         evict_budgets=[], evict_decay=evict_decay, objective=objective,
         rank_horizon=rank_horizon, rank_stride=rank_stride, rank_scope=rank_scope,
         rank_topm_weight=rank_topm_weight, rank_topm_tau=rank_topm_tau,
+        rank_topm_sequential=rank_topm_sequential, rank_listnet_weight=rank_listnet_weight,
         grad_checkpointing=grad_checkpointing, save_every=save_every,
         extra={"resume": resume},
     )

@@ -315,3 +315,27 @@ def test_topm_term_trains_with_the_model_wide_list(tmp_path):
     assert all(0 < r["topm_lost_hard"] < 1 and r["topm_lost"] > 0 for r in log)
     with pytest.raises(KVBoundError, match="rank_scope 'model'"):
         TrainConfig(**{**cfg.__dict__, "rank_scope": "head"}).validate()
+
+
+def test_sequential_cut_sees_only_the_keys_that_survived():
+    """A key cut at the first decision is gone at the second even if its score rises there:
+    survivors() drops it, and the sequential top-M term counts its attention as lost with no
+    gradient to it (the one-shot term would 'keep' it at the second decision)."""
+    from kvbound.train.rank_loss import RankLists, survivors, topm_lost_mass
+
+    inf = float("-inf")
+    # decision 0: keys 0-2 are candidates; decision 1: keys 0-3
+    scores = torch.tensor([[[[3.0, 1.0, 2.0, inf], [1.0, 5.0, 2.0, 4.0]]]], requires_grad=True)
+    cand = torch.isfinite(scores.detach())
+    alive = survivors(scores, cand, keep=2)
+    assert alive[0, 0, 0].tolist() == [True, True, True, False]
+    assert alive[0, 0, 1].tolist() == [True, False, True, True]  # key 1 was cut at decision 0
+    flow = torch.tensor([[[[1.0, 1.0, 1.0, 0.0], [1.0, 2.0, 1.0, 1.0]]]])
+    lists = RankLists(flow, scores, cand, torch.ones(1, 1, 2))
+    _, one_shot = topm_lost_mass(lists, keep=2, tau=1e-3)
+    loss, seq = topm_lost_mass(lists, keep=2, tau=1e-3, sequential=True)
+    # one-shot cut at decision 1 keeps keys 1 and 3 (loses 2/5); sequentially key 1 is gone and
+    # the cut keeps 3 and 2 of the survivors, losing key 0 (1/5); key 1's 2/5 is not in the term
+    assert one_shot == pytest.approx((1 / 3 + 2 / 5) / 2) and seq == pytest.approx((1 / 3 + 1 / 5) / 2)
+    loss.backward()
+    assert scores.grad[0, 0, 1, 1] == 0

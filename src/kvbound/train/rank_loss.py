@@ -171,7 +171,28 @@ def join_lists(parts: list[RankLists]) -> RankLists:
     return RankLists(flow, scores, cand, weight.float())
 
 
-def topm_lost_mass(lists: RankLists, keep: int, tau: float = 1.0) -> tuple[torch.Tensor, float]:
+def survivors(scores: torch.Tensor, cand: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, 1, J, K) bool: the candidates still resident at each decision time of a cache that cut
+    its residents to their top ``keep`` scores at every earlier decision (an evicted key never
+    returns), no gradient. Lists are the decision times in order, as :func:`rank_lists` makes
+    them."""
+    with torch.no_grad():
+        alive = torch.zeros_like(cand)
+        gone = torch.zeros_like(cand[..., 0, :])
+        for j in range(cand.shape[-2]):
+            here = cand[..., j, :] & ~gone
+            alive[..., j, :] = here
+            over = here.sum(-1, keepdim=True) > keep
+            if not over.any():
+                continue
+            s = scores[..., j, :].detach().masked_fill(~here, float("-inf"))
+            kept = torch.zeros_like(here).scatter_(-1, s.topk(keep, dim=-1).indices, True)
+            gone |= here & ~kept & over
+        return alive
+
+
+def topm_lost_mass(lists: RankLists, keep: int, tau: float = 1.0,
+                   sequential: bool = False) -> tuple[torch.Tensor, float]:
     """The future attention a top-``keep`` cut of each list throws away, made differentiable.
 
     ListNet weighs every key by its share of the future attention, so most of its gradient goes
@@ -183,17 +204,24 @@ def topm_lost_mass(lists: RankLists, keep: int, tau: float = 1.0) -> tuple[torch
     same relaxation). ``theta`` keeps its gradient, so the loss is shift-invariant like the
     ranking itself (raising every score changes nothing; with a fixed ``theta`` it would push every
     score up). Lists with at most ``keep`` candidates lose nothing and are left out.
+    ``sequential``: the candidates of each decision are only the keys that survived the earlier
+    hard cuts by the same scores (:func:`survivors`), as in a cache, where a score that ranks a
+    key high only after it was evicted is worth nothing; the share stays relative to the
+    attention of all keys (what was evicted before is lost, with no gradient).
     Returns ``(loss, hard_lost)``: the soft loss (with gradient) and the share a hard cut loses.
     """
     flow, scores, cand, weight = lists
     k = scores.shape[-1]
     if keep >= k:
         return scores.new_zeros(()), 0.0
+    target = flow / flow.sum(-1, keepdim=True).clamp_min(1e-30)
+    if sequential:
+        cand = survivors(scores, cand, keep)
+        scores = scores.masked_fill(~cand, float("-inf"))
     top = scores.topk(keep + 1, dim=-1).values
     theta = 0.5 * (top[..., keep - 1] + top[..., keep])
     used = weight * (cand.sum(-1) > keep) * torch.isfinite(theta)
     theta = torch.where(torch.isfinite(theta), theta, 0.0)[..., None]
-    target = flow / flow.sum(-1, keepdim=True).clamp_min(1e-30)
     finite = torch.where(cand, scores, 0.0)
     evicted = torch.where(cand, torch.sigmoid((theta - finite) / tau), 0.0)
     norm = used.sum().clamp_min(1.0)

@@ -116,6 +116,12 @@ class TrainConfig:
     rank_topm_weight: float = 0.0
     #: its temperature, in score units (log importance)
     rank_topm_tau: float = 1.0
+    #: the top-M term over the keys that survived the earlier cuts only (a cache's evictions
+    #: are final; :func:`kvbound.train.rank_loss.survivors`)
+    rank_topm_sequential: bool = False
+    #: weight of the listwise (ListNet) loss itself (1: the objective; lower it to let the
+    #: top-M term lead)
+    rank_listnet_weight: float = 1.0
     bf16: bool = True
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -135,6 +141,11 @@ class TrainConfig:
         if not self.rank_topm_weight >= 0 or not self.rank_topm_tau > 0:
             raise ConfigError("rank_topm_weight", "rank_topm_weight must be >= 0 and "
                               "rank_topm_tau > 0.")
+        if not self.rank_listnet_weight >= 0:
+            raise ConfigError("rank_listnet_weight", "rank_listnet_weight must be >= 0.")
+        if self.rank_topm_sequential and not self.rank_topm_weight:
+            raise ConfigError("rank_topm_sequential", "rank_topm_sequential needs "
+                              "rank_topm_weight > 0 (it changes that term).")
         if self.rank_topm_weight and self.rank_scope != "model":
             raise ConfigError("rank_topm_weight", "rank_topm_weight needs rank_scope 'model' "
                               "(one list per decision time over every layer and head).")
@@ -524,9 +535,11 @@ class Trainer:
 
             lists = join_lists(parts)
             rank, kl = listnet(lists)
+            rank = self.cfg.rank_listnet_weight * rank
             if self.cfg.rank_topm_weight:
                 keep = budget * self.gates.config.num_kv_heads * len(self.gated)
-                lost, hard = topm_lost_mass(lists, keep, self.cfg.rank_topm_tau)
+                lost, hard = topm_lost_mass(lists, keep, self.cfg.rank_topm_tau,
+                                            sequential=self.cfg.rank_topm_sequential)
                 rank = rank + self.cfg.rank_topm_weight * lost
                 extra = {"topm_lost": float(lost.detach()), "topm_lost_hard": hard}
         else:
