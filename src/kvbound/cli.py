@@ -196,6 +196,9 @@ def train(
                                               "earlier cuts (evictions are final)."),
     rank_listnet_weight: float = typer.Option(1.0, min=0.0, help="attention-rank: weight of "
                                               "the listwise loss."),
+    rank_topm_relative: bool = typer.Option(False, "--rank-topm-relative",
+                                            help="--rank-topm-tau as a fraction of each list's "
+                                            "score spread."),
     bf16: bool = typer.Option(True, help="bf16 autocast where the hardware computes bf16 natively "
                               "(GPU, or a CPU with AVX512-BF16 or AMX); fp32 elsewhere."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward."),
@@ -222,6 +225,7 @@ def train(
         rank_horizon=rank_horizon, rank_stride=rank_stride, rank_scope=rank_scope,
         rank_topm_weight=rank_topm_weight, rank_topm_tau=rank_topm_tau,
         rank_topm_sequential=rank_topm_sequential, rank_listnet_weight=rank_listnet_weight,
+        rank_topm_relative=rank_topm_relative,
         grad_checkpointing=grad_checkpointing, save_every=save_every,
         extra={"resume": resume},
     )

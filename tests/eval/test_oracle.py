@@ -14,6 +14,7 @@ from kvbound.eval.fidelity import ORACLE, Window, bounded_logprobs, run_fidelity
 from kvbound.eval.oracle import future_attention_tables, oracle_policy
 from kvbound.testing import ByteTokenizer, tiny_model
 from tests.oracle import EvictionSpy
+from tests.rng import gen
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def test_fit_retention_recovers_a_ranking_of_its_form():
 def test_fitted_oracle_scores_with_its_fitted_numbers(model):
     from kvbound.policies.oracle import FittedRetentionOracle
 
-    lb, a = -torch.rand(1, 2, 10), torch.randn(1, 2, 10)
+    lb, a = -torch.rand(1, 2, 10, generator=gen(601)), torch.randn(1, 2, 10, generator=gen(602))
     pos = torch.tensor([[[0, 4, 7], [1, 2, 9]]])
     layer = SimpleNamespace(layer_idx=3, row_seen=torch.tensor([10]), positions=pos)
     policy = FittedRetentionOracle(log_beta={3: lb}, offset={3: a})

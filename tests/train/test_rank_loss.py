@@ -339,3 +339,20 @@ def test_sequential_cut_sees_only_the_keys_that_survived():
     assert one_shot == pytest.approx((1 / 3 + 2 / 5) / 2) and seq == pytest.approx((1 / 3 + 1 / 5) / 2)
     loss.backward()
     assert scores.grad[0, 0, 1, 1] == 0
+
+
+def test_relative_topm_temperature_ignores_the_score_scale():
+    """With a relative temperature, scaling every score by 10 leaves the soft loss unchanged;
+    with an absolute one it moves (towards the hard cut's value), though the cut did not."""
+    from kvbound.train.rank_loss import RankLists, topm_lost_mass
+
+    flow = torch.tensor([[[[5.0, 1.0, 3.0, 0.5, 0.5]]]])
+    scores = torch.tensor([[[[4.0, 3.0, 1.0, 2.0, 0.0]]]])
+    cand = torch.ones_like(scores, dtype=torch.bool)
+    w = torch.ones(1, 1, 1)
+
+    def soft(s, relative):
+        return float(topm_lost_mass(RankLists(flow, s, cand, w), 3, 0.5, relative=relative)[0])
+
+    assert soft(10 * scores, True) == pytest.approx(soft(scores, True), rel=1e-5)
+    assert abs(soft(10 * scores, False) - soft(scores, False)) > 0.05

@@ -191,8 +191,8 @@ def survivors(scores: torch.Tensor, cand: torch.Tensor, keep: int) -> torch.Tens
         return alive
 
 
-def topm_lost_mass(lists: RankLists, keep: int, tau: float = 1.0,
-                   sequential: bool = False) -> tuple[torch.Tensor, float]:
+def topm_lost_mass(lists: RankLists, keep: int, tau: float = 1.0, sequential: bool = False,
+                   relative: bool = False) -> tuple[torch.Tensor, float]:
     """The future attention a top-``keep`` cut of each list throws away, made differentiable.
 
     ListNet weighs every key by its share of the future attention, so most of its gradient goes
@@ -208,6 +208,9 @@ def topm_lost_mass(lists: RankLists, keep: int, tau: float = 1.0,
     hard cuts by the same scores (:func:`survivors`), as in a cache, where a score that ranks a
     key high only after it was evicted is worth nothing; the share stays relative to the
     attention of all keys (what was evicted before is lost, with no gradient).
+    ``relative``: ``tau`` is a fraction of each list's score spread (the standard deviation of its
+    candidates' scores, no gradient) rather than score units, so the loss cannot fall by scaling
+    every score up, which leaves the cut where it is.
     Returns ``(loss, hard_lost)``: the soft loss (with gradient) and the share a hard cut loses.
     """
     flow, scores, cand, weight = lists
@@ -223,6 +226,11 @@ def topm_lost_mass(lists: RankLists, keep: int, tau: float = 1.0,
     used = weight * (cand.sum(-1) > keep) * torch.isfinite(theta)
     theta = torch.where(torch.isfinite(theta), theta, 0.0)[..., None]
     finite = torch.where(cand, scores, 0.0)
+    if relative:
+        n = cand.sum(-1, keepdim=True).clamp_min(1)
+        mean = finite.detach().sum(-1, keepdim=True) / n
+        var = (torch.where(cand, finite.detach() - mean, 0.0) ** 2).sum(-1, keepdim=True) / n
+        tau = tau * var.sqrt().clamp_min(1e-6)
     evicted = torch.where(cand, torch.sigmoid((theta - finite) / tau), 0.0)
     norm = used.sum().clamp_min(1.0)
     loss = ((target * evicted).sum(-1) * used).sum() / norm

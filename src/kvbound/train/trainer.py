@@ -119,6 +119,8 @@ class TrainConfig:
     #: the top-M term over the keys that survived the earlier cuts only (a cache's evictions
     #: are final; :func:`kvbound.train.rank_loss.survivors`)
     rank_topm_sequential: bool = False
+    #: the top-M temperature as a fraction of each list's score spread instead of score units
+    rank_topm_relative: bool = False
     #: weight of the listwise (ListNet) loss itself (1: the objective; lower it to let the
     #: top-M term lead)
     rank_listnet_weight: float = 1.0
@@ -539,7 +541,8 @@ class Trainer:
             if self.cfg.rank_topm_weight:
                 keep = budget * self.gates.config.num_kv_heads * len(self.gated)
                 lost, hard = topm_lost_mass(lists, keep, self.cfg.rank_topm_tau,
-                                            sequential=self.cfg.rank_topm_sequential)
+                                            sequential=self.cfg.rank_topm_sequential,
+                                            relative=self.cfg.rank_topm_relative)
                 rank = rank + self.cfg.rank_topm_weight * lost
                 extra = {"topm_lost": float(lost.detach()), "topm_lost_hard": hard}
         else:
