@@ -43,8 +43,10 @@ def lost_share(table: torch.Tensor, score: torch.Tensor, budget: int, stride: in
     """(B, H, J, T) future attention and (B, H, J, T) scores -> (B, H) mean share of each
     decision's future attention on keys outside the score's top ``budget`` (decisions with more
     than ``budget`` candidates, from time ``first``)."""
+    from kvbound.eval.oracle import decision_times
+
     b, h, j, t = table.shape
-    times = torch.arange(0, j * stride, stride).clamp(max=t)
+    times = decision_times(j, stride, t)
     cand = torch.arange(t) < times[:, None]  # (J, T)
     use = (cand.sum(-1) > budget) & (times >= first)
     table, score, cand = table[:, :, use], score[:, :, use], cand[use]
@@ -57,6 +59,7 @@ def lost_share(table: torch.Tensor, score: torch.Tensor, budget: int, stride: in
 def gate_scores(model, gates, ids: torch.Tensor, stride: int, j: int) -> dict[int, torch.Tensor]:
     """{layer: (B, H, J, T)} the gates' scores ``[log alpha_i +] (t - i) log beta_i``."""
     from kvbound.architectures import attention_modules
+    from kvbound.eval.oracle import decision_ages
 
     out: dict[int, dict] = {}
     handles = []
@@ -76,8 +79,7 @@ def gate_scores(model, gates, ids: torch.Tensor, stride: int, j: int) -> dict[in
     finally:
         for h in handles:
             h.remove()
-    t = ids.shape[-1]
-    age = (torch.arange(0, j * stride, stride).clamp(max=t)[:, None] - torch.arange(t)).float()
+    age = decision_ages(j, stride, ids.shape[-1])
     scores = {}
     for idx, o in out.items():
         s = age * o["log_beta"].float()[:, :, None, :]
@@ -88,12 +90,11 @@ def gate_scores(model, gates, ids: torch.Tensor, stride: int, j: int) -> dict[in
 
 
 def fitted_scores(tables, stride: int, form: str, steps: int) -> dict[int, torch.Tensor]:
-    from kvbound.eval.oracle import fit_retention
+    from kvbound.eval.oracle import decision_ages, fit_retention
 
     log_beta, log_alpha, _ = fit_retention(tables, stride, form=form, steps=steps)
-    some = next(iter(tables.values()))
-    j, t = some.shape[2], some.shape[3]
-    age = (torch.arange(0, j * stride, stride).clamp(max=t)[:, None] - torch.arange(t)).float()
+    _, _, j, t = next(iter(tables.values())).shape
+    age = decision_ages(j, stride, t)
     return {k: age * lb[:, :, None, :] + (log_alpha[k][:, :, None, :] if log_alpha else 0.0)
             for k, lb in log_beta.items()}
 

@@ -5,10 +5,11 @@ full model's later queries attend to least: the attention-rank objective's targe
 It runs under the fidelity sweep's rules (same windows, buffer, decode protocol, both sink
 regimes), and its KL is set beside TRIM-KV's and the best baseline's from the committed sweep
 (``docs/data/fidelity_sweep.json``), window by window. Two horizons: all later queries, and the
-next 256 (the training objective's). ``--variants fit-256,...`` adds the fitted-retention oracle:
-TRIM-KV's score with per-token log beta fitted to the future, the ceiling of any gate. Issue 17's goal 2 asks TRIM-KV at M to match the best
-baseline at 2M; the table shows how close even perfect knowledge of future attention gets, and
-what share of the gap between the best baseline and the oracle TRIM-KV has closed.
+next 256 (the training objective's). ``--variants fit-256,...`` adds the fitted-retention
+oracle: TRIM-KV's score with per-token log beta fitted to the future, the ceiling of any gate.
+Issue 17's goal 2 asks TRIM-KV at M to match the best baseline at 2M; the table shows how close
+even perfect knowledge of future attention gets, and what share of the gap between the best
+baseline and the oracle TRIM-KV has closed.
 
     python benchmarks/oracle_headroom.py --write-results
     python benchmarks/oracle_headroom.py --regimes 0 --json runs/oracle0.json   # one regime
@@ -43,7 +44,7 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = "oracle,oracle-256"
 FIT_NOTE = (" `fit-256` is TRIM-KV's own score, `(t - i) log beta_i`, with each token's log beta "
-            "fitted (300 Adam steps of the attention-rank objective, per KV head) to the next "
+            "fitted ({steps} Adam steps of the attention-rank objective, per KV head) to the next "
             "256 queries' attention: the best any retention gate of this form could do. "
             "`+offset` fits `a_i + (t - i) log beta_i`, a per-token offset beside the decay.")
 
@@ -127,6 +128,7 @@ def _ci(d: dict, fmt: str = "+.4f") -> str:
 
 def render(res: dict) -> str:
     rows = res["summary"]
+    fit = next((r for r in rows if r["oracle"].startswith("fit")), None)
     lines = [
         "## Headroom: the future-attention oracle under the sweep's rules",
         "",
@@ -139,7 +141,7 @@ def render(res: dict) -> str:
         "(`docs/data/fidelity_sweep.json`), the best baseline taken among those scored on every "
         "window. Horizon: `oracle` sums the attention of all later queries, `oracle-256` of the "
         "next 256. 'Closed' = (best baseline - TRIM-KV) / (best baseline - oracle) at the same M."
-        + (FIT_NOTE if any(r["oracle"].startswith("fit") for r in rows) else ""),
+        + (FIT_NOTE.format(steps=fit["settings"]["policy"]["steps"]) if fit else ""),
         "",
         "| sinks | oracle | M | oracle KL [95% CI] | TRIM-KV | best baseline at M | closed | "
         "best baseline at 2M | oracle - it [95% CI] | oracle wins | TRIM-KV - oracle [95% CI] |",

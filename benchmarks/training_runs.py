@@ -32,19 +32,21 @@ PARTIAL = ROOT / "runs" / "fidelity_sweep.partial.json"
 LEVERS = ("init_gates", "train_sinks", "gate_positions", "gate_log_alpha", "position_lr_scale",
           "train_position_only", "freeze_positions", "evict_aware", "evict_tau",
           "evict_scale", "evict_budgets", "evict_decay", "objective", "rank_horizon",
-          "rank_stride", "rank_query_step", "rank_scope", "rank_topm_weight", "rank_topm_tau",
+          "rank_stride", "rank_query_step", "rank_scope", "rank_listnet_weight",
+          "rank_topm_weight", "rank_topm_tau", "rank_topm_sequential", "rank_topm_relative",
           "lambda_cap",
           "memory_size", "seq_len", "intermediate_size", "data", "steps", "lr")
 #: levers whose default is True: named only when switched off
 SHOWN_WHEN_FALSE = ("evict_decay",)
 #: levers not named at their default value
 HIDDEN_AT = {"position_lr_scale": 1.0, "objective": "distill", "lambda_cap": 1.0,
-             "rank_topm_weight": 0.0, "rank_topm_tau": 1.0}
+             "rank_listnet_weight": 1.0, "rank_topm_weight": 0.0, "rank_topm_tau": 1.0}
 #: levers that only mean something with the eviction-aware objective
 EVICT_ONLY = ("evict_tau", "evict_scale", "evict_budgets", "evict_decay")
 #: levers that only mean something with the attention-rank objective
-RANK_ONLY = ("rank_horizon", "rank_stride", "rank_query_step", "rank_scope", "rank_topm_weight",
-             "rank_topm_tau")
+RANK_ONLY = ("rank_horizon", "rank_stride", "rank_query_step", "rank_scope",
+             "rank_listnet_weight", "rank_topm_weight", "rank_topm_tau", "rank_topm_sequential",
+             "rank_topm_relative")
 
 
 def _run_record(directory: Path) -> dict:

@@ -40,3 +40,21 @@ def load_benchmark(name: str):
     spec.loader.exec_module(module)
     return module
 
+
+
+def gates_with_random(model, part: str, seed: int, **extra):
+    """Small fresh gates for ``model`` (I = 8, wide init) whose zero-initialised ``part`` of every
+    gate (``"position"`` or ``"alpha"``, switched on by ``extra``) holds seeded N(0, 3^2)
+    weights, so that it changes what the gates give the cache."""
+    import torch
+
+    from kvbound.gates import RetentionGates
+
+    gates = RetentionGates.for_model(model, intermediate_size=8, init_std=0.5, bias_init=2.0,
+                                     seed=seed, **extra)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i in gates.config.gated_layers:
+            weight = getattr(gates[i], part).weight
+            weight.copy_(torch.randn(weight.shape, generator=g) * 3)
+    return gates

@@ -13,19 +13,13 @@ from kvbound.cache import EvictionCache
 from kvbound.errors import KVBoundError
 from kvbound.gates import RetentionGate, RetentionGates
 from kvbound.testing import ByteTokenizer, tiny_model
+from tests.helpers import gates_with_random
 from tests.rng import gen
 
 
 def _gates(model, seed=7):
     """Log-alpha gates whose alpha read-out is not zero (so it changes the ranking)."""
-    gates = RetentionGates.for_model(model, intermediate_size=8, init_std=0.5, bias_init=2.0,
-                                     seed=seed, log_alpha=True)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for i in gates.config.gated_layers:
-            w = gates[i].alpha.weight
-            w.copy_(torch.randn(w.shape, generator=g) * 3)
-    return gates
+    return gates_with_random(model, "alpha", seed, log_alpha=True)
 
 
 def test_a_fresh_log_alpha_gate_is_the_papers_gate():

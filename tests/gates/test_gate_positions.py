@@ -11,19 +11,13 @@ from kvbound.errors import KVBoundError
 from kvbound.gates import POSITION_SCALES, RetentionGate, RetentionGates, position_features
 from kvbound.hooks import detach
 from kvbound.testing import ByteTokenizer, tiny_model
+from tests.helpers import gates_with_random
 from tests.rng import gen
 
 
 def _gates(model, seed=5):
     """Positional gates whose position weights are not zero (so positions change log beta)."""
-    gates = RetentionGates.for_model(model, intermediate_size=8, init_std=0.5, bias_init=2.0,
-                                     seed=seed, position_input=True)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for i in gates.config.gated_layers:
-            gates[i].position.weight.copy_(torch.randn(gates[i].position.weight.shape,
-                                                       generator=g) * 3)
-    return gates
+    return gates_with_random(model, "position", seed, position_input=True)
 
 
 def test_features_are_one_at_the_start_and_fade():

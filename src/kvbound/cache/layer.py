@@ -335,25 +335,25 @@ class EvictionLayer(_BatchOps, CacheLayerMixin):
         with torch.no_grad():
             outputs = self.gates.apply(hidden, self._pos[:, 0, self.n : self.n + q])
         for name, value in outputs.items():
-            self._store_chunk_log_beta(value, name)
+            self._store_chunk_output(name, value)
 
-    def _store_chunk_log_beta(self, log_beta: torch.Tensor, name: str = "log_beta") -> None:
-        """Log beta (or another gate output ``name``) (B, H, q) of the chunk being appended at
+    def _store_chunk_output(self, name: str, value: torch.Tensor) -> None:
+        """Gate output ``name`` (log beta, log alpha), (B, H, q), of the chunk being appended at
         slot ``n``."""
-        self._state[name][:, :, self.n : self.n + log_beta.shape[-1]] = log_beta
+        self._state[name][:, :, self.n : self.n + value.shape[-1]] = value
 
     def flush_gates(self) -> None:
-        """Run the gate over the staged decode tokens and store their log beta."""
+        """Run the gate over the staged decode tokens and store its outputs."""
         p = self.gates.pending
         if not p:
             return
         t0 = time.perf_counter()
-        self._store_staged_log_beta(p)
+        self._store_staged_outputs(p)
         if self.timings is not None:
             self.timings["scoring_inputs"] += time.perf_counter() - t0
 
-    def _store_staged_log_beta(self, p: int) -> None:
-        """The gate over the ``p`` staged tokens: the trailing ``p`` slots."""
+    def _store_staged_outputs(self, p: int) -> None:
+        """The gate's outputs for the ``p`` staged tokens: the trailing ``p`` slots."""
         n = self.n
         for name, value in self.gates.run(self._pos[:, 0, n - p : n]).items():
             self._state[name][:, :, n - p : n] = value

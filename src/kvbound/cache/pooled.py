@@ -251,14 +251,14 @@ class PooledEvictionLayer(EvictionLayer):
             self._decode_heads = torch.arange(self.kv_heads, device=self.device).float()
         return self._decode_heads
 
-    def _store_chunk_log_beta(self, log_beta: torch.Tensor, name: str = "log_beta") -> None:
-        """Log beta (or another gate output ``name``) (B, H, q) of a chunk appended at slot
-        ``n``: H x q slots, head-major."""
-        self._state[name][:, 0, self.n : self.n + log_beta[0].numel()] = log_beta.flatten(1)
+    def _store_chunk_output(self, name: str, value: torch.Tensor) -> None:
+        """Gate output ``name`` (B, H, q) of a chunk appended at slot ``n``: H x q slots,
+        head-major."""
+        self._state[name][:, 0, self.n : self.n + value[0].numel()] = value.flatten(1)
 
-    def _store_staged_log_beta(self, p: int) -> None:
-        """The gate over the ``p`` staged decode tokens: the trailing H x p slots, one step's H
-        heads after another (each token was appended as a chunk of one)."""
+    def _store_staged_outputs(self, p: int) -> None:
+        """The gate's outputs for the ``p`` staged decode tokens: the trailing H x p slots, one
+        step's H heads after another (each token was appended as a chunk of one)."""
         h, n = self.kv_heads, self.n
         b = self._pos.shape[0]
         pos = self._pos[:, 0, n - h * p : n].view(b, p, h)[:, :, 0]  # (B, p): a step's heads

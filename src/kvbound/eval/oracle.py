@@ -20,6 +20,19 @@ from kvbound.policies.oracle import FittedRetentionOracle, FutureAttentionOracle
 FITS = ("trimkv", "trimkv+offset")
 
 CAPTURE_NAME = "kvbound_capture"
+
+
+def decision_times(j: int, stride: int, t: int, device=None) -> torch.Tensor:
+    """(J,) the decision times of a future-attention table: ``0, stride, 2 stride, ...``, the
+    last ones clamped to the text's length ``t`` (:func:`future_attention_tables`)."""
+    return torch.arange(0, j * stride, stride, device=device).clamp(max=t)
+
+
+def decision_ages(j: int, stride: int, t: int, device=None) -> torch.Tensor:
+    """(J, T) float: each key's age ``t_j - i`` at each decision time (0 for keys not yet
+    there)."""
+    times = decision_times(j, stride, t, device)
+    return (times[:, None] - torch.arange(t, device=device)).clamp(min=0).float()
 _SINK_ATTR = "_kvbound_capture"
 
 
@@ -59,7 +72,7 @@ def future_attention_tables(model, ids: torch.Tensor, *, stride: int = 16,
         check_int("horizon", horizon, minimum=1)
     b, t = ids.shape
     w = t if horizon is None else horizon
-    times = torch.arange(0, t + stride, stride, device=ids.device).clamp(max=t)
+    times = decision_times(-(-t // stride) + 1, stride, t, ids.device)
     keep_layers = set(evicted_layers(model))
     tables: dict[int, torch.Tensor] = {}
     modules = attention_modules(model)
@@ -119,10 +132,9 @@ def fit_retention(tables: dict[int, torch.Tensor], stride: int, *, form: str = "
     check_int("steps", steps, minimum=1)
     layers = sorted(tables)
     b, h, j, t = tables[layers[0]].shape
-    times = torch.arange(0, j * stride, stride).clamp(max=t).to(tables[layers[0]].device)
-    keys = torch.arange(t, device=times.device)
-    cand = keys < times[:, None]  # (J, T)
-    age = (times[:, None] - keys).clamp(min=0).float()
+    device = tables[layers[0]].device
+    cand = torch.arange(t, device=device) < decision_times(j, stride, t, device)[:, None]  # (J, T)
+    age = decision_ages(j, stride, t, device)
     flow = torch.stack([tables[k].float() for k in layers]) * cand  # (L, B, H, J, T)
     mass = flow.sum(-1, keepdim=True)
     target = flow / mass.clamp_min(1e-30)
