@@ -170,9 +170,10 @@ def train(
                                     "absolute)."),
     evict_scale: Literal["relative", "absolute"] = typer.Option("relative",
                                     help="relative (scale-free) or absolute temperature."),
-    evict_budgets: str | None = typer.Option(None, help="With --evict-aware: budgets M the "
-                                             "student's eviction cycles through, one per step "
-                                             "(e.g. '32,64,128'; default: --memory-size)."),
+    evict_budgets: str | None = typer.Option(None, help="With --evict-aware or "
+                                             "--rank-topm-weight: budgets M the student's "
+                                             "eviction or the top-M cut cycles through, one per "
+                                             "step (e.g. '32,64,128'; default: --memory-size)."),
     evict_decay: bool = typer.Option(True, "--evict-decay/--evict-no-decay",
                                      help="With --evict-aware: keep the paper's soft decay in the "
                                      "student beside the eviction mask, or the mask alone."),
@@ -187,9 +188,9 @@ def train(
         "head", help="attention-rank: rank each KV head's keys alone (head), all the layer's "
         "heads' keys in one list (layer: for --budget-scope layer) or every layer's (model: for "
         "--budget-scope global)."),
-    rank_topm_weight: float = typer.Option(0.0, min=0.0, help="attention-rank with --rank-scope "
-                                           "model: weight of the attention a top-M cut loses "
-                                           "(M = --memory-size), beside ListNet."),
+    rank_topm_weight: float = typer.Option(0.0, min=0.0, help="attention-rank: weight of the "
+                                           "attention a top-M cut of each list loses (M = "
+                                           "--memory-size per KV head), beside ListNet."),
     rank_topm_tau: float = typer.Option(1.0, min=1e-6, help="Temperature of that cut."),
     rank_topm_sequential: bool = typer.Option(False, "--rank-topm-sequential",
                                               help="The cut sees only keys that survived the "

@@ -313,8 +313,45 @@ def test_topm_term_trains_with_the_model_wide_list(tmp_path):
     Trainer(cfg, tiny_model("llama", seed=0), ByteTokenizer(), progress=False).run()
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert all(0 < r["topm_lost_hard"] < 1 and r["topm_lost"] > 0 for r in log)
-    with pytest.raises(KVBoundError, match="rank_scope 'model'"):
-        TrainConfig(**{**cfg.__dict__, "rank_scope": "head"}).validate()
+    with pytest.raises(KVBoundError, match="needs evict_aware or rank_topm_weight"):
+        TrainConfig(**{**cfg.__dict__, "rank_topm_weight": 0.0, "evict_budgets": [4]}).validate()
+
+
+def test_lists_flag_returns_each_scopes_lists():
+    """lists=True: the layer's RankLists, one per KV head (scope head: (B, H_kv, times, T)) or
+    one per layer (scope layer: the heads side by side), whose ListNet is the loss the same call
+    returns without the flag."""
+    from kvbound.train.rank_loss import RankLists, listnet
+
+    q, k = _qk(t=16, seed=3)
+    lb = -torch.rand(2, 2, 16, generator=gen(4)) - 1e-3
+    kw = dict(horizon=5, stride=3, start=4, query_step=1)
+    for scope, shape in (("head", (2, 2, 4, 16)), ("layer", (2, 1, 4, 32))):
+        lists = attention_rank_loss(q, k, lb, 0.3, scope=scope, lists=True, **kw)
+        assert isinstance(lists, RankLists) and lists.scores.shape == shape
+        loss, kl = attention_rank_loss(q, k, lb, 0.3, scope=scope, **kw)
+        torch.testing.assert_close(listnet(lists)[0], loss)
+        assert listnet(lists)[1] == pytest.approx(kl)
+
+
+def test_topm_term_per_head_cuts_each_head_at_m_and_cycles_budgets(tmp_path):
+    """rank_scope="head" with the top-M term: each KV head's list is cut at M (the cache's
+    per-head budget), so on the same first step a larger M loses less attention and the share
+    differs from the model-wide cut at M x heads x layers; evict_budgets cycles M one per step,
+    and the cycle's first step is the single-budget run's."""
+    def first_steps(name, **kw):
+        cfg = _cfg(tmp_path / name, rank_topm_weight=5.0, rank_topm_sequential=True, **kw)
+        Trainer(cfg, tiny_model("llama", seed=0), ByteTokenizer(), progress=False).run()
+        path = tmp_path / name / "run" / "train_log.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()]
+
+    m4, m12 = first_steps("m4", memory_size=4, steps=1), first_steps("m12", memory_size=12, steps=1)
+    assert 0 < m12[0]["topm_lost_hard"] < m4[0]["topm_lost_hard"] < 1
+    model_wide = first_steps("model", memory_size=4, steps=1, rank_scope="model")
+    assert model_wide[0]["topm_lost_hard"] != pytest.approx(m4[0]["topm_lost_hard"])
+    cyc = first_steps("cyc", steps=3, evict_budgets=[4, 12])
+    assert [r["budget"] for r in cyc] == [4, 12, 4]
+    assert cyc[0]["topm_lost_hard"] == m4[0]["topm_lost_hard"] and cyc[0]["loss"] == m4[0]["loss"]
 
 
 def test_sequential_cut_sees_only_the_keys_that_survived():

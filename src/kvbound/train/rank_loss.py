@@ -75,7 +75,8 @@ def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.
                         scaling: float | None = None, attention_mask: torch.Tensor | None = None,
                         *, horizon: int = 256, stride: int = 16, start: int = 16,
                         query_step: int = 4, scope: str = "head",
-                        log_alpha: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                        log_alpha: torch.Tensor | None = None,
+                        lists: bool = False) -> tuple[torch.Tensor, float] | RankLists:
     """ListNet loss of the retention ranking against the model's future attention.
 
     Parameters
@@ -96,6 +97,9 @@ def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.
         ``"head"``: one list per KV head; ``"layer"``: one list of all the layer's heads' keys;
         ``"model"``: this layer's part of one list over every gated layer, returned as
         :class:`RankLists` (no loss yet: :func:`join_lists` then :func:`listnet`).
+    lists : bool
+        Return this layer's :class:`RankLists` (per head or per layer, as ``scope`` says) instead
+        of the loss, for a caller that adds terms over them (:func:`topm_lost_mass`).
 
     Returns ``(loss, listwise_kl)``: the mean cross-entropy (with gradient to ``log_beta``) and
     the mean KL to the target distribution (a float, 0 when the ranking fits exactly).
@@ -111,8 +115,9 @@ def attention_rank_loss(query: torch.Tensor, key: torch.Tensor, log_beta: torch.
         raise KVBoundError(f"sequence of {t} tokens is too short for the first decision time "
                            f"{start}.")
     with torch.autocast(query.device.type, enabled=False):  # fp32 throughout, bf16 run or not
-        return _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, start,
-                        query_step, scope, log_alpha)
+        made = rank_lists(query, key, log_beta, scaling, attention_mask, horizon, stride,
+                          start, query_step, per_layer=scope != "head", log_alpha=log_alpha)
+        return made if lists or scope == "model" else listnet(made)
 
 
 def _one_list_per_layer(x: torch.Tensor) -> torch.Tensor:
@@ -130,13 +135,6 @@ class RankLists(NamedTuple):
     scores: torch.Tensor
     cand: torch.Tensor
     weight: torch.Tensor
-
-
-def _listnet(query, key, log_beta, scaling, attention_mask, horizon, stride, start, query_step,
-             scope="head", log_alpha=None):
-    lists = rank_lists(query, key, log_beta, scaling, attention_mask, horizon, stride, start,
-                       query_step, per_layer=scope != "head", log_alpha=log_alpha)
-    return lists if scope == "model" else listnet(lists)
 
 
 def rank_lists(query, key, log_beta, scaling, attention_mask, horizon, stride, start, query_step,

@@ -91,8 +91,9 @@ class TrainConfig:
     evict_aware: bool = False
     evict_tau: float = 0.05
     evict_scale: str = "relative"
-    #: budgets the student's eviction and the capacity loss cycle through, one per step (empty:
-    #: ``memory_size`` every step); a ranking trained at several M serves every budget
+    #: budgets the student's eviction (or attention-rank's top-M cut) and the capacity loss cycle
+    #: through, one per step (empty: ``memory_size`` every step); a ranking trained at several M
+    #: serves every budget
     evict_budgets: list[int] = field(default_factory=list)
     #: keep the paper's soft decay in the student beside the eviction mask (False: mask alone,
     #: as the cache attends)
@@ -112,7 +113,8 @@ class TrainConfig:
     rank_scope: str = "head"
     #: attention-rank: weight of the top-M term (:func:`kvbound.train.rank_loss.topm_lost_mass`,
     #: the future attention a cut at the step's budget M per KV head loses) beside ListNet;
-    #: 0 = ListNet alone. Needs rank_scope "model" (the cut is then M x heads x layers)
+    #: 0 = ListNet alone. The cut is M per head list, M x heads per layer list and
+    #: M x heads x layers per model list (rank_scope)
     rank_topm_weight: float = 0.0
     #: its temperature, in score units (log importance)
     rank_topm_tau: float = 1.0
@@ -148,9 +150,6 @@ class TrainConfig:
         if self.rank_topm_sequential and not self.rank_topm_weight:
             raise ConfigError("rank_topm_sequential", "rank_topm_sequential needs "
                               "rank_topm_weight > 0 (it changes that term).")
-        if self.rank_topm_weight and self.rank_scope != "model":
-            raise ConfigError("rank_topm_weight", "rank_topm_weight needs rank_scope 'model' "
-                              "(one list per decision time over every layer and head).")
         if self.rank_scope not in SCOPES:
             raise ConfigError("rank_scope", f"rank_scope must be one of {', '.join(SCOPES)}, "
                                             f"got {self.rank_scope!r}.")
@@ -201,9 +200,10 @@ class TrainConfig:
         if not self.evict_decay and not self.evict_aware:
             raise ConfigError("evict_decay", "evict_decay=False needs evict_aware (without the "
                               "eviction mask the student would be plain attention).")
-        if budgets and not self.evict_aware:
-            raise ConfigError("evict_budgets", "evict_budgets needs evict_aware (the budgets are "
-                              "those the student's eviction cycles through).")
+        if budgets and not (self.evict_aware or self.rank_topm_weight):
+            raise ConfigError("evict_budgets", "evict_budgets needs evict_aware or "
+                              "rank_topm_weight (the budgets are those the student's eviction "
+                              "or the attention-rank top-M cut cycles through).")
 
     def budget_at(self, step: int) -> int:
         """The budget M of optimizer step ``step``: ``evict_budgets`` in turn, else memory_size."""
@@ -372,7 +372,7 @@ class Trainer:
         if self.cfg.objective == "attention-rank":
             state.train_rank = {"horizon": self.cfg.rank_horizon, "stride": self.cfg.rank_stride,
                                 "query_step": self.cfg.rank_query_step,
-                                "scope": self.cfg.rank_scope}
+                                "scope": self.cfg.rank_scope, "lists": True}
         name = register_retention_attention()
         # transformers documents no public getter (5.24); set_attn_implementation is the setter
         self._prev_impl = model.config._attn_implementation
@@ -531,29 +531,36 @@ class Trainer:
             self.model.base_model(input_ids=ids, attention_mask=att)
         log_betas = [rank_of(m)[0] for m in self.gated]
         parts = [rank_loss_of(m) for m in self.gated]
-        extra = {}
-        if self.cfg.rank_scope == "model":  # one list over every gated layer
-            from kvbound.train.rank_loss import join_lists, listnet, topm_lost_mass
-
-            lists = join_lists(parts)
-            rank, kl = listnet(lists)
-            rank = self.cfg.rank_listnet_weight * rank
-            if self.cfg.rank_topm_weight:
-                keep = budget * self.gates.config.num_kv_heads * len(self.gated)
-                lost, hard = topm_lost_mass(lists, keep, self.cfg.rank_topm_tau,
-                                            sequential=self.cfg.rank_topm_sequential,
-                                            relative=self.cfg.rank_topm_relative)
-                rank = rank + self.cfg.rank_topm_weight * lost
-                extra = {"topm_lost": float(lost.detach()), "topm_lost_hard": hard}
-        else:
-            rank, kl = torch.stack([p[0] for p in parts]).mean(), sum(p[1] for p in parts) / len(
-                parts)
+        rank, kl, extra = self._rank_terms(parts, budget)
         cap = self._capacity_loss(log_betas, att, budget)
         loss = rank + self.cfg.lambda_cap * cap
         (loss / self.cfg.grad_accum).backward()
         return {"loss": float(loss.detach()), "kl": kl,
                 "rank": float(rank.detach()), "cap": float(cap.detach()),
                 "tokens": int(att.sum()), **extra, **gate_summary(self.gates, log_betas)}
+
+    def _rank_terms(self, parts: list, budget: int) -> tuple[torch.Tensor, float, dict]:
+        """ListNet (weighted) plus the top-M term over the step's lists: one per KV head
+        (``rank_scope="head"``, cut at M), per layer (at M x heads) or per model (every gated
+        layer's lists joined, at M x heads x layers). Returns the loss, the listwise KL and the
+        top-M shares for the log."""
+        from kvbound.train.rank_loss import join_lists, listnet, topm_lost_mass
+
+        cfg = self.cfg
+        groups = [join_lists(parts)] if cfg.rank_scope == "model" else parts
+        fits = [listnet(g) for g in groups]
+        rank = cfg.rank_listnet_weight * torch.stack([f[0] for f in fits]).mean()
+        kl = sum(f[1] for f in fits) / len(fits)
+        if not cfg.rank_topm_weight:
+            return rank, kl, {}
+        heads = {"head": 1, "layer": self.gates.config.num_kv_heads,
+                 "model": self.gates.config.num_kv_heads * len(self.gated)}[cfg.rank_scope]
+        cuts = [topm_lost_mass(g, budget * heads, cfg.rank_topm_tau,
+                               sequential=cfg.rank_topm_sequential,
+                               relative=cfg.rank_topm_relative) for g in groups]
+        lost = torch.stack([c[0] for c in cuts]).mean()
+        return rank + cfg.rank_topm_weight * lost, kl, {
+            "topm_lost": float(lost.detach()), "topm_lost_hard": sum(c[1] for c in cuts) / len(cuts)}
 
     def _broadcast_gates(self) -> None:
         """Make rank 0's gate weights everyone's (they are seeded alike; this guarantees it)."""
