@@ -51,6 +51,9 @@ STRONG = ("trimkv", "streaming", "tova", "h2o", "snapkv", "rkv")
 
 
 def domain_texts(model, tok, args) -> list[tuple[str, str]]:
+    if args.tune_text:  # tuning: training-source text only, never the held-out domains
+        return [(f"tune/{i}", Path(f).read_text(errors="replace"))
+                for i, f in enumerate(args.tune_text)]
     texts = [("pydoc-eval-half", "\n\n".join(eval_text_pool()))]
     if LIBPNG.exists():
         texts.append(("libpng-manual", gzip.decompress(LIBPNG.read_bytes()).decode("utf-8",
@@ -106,6 +109,10 @@ def main() -> None:
                     help="the entry compared with the best other method (a method or LABEL)")
     ap.add_argument("--protocol", default="decode")
     ap.add_argument("--text-file", action="append", default=[])
+    ap.add_argument("--tune-text", action="append", default=[], metavar="FILE",
+                    help="windows from these files only (one domain), to tune a setting on "
+                         "training-source text away from the held-out texts; not with "
+                         "--write-results or --replace")
     ap.add_argument("--json", type=Path, default=None,
                     help="the run's JSON (default: docs/data/fidelity_sweep.json with "
                          "--write-results or --from-json, else runs/fidelity_sweep.json)")
@@ -123,6 +130,9 @@ def main() -> None:
                          "row kept")
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
+    if args.tune_text and (args.write_results or args.replace or args.from_json):
+        ap.error("--tune-text runs are for tuning only: drop --write-results, --replace and "
+                 "--from-json (published rows come from the held-out texts)")
     if args.json is None:
         args.json = (ROOT / "docs" / "data" if args.write_results or args.from_json
                      else ROOT / "runs") / "fidelity_sweep.json"

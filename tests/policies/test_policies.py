@@ -574,6 +574,50 @@ def test_trimkv_lookahead_scores_retention_over_the_next_n_queries():
     assert cache.settings()["policy"] == {"policy": "trimkv", "lookahead": 4}
 
 
+def test_trimkv_attention_weight_adds_the_latest_querys_log_attention():
+    """attention_weight=w: score + w log(a + eps), a the latest query's attention per KV head
+    (the mean over its query group, from the post-RoPE query and resident keys); off by default
+    (the paper's score and settings); in a cache it buffers one query and changes what stays."""
+    from types import SimpleNamespace
+
+    from kvbound.cache import TrimKVCache
+    from kvbound.policies.retention import ATTENTION_EPS, RetentionPolicy
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.tensor([[[0, 3, 5, 9], [1, 2, 6, 8]]])  # (B=1, H_kv=2, n=4)
+    keys = torch.randn(1, 2, 4, 8, generator=g)
+    query = torch.randn(1, 4, 1, 8, generator=g)  # 2 query heads per KV head
+    log_beta = -torch.rand(1, 2, 4, generator=g)
+    layer = SimpleNamespace(positions=pos, log_beta=log_beta, row_seen=torch.tensor([10]),
+                            log_alpha=None, keys_=keys, queries=SimpleNamespace(
+                                queries=query, valid=torch.tensor([[True]]),
+                                pos=torch.tensor([[9]])))
+    probs = torch.softmax(query.view(1, 2, 2, 8) @ keys.transpose(-1, -2) / math.sqrt(8), -1)
+    expected = (10 - pos).float() * log_beta + 0.5 * torch.log(probs.mean(2) + ATTENTION_EPS)
+    assert torch.allclose(RetentionPolicy(attention_weight=0.5).score(layer), expected, atol=1e-5)
+    assert RetentionPolicy().query_window == 0 and RetentionPolicy(attention_weight=1).query_window == 1
+    for bad in (-0.1, True, "1"):
+        with pytest.raises(KVBoundError, match="attention_weight"):
+            RetentionPolicy(attention_weight=bad)
+    model = tiny_model("llama", seed=0)
+    RetentionGates.for_model(model, seed=0).attach(model)
+    ids = torch.randint(3, model.config.vocab_size, (1, 40), generator=g)
+
+    def resident(**kw):
+        cache = TrimKVCache(model, budget=8, buffer=2, sinks=0, **kw)
+        with torch.no_grad():
+            for i in range(ids.shape[1]):  # decode: one token a step, evicting as it goes
+                model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True,
+                      position_ids=torch.tensor([[i]]))
+        return cache, cache.resident_positions(0)
+
+    plain, kept = resident()
+    mixed, kept_mixed = resident(attention_weight=2.0)
+    assert "attention_weight" not in plain.settings()["policy"]
+    assert mixed.settings()["policy"]["attention_weight"] == 2.0
+    assert not torch.equal(kept, kept_mixed)
+
+
 def test_policy_settings_accept_their_smallest_values_and_refuse_below():
     for cls in (SnapKVPolicy, PyramidKVPolicy, RKVPolicy):
         cls(window=1, kernel=1)  # no pooling, a one-query window: valid

@@ -417,10 +417,12 @@ class TrimKVCache(EvictionCache):
 
     def __init__(self, model: nn.Module, *, budget: int = 256, buffer: int = 32,
                  sinks: int | None = None, static: bool = False, positions: str = "auto",
-                 lookahead: int = 1, budget_scope: str = "head", min_per_head: int = 0) -> None:
+                 lookahead: int = 1, budget_scope: str = "head", min_per_head: int = 0,
+                 attention_weight: float = 0.0) -> None:
         super().__init__(model, "trimkv", budget=budget, buffer=buffer, sinks=sinks,
                          static=static, positions=positions, lookahead=lookahead,
-                         budget_scope=budget_scope, min_per_head=min_per_head)
+                         budget_scope=budget_scope, min_per_head=min_per_head,
+                         attention_weight=attention_weight)
 
 
 def _incoming_validity(attention_mask, batch: int, q_len: int, device):
