@@ -52,8 +52,10 @@ STRONG = ("trimkv", "streaming", "tova", "h2o", "snapkv", "rkv")
 
 def domain_texts(model, tok, args) -> list[tuple[str, str]]:
     if args.tune_text:  # tuning: training-source text only, never the held-out domains
-        return [(f"tune/{i}", Path(f).read_text(errors="replace"))
-                for i, f in enumerate(args.tune_text)]
+        from kvbound.train.data import prose_documents
+
+        return [(f"tune/{i}", "\n\n".join(prose_documents()) if f == "prose"
+                 else Path(f).read_text(errors="replace")) for i, f in enumerate(args.tune_text)]
     texts = [("pydoc-eval-half", "\n\n".join(eval_text_pool()))]
     if LIBPNG.exists():
         texts.append(("libpng-manual", gzip.decompress(LIBPNG.read_bytes()).decode("utf-8",
@@ -110,8 +112,9 @@ def main() -> None:
     ap.add_argument("--protocol", default="decode")
     ap.add_argument("--text-file", action="append", default=[])
     ap.add_argument("--tune-text", action="append", default=[], metavar="FILE",
-                    help="windows from these files only (one domain), to tune a setting on "
-                         "training-source text away from the held-out texts; not with "
+                    help="windows from these files only (one domain; 'prose': the training "
+                         "prose of kvbound.train.data), to tune a setting on training-source "
+                         "text away from the held-out texts; not with "
                          "--write-results or --replace")
     ap.add_argument("--json", type=Path, default=None,
                     help="the run's JSON (default: docs/data/fidelity_sweep.json with "

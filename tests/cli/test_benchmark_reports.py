@@ -95,6 +95,26 @@ def test_fidelity_sweep_pairs_each_variant_with_its_base():
     assert out[2].endswith("| 0/3 |")
 
 
+def test_fidelity_sweep_tune_text_reads_only_training_text(tmp_path):
+    """--tune-text: the windows come from the given files (or 'prose', the training prose) and
+    never from the held-out domains; publishing from a tuning run is refused."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from kvbound.train.data import prose_documents
+
+    f = load_benchmark("fidelity_sweep")
+    text = tmp_path / "train.txt"
+    text.write_text("training words " * 50)
+    texts = f.domain_texts(None, None, SimpleNamespace(tune_text=[str(text), "prose"]))
+    assert [n for n, _ in texts] == ["tune/0", "tune/1"]
+    assert texts[0][1] == text.read_text() and texts[1][1] == "\n\n".join(prose_documents())
+    run = subprocess.run([sys.executable, "benchmarks/fidelity_sweep.py", "--tune-text", "prose",
+                          "--write-results"], capture_output=True, text=True)
+    assert run.returncode == 2 and "for tuning only" in run.stderr
+
+
 def test_oracle_headroom_summary_pairs_windows_and_reads_goal_2():
     o = load_benchmark("oracle_headroom")
     base = [_row("trimkv", "trimkv", 32, [0.30, 0.32]), _row("tova", "tova", 32, [0.33, 0.35]),
