@@ -51,7 +51,7 @@ STRONG = ("trimkv", "streaming", "tova", "h2o", "snapkv", "rkv")
 
 
 def domain_texts(model, tok, args) -> list[tuple[str, str]]:
-    if args.tune_text:  # tuning: training-source text only, never the held-out domains
+    if getattr(args, "tune_text", None):  # tuning: training-source text, never the held-out
         from kvbound.train.data import prose_documents
 
         return [(f"tune/{i}", "\n\n".join(prose_documents()) if f == "prose"
