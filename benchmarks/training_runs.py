@@ -41,7 +41,8 @@ SHOWN_WHEN_FALSE = ("evict_decay",)
 #: levers not named at their default value
 HIDDEN_AT = {"position_lr_scale": 1.0, "objective": "distill", "lambda_cap": 1.0,
              "rank_listnet_weight": 1.0, "rank_topm_weight": 0.0, "rank_topm_tau": 1.0}
-#: levers that only mean something with the eviction-aware objective
+#: levers that only mean something with the eviction-aware objective (evict_budgets also cycles
+#: the attention-rank top-M cut)
 EVICT_ONLY = ("evict_tau", "evict_scale", "evict_budgets", "evict_decay")
 #: levers that only mean something with the attention-rank objective
 RANK_ONLY = ("rank_horizon", "rank_stride", "rank_query_step", "rank_scope",
@@ -138,7 +139,9 @@ def render(runs: dict) -> str:
                            and (cfg[k] is not False or k in SHOWN_WHEN_FALSE)
                            and not (k in SHOWN_WHEN_FALSE and cfg[k] is True)
                            and not (k in HIDDEN_AT and cfg[k] == HIDDEN_AT[k])
-                           and not (k in EVICT_ONLY and not cfg.get("evict_aware"))
+                           and not (k in EVICT_ONLY and not cfg.get("evict_aware")
+                                    and not (k == "evict_budgets"
+                                             and cfg.get("rank_topm_weight")))
                            and not (k in RANK_ONLY and cfg.get("objective") != "attention-rank"))
         cells = []
         for s in ("0", "4"):
