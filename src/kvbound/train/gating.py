@@ -70,8 +70,10 @@ def rank_of(module: nn.Module) -> tuple[torch.Tensor, dict] | None:
     return module.__dict__.get(RANK_ATTR)
 
 
-def rank_loss_of(module: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """The attention-rank ``(loss, listwise_kl)`` the attention function left for this forward."""
+def rank_loss_of(module: nn.Module):
+    """What the attention function left for this forward's attention-rank objective: the
+    layer's :class:`~kvbound.train.rank_loss.RankLists` (the trainer asks for lists) or
+    ``(loss, listwise_kl)``."""
     return module.__dict__.get(RANK_LOSS_ATTR)
 
 
