@@ -95,12 +95,13 @@ def test_fidelity_sweep_pairs_each_variant_with_its_base():
     assert out[2].endswith("| 0/3 |")
 
 
-def test_fidelity_sweep_tune_text_reads_only_training_text(tmp_path):
+def test_fidelity_sweep_tune_text_reads_only_training_text(tmp_path, monkeypatch, capsys):
     """--tune-text: the windows come from the given files (or 'prose', the training prose) and
     never from the held-out domains; publishing from a tuning run is refused."""
-    import subprocess
     import sys
     from types import SimpleNamespace
+
+    import pytest
 
     from kvbound.train.data import prose_documents
 
@@ -110,9 +111,15 @@ def test_fidelity_sweep_tune_text_reads_only_training_text(tmp_path):
     texts = f.domain_texts(None, None, SimpleNamespace(tune_text=[str(text), "prose"]))
     assert [n for n, _ in texts] == ["tune/0", "tune/1"]
     assert texts[0][1] == text.read_text() and texts[1][1] == "\n\n".join(prose_documents())
-    run = subprocess.run([sys.executable, "benchmarks/fidelity_sweep.py", "--tune-text", "prose",
-                          "--write-results"], capture_output=True, text=True)
-    assert run.returncode == 2 and "for tuning only" in run.stderr
+    monkeypatch.setattr(sys, "argv", ["fidelity_sweep.py", "--tune-text", "prose",
+                                      "--write-results"])
+    def no_model(*_):
+        raise AssertionError("a tuning run that publishes must stop before loading a model")
+
+    monkeypatch.setattr(f, "load_model", no_model)
+    with pytest.raises(SystemExit) as stop:
+        f.main()
+    assert stop.value.code == 2 and "for tuning only" in capsys.readouterr().err
 
 
 def test_oracle_headroom_summary_pairs_windows_and_reads_goal_2():

@@ -33,6 +33,8 @@ def decision_ages(j: int, stride: int, t: int, device=None) -> torch.Tensor:
     there)."""
     times = decision_times(j, stride, t, device)
     return (times[:, None] - torch.arange(t, device=device)).clamp(min=0).float()
+
+
 _SINK_ATTR = "_kvbound_capture"
 
 
