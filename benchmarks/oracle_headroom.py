@@ -49,9 +49,9 @@ FIT_NOTE = (" `fit-256` is TRIM-KV's own score, `(t - i) log beta_i`, with each 
             "`+offset` fits `a_i + (t - i) log beta_i`, a per-token offset beside the decay.")
 
 
-def sweep_windows(model, tok, sweep: dict):
-    """The sweep's windows, rebuilt as ``benchmarks/fidelity_sweep.py`` builds them (checked
-    against the sources it recorded)."""
+def sweep_windows(model, tok, sweep: dict, limit: int | None = None):
+    """The sweep's windows (its first ``limit`` when given), rebuilt as
+    ``benchmarks/fidelity_sweep.py`` builds them (checked against the sources it recorded)."""
     from fidelity_sweep import domain_texts, windows_per_domain
 
     args = argparse.Namespace(seq_len=sweep["seq_len"], selfgen=12, text_file=[])
@@ -63,7 +63,7 @@ def sweep_windows(model, tok, sweep: dict):
     got = [w.source for w in windows]
     if got != want:
         sys.exit(f"These windows are not the sweep's: {got[:3]}... vs {want[:3]}...")
-    return windows
+    return windows[:limit] if limit else windows
 
 
 def run(args, sweep: dict) -> dict:
@@ -71,7 +71,7 @@ def run(args, sweep: dict) -> dict:
     from kvbound.models import load_model
 
     model, tok = load_model(None)
-    windows = sweep_windows(model, tok, sweep)
+    windows = sweep_windows(model, tok, sweep, args.windows)
     out = {"regimes": {}, "budgets": args.budgets, "buffer": sweep["buffer"]}
     for sinks in args.regimes:
         methods = [(label, ORACLE, VARIANTS[label]) for label in args.variants]
@@ -88,14 +88,26 @@ def _stats(a: list[float], b: list[float]) -> dict:
     return paired_difference(a, b)
 
 
+def first_windows(rows: list[dict], n: int) -> list[dict]:
+    """The sweep's rows cut to their first ``n`` windows (mean recomputed); rows scored on fewer
+    windows are dropped."""
+    out = []
+    for r in rows:
+        kl = r["kl_per_window"][:n]
+        if len(kl) == n:
+            out.append({**r, "kl_per_window": kl, "kl_mean": sum(kl) / n})
+    return out
+
+
 def summarize(oracle: dict, sweep: dict) -> list[dict]:
-    """Per regime and budget: oracle, TRIM-KV and the best full-window baseline at M and 2M."""
+    """Per regime and budget: oracle, TRIM-KV and the best full-window baseline at M and 2M, on
+    the windows the oracle was scored on (the sweep's first ones)."""
     from kvbound.eval.stats import bootstrap_mean_ci
 
     rows = []
     for sinks, results in oracle["regimes"].items():
-        base = sweep["regimes"][sinks]["results"]
-        n = len(next(r for r in base if r["label"] == "trimkv")["kl_per_window"])
+        n = len(results[0]["kl_per_window"])
+        base = first_windows(sweep["regimes"][sinks]["results"], n)
         by = {(r["label"], r["budget"]): r for r in base}
         baselines = [r for r in base if r["method"] not in ("full", "trimkv")
                      and len(r["kl_per_window"]) == n]
@@ -136,7 +148,7 @@ def render(res: dict) -> str:
         f"Machine: {res['machine']}  ",
         f"The oracle keeps, at every eviction, the tokens the full model's later queries attend "
         f"to most (`kvbound.policies.oracle`; it reads the future, so it is a reference, not a "
-        f"method). Same {rows[0]['windows']} windows, buffer {res['buffer']}, decode protocol "
+        f"method). The fidelity sweep's first {rows[0]['windows']} windows, buffer {res['buffer']}, decode protocol "
         "and sinks as the fidelity sweep above; TRIM-KV and the baselines are the sweep's "
         "(`docs/data/fidelity_sweep.json`), the best baseline taken among those scored on every "
         "window. Horizon: `oracle` sums the attention of all later queries, `oracle-256` of the "
@@ -186,6 +198,9 @@ def main() -> None:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help=f"comma-separated oracles to score, of {', '.join(VARIANTS)}")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=None,
+                    help="score only the sweep's first N windows (the fitted oracles are slow); "
+                         "every row of the table is then compared on those windows")
     ap.add_argument("--json", type=Path, default=None,
                     help="the run's JSON (default: docs/data/oracle_headroom.json with "
                          "--write-results, else runs/oracle_headroom.json)")
@@ -196,6 +211,8 @@ def main() -> None:
     args.budgets = [int(b) for b in args.budgets.split(",")]
     args.regimes = [int(s) for s in args.regimes.split(",")]
     args.variants = args.variants.split(",")
+    if args.windows is not None and args.windows < 1:
+        sys.exit("--windows must be at least 1.")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"Unknown --variants {', '.join(unknown)}; choose among {', '.join(VARIANTS)}.")

@@ -138,6 +138,21 @@ def test_oracle_headroom_summary_pairs_windows_and_reads_goal_2():
     assert "below it" in o._reading([row])
 
 
+def test_oracle_headroom_on_fewer_windows_compares_on_the_sweeps_first_ones():
+    """``--windows N``: the sweep's rows are cut to their first N windows, so the best baseline
+    and the paired differences are those of the windows the oracle saw."""
+    o = load_benchmark("oracle_headroom")
+    base = [_row("trimkv", "trimkv", 32, [0.30, 0.50]), _row("tova", "tova", 64, [0.20, 0.10]),
+            _row("h2o", "h2o", 64, [0.18, 0.40]), _row("snapkv", "snapkv", 32, [0.40, 0.40])]
+    sweep = {"regimes": {"0": {"results": base}}}
+    oracle = {"regimes": {"0": [{**_row("fit-256", "oracle", 32, [0.16]),
+                                 "settings": {"policy": {"policy": "oracle"}}}]}}
+    (row,) = o.summarize(oracle, sweep)
+    # on all windows TOVA is the best at 64 (0.15 vs 0.29); on the first, H2O (0.18 vs 0.20)
+    assert row["best_2m"] == "h2o" and abs(row["best_2m_kl"] - 0.18) < 1e-9
+    assert abs(row["trimkv"] - 0.30) < 1e-9 and row["vs_best_2m"]["n"] == 1
+
+
 def test_task_sweep_pairs_trimkv_with_the_best_other_method_example_by_example(tmp_path):
     """The task sweep's paired table: TRIM-KV (chunked) against the best other method of either
     prefill mode, on the same examples, with the examples only one of them gets right."""
