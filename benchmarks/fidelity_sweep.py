@@ -50,24 +50,28 @@ LIBPNG = Path("/usr/share/doc/libpng16-16/libpng-manual.txt.gz")
 STRONG = ("trimkv", "streaming", "tova", "h2o", "snapkv", "rkv")
 
 
-def domain_texts(model, tok, args) -> list[tuple[str, str]]:
-    if getattr(args, "tune_text", None):  # tuning: training-source text, never the held-out
+def domain_texts(model, tok, seq_len: int, *, selfgen: int = 12, text_files=(),
+                 tune_text=()) -> list[tuple[str, str]]:
+    """``(name, text)`` per held-out source: the pydoc half kept for evaluation, the libpng
+    manual, ``selfgen`` texts the model wrote (cached in benchmarks/data) and ``text_files``.
+    With ``tune_text`` (``"prose"`` or files) only those training-source texts, for tuning."""
+    if tune_text:  # tuning: training-source text, never the held-out
         from kvbound.train.data import prose_documents
 
         return [(f"tune/{i}", "\n\n".join(prose_documents()) if f == "prose"
-                 else Path(f).read_text(errors="replace")) for i, f in enumerate(args.tune_text)]
+                 else Path(f).read_text(errors="replace")) for i, f in enumerate(tune_text)]
     texts = [("pydoc-eval-half", "\n\n".join(eval_text_pool()))]
     if LIBPNG.exists():
         texts.append(("libpng-manual", gzip.decompress(LIBPNG.read_bytes()).decode("utf-8",
                                                                                    "replace")))
-    cache = ROOT / "benchmarks" / "data" / f"eval_selfgen_{args.seq_len}.json"
+    cache = ROOT / "benchmarks" / "data" / f"eval_selfgen_{seq_len}.json"
     saved = json.loads(cache.read_text()) if cache.exists() else []
-    if len(saved) < args.selfgen:
-        saved = self_generated_eval_texts(model, tok, args.selfgen, args.seq_len, seed=0)
+    if len(saved) < selfgen:
+        saved = self_generated_eval_texts(model, tok, selfgen, seq_len, seed=0)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(saved))
-    texts += [(f"self-generated/{i}", t) for i, t in enumerate(saved[: args.selfgen])]
-    return texts + [(f, Path(f).read_text(errors="replace")) for f in args.text_file]
+    texts += [(f"self-generated/{i}", t) for i, t in enumerate(saved[:selfgen])]
+    return texts + [(f, Path(f).read_text(errors="replace")) for f in text_files]
 
 
 def windows_per_domain(tok, texts, seq_len: int, per_domain: int):
@@ -154,8 +158,9 @@ def main() -> None:
         res = json.loads(args.json.read_text())
     else:
         model, tok = load_model(args.model)
-        windows, _ = windows_per_domain(tok, domain_texts(model, tok, args), args.seq_len,
-                                        args.per_domain)
+        texts = domain_texts(model, tok, args.seq_len, selfgen=args.selfgen,
+                             text_files=args.text_file, tune_text=args.tune_text)
+        windows, _ = windows_per_domain(tok, texts, args.seq_len, args.per_domain)
         windows = windows[: args.windows]
         taken = {}
         for w in windows:

@@ -54,9 +54,8 @@ def sweep_windows(model, tok, sweep: dict, limit: int | None = None):
     ``benchmarks/fidelity_sweep.py`` builds them (checked against the sources it recorded)."""
     from fidelity_sweep import domain_texts, windows_per_domain
 
-    args = argparse.Namespace(seq_len=sweep["seq_len"], selfgen=12, text_file=[])
-    windows, _ = windows_per_domain(tok, domain_texts(model, tok, args), sweep["seq_len"],
-                                    11)
+    windows, _ = windows_per_domain(tok, domain_texts(model, tok, sweep["seq_len"]),
+                                    sweep["seq_len"], 11)
     regime = next(iter(sweep["regimes"].values()))
     want = next(r for r in regime["results"] if r["label"] == "trimkv")["source_per_window"]
     windows = windows[: len(want)]

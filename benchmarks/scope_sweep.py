@@ -152,13 +152,12 @@ def main() -> None:
     if not head_path.is_file():
         ap.error(f"--head-json: no file {head_path} (run benchmarks/fidelity_sweep.py first)")
     head = json.loads(head_path.read_text())
-    args.text_file = []
     from kvbound.eval.sweep import fidelity_sweep, merge_stores
     from kvbound.models import load_model
 
     model, tok = load_model(args.model)
-    windows, _ = windows_per_domain(tok, domain_texts(model, tok, args), args.seq_len,
-                                    args.per_domain)
+    texts = domain_texts(model, tok, args.seq_len, selfgen=args.selfgen)
+    windows, _ = windows_per_domain(tok, texts, args.seq_len, args.per_domain)
     windows = windows[: args.windows]
     variants = {f"{m}@{s}": {"method": m, "budget_scope": s}
                 for m in args.methods.split(",") for s in args.scopes.split(",")}

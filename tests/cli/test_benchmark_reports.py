@@ -99,7 +99,6 @@ def test_fidelity_sweep_tune_text_reads_only_training_text(tmp_path, monkeypatch
     """--tune-text: the windows come from the given files (or 'prose', the training prose) and
     never from the held-out domains; publishing from a tuning run is refused."""
     import sys
-    from types import SimpleNamespace
 
     import pytest
 
@@ -108,7 +107,7 @@ def test_fidelity_sweep_tune_text_reads_only_training_text(tmp_path, monkeypatch
     f = load_benchmark("fidelity_sweep")
     text = tmp_path / "train.txt"
     text.write_text("training words " * 50)
-    texts = f.domain_texts(None, None, SimpleNamespace(tune_text=[str(text), "prose"]))
+    texts = f.domain_texts(None, None, 1024, tune_text=[str(text), "prose"])
     assert [n for n, _ in texts] == ["tune/0", "tune/1"]
     assert texts[0][1] == text.read_text() and texts[1][1] == "\n\n".join(prose_documents())
     monkeypatch.setattr(sys, "argv", ["fidelity_sweep.py", "--tune-text", "prose",
