@@ -157,6 +157,34 @@ def test_fit_retention_recovers_a_ranking_of_its_form():
         fit_retention(plain_tables, stride, form="lookahead")
 
 
+def test_fit_retention_topm_fits_the_sequential_cut_a_cache_makes():
+    """``topm=M``: after the ListNet fit, a fit to the per-head cache's own cut (evicted keys
+    never return) throws away far less future attention in that cut, in both forms."""
+    from kvbound.eval.oracle import decision_ages, decision_times, fit_retention
+    from kvbound.train.rank_loss import RankLists, topm_lost_mass
+
+    t, stride, keep = 64, 4, 6
+    j = -(-t // stride) + 1
+    cand = torch.arange(t) < decision_times(j, stride, t)[:, None]
+    # each key's future attention comes in bursts: no one-shot ranking fits it
+    flow = torch.rand(1, 2, j, t, generator=torch.Generator().manual_seed(3)) ** 8 * cand
+    age = decision_ages(j, stride, t)
+
+    def lost(lb, off):
+        s = age * lb[0][:, :, None, :] + (off[0][:, :, None, :] if off else 0.0)
+        s = s.masked_fill(~cand, -torch.inf)
+        lists = RankLists(flow, s, cand.expand_as(s), torch.ones(1, 2, j))
+        return topm_lost_mass(lists, keep, sequential=True)[1]
+
+    for form in ("trimkv", "trimkv+offset"):
+        one_shot = lost(*fit_retention({0: flow}, stride, form=form, steps=200, lr=0.1)[:2])
+        in_seq = lost(*fit_retention({0: flow}, stride, form=form, steps=200, lr=0.1,
+                                     topm=keep)[:2])
+        assert in_seq < 0.5 * one_shot
+    with pytest.raises(KVBoundError, match="topm"):
+        fit_retention({0: flow}, stride, topm=0)
+
+
 def test_fitted_oracle_scores_with_its_fitted_numbers(model):
     from kvbound.policies.oracle import FittedRetentionOracle
 

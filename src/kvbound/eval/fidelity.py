@@ -39,7 +39,7 @@ TOKENS_PER_BATCH = 16384
 #: since it reads the text's future (its ``horizon`` override sets the tables' horizon)
 ORACLE = "oracle"
 #: overrides an oracle entry may set (:func:`kvbound.eval.oracle.oracle_policy`)
-ORACLE_SETTINGS = ("horizon", "fit", "fit_steps")
+ORACLE_SETTINGS = ("horizon", "fit", "fit_steps", "fit_topm")
 
 
 @dataclass

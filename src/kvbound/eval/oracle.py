@@ -104,21 +104,24 @@ def future_attention_tables(model, ids: torch.Tensor, *, stride: int = 16,
 
 
 def oracle_policy(model, ids: torch.Tensor, *, stride: int = 16, horizon: int | None = None,
-                  fit: str | None = None, fit_steps: int = 300
+                  fit: str | None = None, fit_steps: int = 300, fit_topm: int | None = None
                   ) -> FutureAttentionOracle | FittedRetentionOracle:
     """The oracle policy for a cache that will be fed exactly ``ids``: the future-attention
-    oracle, or (``fit`` one of :data:`FITS`) the best per-token retention fitted to its tables."""
+    oracle, or (``fit`` one of :data:`FITS`) the best per-token retention fitted to its tables
+    (``fit_topm``: then fitted further to a sequential top-M cut, :func:`fit_retention`)."""
     tables = future_attention_tables(model, ids, stride=stride, horizon=horizon)
     if fit is None:
         return FutureAttentionOracle(tables=tables, stride=stride, horizon=horizon)
-    log_beta, offset, kl = fit_retention(tables, stride, form=fit, steps=fit_steps)
-    return FittedRetentionOracle(log_beta=log_beta, offset=offset,
-                                 fit={"form": fit, "horizon": horizon,
-                                      "stride": stride, "steps": fit_steps, "listwise_kl": kl})
+    log_beta, offset, kl = fit_retention(tables, stride, form=fit, steps=fit_steps, topm=fit_topm)
+    record = {"form": fit, "horizon": horizon, "stride": stride, "steps": fit_steps,
+              "listwise_kl": kl}
+    if fit_topm is not None:
+        record["topm"] = fit_topm
+    return FittedRetentionOracle(log_beta=log_beta, offset=offset, fit=record)
 
 
 def fit_retention(tables: dict[int, torch.Tensor], stride: int, *, form: str = "trimkv",
-                  steps: int = 300, lr: float = 0.05
+                  steps: int = 300, lr: float = 0.05, topm: int | None = None
                   ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], float]:
     """Per-token ``log beta`` (and offsets) whose scores best fit the future-attention tables.
 
@@ -126,12 +129,18 @@ def fit_retention(tables: dict[int, torch.Tensor], stride: int, *, form: str = "
     place of a gate: at every tabled decision time ``t = j * stride`` the keys ``i < t`` are
     ranked by ``s_t(i) = [a_i +] (t - i) log beta_i`` and ListNet's cross-entropy to the tables'
     distribution is minimised (Adam, ``steps`` steps), one list per KV head (a per-head cache).
+    ``topm=M``: then ``steps`` more steps on the cut a per-head cache of budget M makes, in
+    sequence (:func:`kvbound.train.rank_loss.topm_lost_mass`, ``sequential`` and ``relative``
+    with tau 0.1, as the shipped gates are trained): the one-shot ranking ListNet fits ignores
+    that an evicted key never returns, this fit does not.
     Returns ``(log_beta, offset, listwise_kl)``, ``offset`` empty for ``form="trimkv"``.
     """
     if form not in FITS:
         raise KVBoundError(f"form must be one of {', '.join(FITS)}, got {form!r}.")
     check_int("stride", stride, minimum=1)
     check_int("steps", steps, minimum=1)
+    if topm is not None:
+        check_int("topm", topm, minimum=1)
     layers = sorted(tables)
     b, h, j, t = tables[layers[0]].shape
     device = tables[layers[0]].device
@@ -155,8 +164,27 @@ def fit_retention(tables: dict[int, torch.Tensor], stride: int, *, form: str = "
             opt.zero_grad()
             loss.backward()
             opt.step()
-    kl = float(((ce - entropy).detach() * weight).sum() / norm)
+        kl = float(((ce - entropy).detach() * weight).sum() / norm)
+        if topm is not None:
+            _fit_sequential_cut(z, a, age, cand, flow, weight, topm, steps, lr)
     log_beta = torch.nn.functional.logsigmoid(z.detach())[:, :, :, 0]
     offset = a.detach()[:, :, :, 0] if form != "trimkv" else None
     return ({k: log_beta[n] for n, k in enumerate(layers)},
             {k: offset[n] for n, k in enumerate(layers)} if offset is not None else {}, kl)
+
+
+def _fit_sequential_cut(z, a, age, cand, flow, weight, keep, steps, lr) -> None:
+    """Adam steps on ``z`` (log beta = logsigmoid(z)) and ``a`` (when it has a gradient) that
+    lower the future attention a sequential per-head top-``keep`` cut throws away."""
+    from kvbound.train.rank_loss import RankLists, topm_lost_mass
+
+    params = [z, a] if a.requires_grad else [z]
+    opt = torch.optim.Adam(params, lr=lr)
+    lists_cand = cand.expand_as(flow)
+    for _ in range(steps):
+        scores = (a + age * torch.nn.functional.logsigmoid(z)).masked_fill(~cand, -torch.inf)
+        lists = RankLists(flow, scores, lists_cand, weight[..., 0])
+        loss, _ = topm_lost_mass(lists, keep, tau=0.1, sequential=True, relative=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
