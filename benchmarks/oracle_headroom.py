@@ -16,7 +16,13 @@ baseline and the oracle TRIM-KV has closed.
     python benchmarks/oracle_headroom.py --merge runs/oracle0.json --merge runs/oracle4.json \\
         --write-results                                                          # then merge
 
-On 2 cores, run the two regimes as two one-thread processes, then merge.
+On 2 cores, run the two regimes as two one-thread processes, then merge. The fitted oracles are
+slow (a fit per group of windows): score them on the sweep's first windows and keep their table
+in docs/TRAINING.md ("fitted-ceiling" markers), apart from the published section:
+
+    python benchmarks/oracle_headroom.py --regimes 0 --budgets 32 --windows 8 \\
+        --variants fit-256,fit-256+offset --json runs/fit.json
+    python benchmarks/oracle_headroom.py --merge runs/fit.json --merge runs/fitseq.json --write-doc
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import command, machine, write_section  # noqa: E402
+from _results import command, machine, replace_block, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "docs" / "data" / "fidelity_sweep.json"
+#: ``--write-doc`` puts the table (without its heading) between these markers of docs/TRAINING.md
+DOC, DOC_BLOCK = ROOT / "docs" / "TRAINING.md", "fitted-ceiling"
 #: the oracles a run can score (``--variants``): label -> overrides of the oracle entry
 #: (:data:`kvbound.eval.fidelity.ORACLE_SETTINGS`). The
 #: ``fit-*`` variants are TRIM-KV's score with per-token log beta fitted to the future attention
@@ -210,6 +218,10 @@ def main() -> None:
     ap.add_argument("--merge", action="append", default=[], type=Path, metavar="FILE",
                     help="take the regimes of these saved runs instead of running; repeatable")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--write-doc", action="store_true",
+                    help=f"put the table between the {DOC_BLOCK} markers of docs/TRAINING.md "
+                         "(for runs on fewer windows or fitted oracles, kept apart from the "
+                         "published headroom section)")
     args = ap.parse_args()
     args.budgets = [int(b) for b in args.budgets.split(",")]
     args.regimes = [int(s) for s in args.regimes.split(",")]
@@ -246,6 +258,8 @@ def main() -> None:
     print(md)
     if args.write_results:
         write_section("oracle-headroom", md)
+    if args.write_doc:
+        replace_block(DOC, DOC_BLOCK, md.split("\n", 2)[2])  # the doc gives its own heading
 
 
 if __name__ == "__main__":

@@ -152,6 +152,38 @@ def test_oracle_headroom_on_fewer_windows_compares_on_the_sweeps_first_ones():
     assert abs(row["trimkv"] - 0.30) < 1e-9 and row["vs_best_2m"]["n"] == 1
 
 
+def test_oracle_headroom_write_doc_puts_merged_runs_between_the_training_doc_markers(
+        tmp_path, monkeypatch):
+    """``--merge ... --write-doc``: the table of saved (fitted, fewer-window) runs goes into
+    docs/TRAINING.md's block, without its RESULTS heading, and RESULTS is left alone."""
+    import json
+    import sys
+
+    import pytest
+
+    o = load_benchmark("oracle_headroom")
+    base = [_row("trimkv", "trimkv", 32, [0.30, 0.50]), _row("tova", "tova", 32, [0.40, 0.30]),
+            _row("tova", "tova", 64, [0.20, 0.10])]
+    sweep, doc = tmp_path / "sweep.json", tmp_path / "TRAINING.md"
+    sweep.write_text(json.dumps({"regimes": {"0": {"results": base}}}))
+    doc.write_text("intro\n<!-- BEGIN fitted-ceiling -->\nold\n<!-- END fitted-ceiling -->\nend\n")
+    fit = {**_row("fit-256-seq32", "oracle", 32, [0.16]),
+           "settings": {"policy": {"policy": "oracle-fit", "steps": 300}}}
+    run = tmp_path / "fit.json"
+    run.write_text(json.dumps({"regimes": {"0": [fit]}, "seconds": 5, "buffer": 16,
+                               "budgets": [32], "command": "python oracle_headroom.py ..."}))
+    monkeypatch.setattr(o, "SWEEP", sweep)
+    monkeypatch.setattr(o, "DOC", doc)
+    monkeypatch.setattr(o, "write_section", lambda *_: pytest.fail("RESULTS must not change"))
+    monkeypatch.setattr(sys, "argv", ["oracle_headroom.py", "--merge", str(run), "--json",
+                                      str(tmp_path / "merged.json"), "--write-doc"])
+    o.main()
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- BEGIN fitted-ceiling -->\nCommand: `python")
+    assert "| 0 | fit-256-seq32 | 32 | 0.1600" in text and "old" not in text
+    assert "## Headroom" not in text and text.endswith("<!-- END fitted-ceiling -->\nend\n")
+
+
 def test_task_sweep_pairs_trimkv_with_the_best_other_method_example_by_example(tmp_path):
     """The task sweep's paired table: TRIM-KV (chunked) against the best other method of either
     prefill mode, on the same examples, with the examples only one of them gets right."""
