@@ -51,14 +51,16 @@ VARIANTS = {
     "fit-256+offset": {"horizon": 256, "fit": "trimkv+offset"},
     "fit-256-seq32": {"horizon": 256, "fit": "trimkv", "fit_topm": 32},
     "fit-256+offset-seq32": {"horizon": 256, "fit": "trimkv+offset", "fit_topm": 32},
+    "fit-256-seq64": {"horizon": 256, "fit": "trimkv", "fit_topm": 64},
+    "fit-256+offset-seq64": {"horizon": 256, "fit": "trimkv+offset", "fit_topm": 64},
 }
 DEFAULT_VARIANTS = "oracle,oracle-256"
 FIT_NOTE = (" `fit-256` is TRIM-KV's own score, `(t - i) log beta_i`, with each token's log beta "
             "fitted ({steps} Adam steps of the attention-rank objective, per KV head) to the next "
             "256 queries' attention: the best any retention gate of this form could do. "
             "`+offset` fits `a_i + (t - i) log beta_i`, a per-token offset beside the decay. "
-            "`-seq32` then fits as many steps more to the cut a per-head cache of budget 32 "
-            "makes in sequence (the shipped gates' objective, an evicted key never returns).")
+            "`-seq32` (`-seq64`) then fits as many steps more to the cut a per-head cache of "
+            "budget 32 (64) makes in sequence (the shipped gates' objective, an evicted key never returns).")
 
 
 def sweep_windows(model, tok, sweep: dict, limit: int | None = None):
