@@ -6,7 +6,8 @@ It runs under the fidelity sweep's rules (same windows, buffer, decode protocol,
 regimes), and its KL is set beside TRIM-KV's and the best baseline's from the committed sweep
 (``docs/data/fidelity_sweep.json``), window by window. Two horizons: all later queries, and the
 next 256 (the training objective's). ``--variants fit-256,...`` adds the fitted-retention
-oracle: TRIM-KV's score with per-token log beta fitted to the future, the ceiling of any gate.
+oracle: TRIM-KV's score with per-token log beta fitted to the future (``-seq*``: to the cache's
+sequential cut too), an estimate of the best any gate of that form can do.
 Issue 17's goal 2 asks TRIM-KV at M to match the best baseline at 2M; the table shows how close
 even perfect knowledge of future attention gets, and what share of the gap between the best
 baseline and the oracle TRIM-KV has closed.
@@ -41,9 +42,10 @@ SWEEP = ROOT / "docs" / "data" / "fidelity_sweep.json"
 #: ``--write-doc`` puts the table (without its heading) between these markers of docs/TRAINING.md
 DOC, DOC_BLOCK = ROOT / "docs" / "TRAINING.md", "fitted-ceiling"
 #: the oracles a run can score (``--variants``): label -> overrides of the oracle entry
-#: (:data:`kvbound.eval.fidelity.ORACLE_SETTINGS`). The
-#: ``fit-*`` variants are TRIM-KV's score with per-token log beta fitted to the future attention
-#: of the next 256 queries (:func:`kvbound.eval.oracle.fit_retention`): the ceiling of any gate
+#: (:data:`kvbound.eval.fidelity.ORACLE_SETTINGS`). The ``fit-*`` variants are TRIM-KV's score
+#: with per-token log beta fitted to the future attention of the next 256 queries
+#: (:func:`kvbound.eval.oracle.fit_retention`; ``-seqM``: then to a budget-M cache's sequential
+#: cut), an estimate of the best a gate of that form can do
 VARIANTS = {
     "oracle": {"horizon": None},
     "oracle-256": {"horizon": 256},
@@ -57,10 +59,11 @@ VARIANTS = {
 DEFAULT_VARIANTS = "oracle,oracle-256"
 FIT_NOTE = (" `fit-256` is TRIM-KV's own score, `(t - i) log beta_i`, with each token's log beta "
             "fitted ({steps} Adam steps of the attention-rank objective, per KV head) to the next "
-            "256 queries' attention: the best any retention gate of this form could do. "
-            "`+offset` fits `a_i + (t - i) log beta_i`, a per-token offset beside the decay. "
-            "`-seq32` (`-seq64`) then fits as many steps more to the cut a per-head cache of "
-            "budget 32 (64) makes in sequence (the shipped gates' objective, an evicted key never returns).")
+            "256 queries' attention: the ranking of this form closest to the future, one decision "
+            "at a time. `+offset` fits `a_i + (t - i) log beta_i`, a per-token offset beside the "
+            "decay. `-seq32` (`-seq64`) then fits as many steps more to the cut a per-head cache "
+            "of budget 32 (64) makes in sequence (the shipped gates' objective: an evicted key "
+            "never returns): an estimate of the best a gate of that form can do in the cache.")
 
 
 def sweep_windows(model, tok, sweep: dict, limit: int | None = None):
