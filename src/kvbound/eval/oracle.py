@@ -133,7 +133,8 @@ def fit_retention(tables: dict[int, torch.Tensor], stride: int, *, form: str = "
     sequence (:func:`kvbound.train.rank_loss.topm_lost_mass`, ``sequential`` and ``relative``
     with tau 0.1, as the shipped gates are trained): the one-shot ranking ListNet fits ignores
     that an evicted key never returns, this fit does not.
-    Returns ``(log_beta, offset, listwise_kl)``, ``offset`` empty for ``form="trimkv"``.
+    Returns ``(log_beta, offset, listwise_kl)``, ``offset`` empty for ``form="trimkv"``, the KL
+    that of the listwise fit (before any ``topm`` steps).
     """
     if form not in FITS:
         raise KVBoundError(f"form must be one of {', '.join(FITS)}, got {form!r}.")
