@@ -152,6 +152,17 @@ def test_oracle_headroom_on_fewer_windows_compares_on_the_sweeps_first_ones():
     assert abs(row["trimkv"] - 0.30) < 1e-9 and row["vs_best_2m"]["n"] == 1
 
 
+def test_oracle_headroom_refuses_fewer_than_one_window(monkeypatch):
+    import sys
+
+    import pytest
+
+    o = load_benchmark("oracle_headroom")
+    monkeypatch.setattr(sys, "argv", ["oracle_headroom.py", "--windows", "0"])
+    with pytest.raises(SystemExit, match="--windows must be at least 1"):
+        o.main()
+
+
 def test_oracle_headroom_write_doc_puts_merged_runs_between_the_training_doc_markers(
         tmp_path, monkeypatch):
     """``--merge ... --write-doc``: the table of saved (fitted, fewer-window) runs goes into

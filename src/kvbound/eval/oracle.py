@@ -158,7 +158,7 @@ def fit_retention(tables: dict[int, torch.Tensor], stride: int, *, form: str = "
         a = torch.zeros((len(layers), b, h, 1, t), requires_grad=form != "trimkv")
         opt = torch.optim.Adam([z, a] if a.requires_grad else [z], lr=lr)
         for _ in range(steps):
-            scores = (a + age * torch.nn.functional.logsigmoid(z)).masked_fill(~cand, -torch.inf)
+            scores = _fitted_scores(z, a, age, cand)
             logz = scores.logsumexp(-1, keepdim=True)
             ce = -(target * (scores - logz).masked_fill(~cand, 0.0)).sum(-1, keepdim=True)
             loss = (ce * weight).sum() / norm
@@ -174,6 +174,11 @@ def fit_retention(tables: dict[int, torch.Tensor], stride: int, *, form: str = "
             {k: offset[n] for n, k in enumerate(layers)} if offset is not None else {}, kl)
 
 
+def _fitted_scores(z, a, age, cand) -> torch.Tensor:
+    """``a_i + age * log beta_i`` at every decision time, ``-inf`` where a key is not there yet."""
+    return (a + age * torch.nn.functional.logsigmoid(z)).masked_fill(~cand, -torch.inf)
+
+
 def _fit_sequential_cut(z, a, age, cand, flow, weight, keep, steps, lr) -> None:
     """Adam steps on ``z`` (log beta = logsigmoid(z)) and ``a`` (when it has a gradient) that
     lower the future attention a sequential per-head top-``keep`` cut throws away."""
@@ -183,8 +188,7 @@ def _fit_sequential_cut(z, a, age, cand, flow, weight, keep, steps, lr) -> None:
     opt = torch.optim.Adam(params, lr=lr)
     lists_cand = cand.expand_as(flow)
     for _ in range(steps):
-        scores = (a + age * torch.nn.functional.logsigmoid(z)).masked_fill(~cand, -torch.inf)
-        lists = RankLists(flow, scores, lists_cand, weight[..., 0])
+        lists = RankLists(flow, _fitted_scores(z, a, age, cand), lists_cand, weight[..., 0])
         loss, _ = topm_lost_mass(lists, keep, tau=0.1, sequential=True, relative=True)
         opt.zero_grad()
         loss.backward()
